@@ -1,0 +1,95 @@
+//! Blocking socket I/O bounded by a deadline, for handshakes and control messages. (The ring's
+//! data path is non-blocking and lives in `ringlet-transport`.)
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+/// Why a bounded read or write stopped short.
+#[derive(Debug)]
+pub enum IoFailure {
+    /// The deadline passed first.
+    TimedOut,
+    /// The peer closed the connection (`read` returned 0).
+    Closed,
+    Other(io::Error),
+}
+
+impl std::fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IoFailure::TimedOut => f.write_str("deadline passed"),
+            IoFailure::Closed => f.write_str("connection closed by peer"),
+            IoFailure::Other(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> Result<std::time::Duration, IoFailure> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(IoFailure::TimedOut)
+    } else {
+        Ok(left)
+    }
+}
+
+fn classify(e: io::Error) -> Option<IoFailure> {
+    match e.kind() {
+        io::ErrorKind::Interrupted => None,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Some(IoFailure::TimedOut),
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => Some(IoFailure::Closed),
+        _ => Some(IoFailure::Other(e)),
+    }
+}
+
+/// Fills `buf` completely, or fails once `deadline` has passed.
+pub fn read_exact_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(), IoFailure> {
+    let mut done = 0;
+    while done < buf.len() {
+        stream
+            .set_read_timeout(Some(remaining(deadline)?))
+            .map_err(IoFailure::Other)?;
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return Err(IoFailure::Closed),
+            Ok(n) => done += n,
+            Err(e) => match classify(e) {
+                None => continue,
+                Some(IoFailure::TimedOut) if Instant::now() < deadline => continue,
+                Some(f) => return Err(f),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf`, or fails once `deadline` has passed.
+pub fn write_all_by(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    deadline: Instant,
+) -> Result<(), IoFailure> {
+    let mut done = 0;
+    while done < buf.len() {
+        stream
+            .set_write_timeout(Some(remaining(deadline)?))
+            .map_err(IoFailure::Other)?;
+        match stream.write(&buf[done..]) {
+            Ok(0) => return Err(IoFailure::Closed),
+            Ok(n) => done += n,
+            Err(e) => match classify(e) {
+                None => continue,
+                Some(IoFailure::TimedOut) if Instant::now() < deadline => continue,
+                Some(f) => return Err(f),
+            },
+        }
+    }
+    Ok(())
+}

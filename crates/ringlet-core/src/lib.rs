@@ -1,0 +1,23 @@
+//! Ringlet's shared vocabulary, used by every other crate of the workspace:
+//!
+//! - [`dtype`]: the element types a collective moves ([`Element`], [`DType`]), the reduction ops
+//!   ([`ReduceOp`]) and the reduction loops themselves;
+//! - [`error`]: the one [`Error`] type, whose messages name the rank and host at fault;
+//! - [`auth`]: the job token and the challenge–response handshake every connection starts with;
+//! - [`msg`]: length-prefixed, size-capped control messages (bincode) for the store and the ring
+//!   handshake — never for collective payloads;
+//! - [`io`]: blocking socket reads and writes bounded by a deadline.
+
+pub mod auth;
+pub mod dtype;
+pub mod error;
+pub mod io;
+pub mod msg;
+
+pub use auth::{JobToken, Role};
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{Error, Result};
+
+/// Default deadline for connecting, rendezvous and each collective when neither config nor
+/// `RINGLET_TIMEOUT` sets one.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
