@@ -26,8 +26,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     framed
 }
 
+/// Decodes a body. The limit stops bincode from allocating what a length *inside* the body
+/// claims before noticing the body is shorter.
 pub fn decode<T: DeserializeOwned>(body: &[u8], peer: &PeerId) -> Result<T> {
-    match bincode::serde::decode_from_slice::<T, _>(body, config()) {
+    let limited = config().with_limit::<{ DEFAULT_MAX_MESSAGE + (64 << 10) }>();
+    match bincode::serde::decode_from_slice::<T, _>(body, limited) {
         Ok((v, used)) if used == body.len() => Ok(v),
         Ok((_, used)) => Err(Error::protocol(
             peer,
@@ -97,6 +100,14 @@ mod tests {
     struct Hello {
         rank: u32,
         name: String,
+    }
+
+    #[test]
+    fn lengths_claimed_inside_a_body_are_bounded() {
+        // A string whose varint length claims 2^62 bytes, in a 10-byte body.
+        let body = [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0x40, b'x'];
+        let e = decode::<String>(&body, &PeerId::addr("test")).unwrap_err();
+        assert!(e.to_string().contains("undecodable"), "{e}");
     }
 
     #[test]

@@ -1,1 +1,30 @@
-//! placeholder
+//! Ring collectives for data-parallel training.
+//!
+//! A [`Communicator`] joins a job (from the torchrun-style environment or an explicit
+//! [`Config`]) and runs `all_reduce`, `all_reduce_async`, `broadcast`, `all_gather`,
+//! `reduce_scatter` and `barrier` on host slices of any [`Element`] type.
+//!
+//! Layers, top down:
+//! - [`comm`]: the communicator, call ordering, the asynchronous handle;
+//! - [`schedule`]: each algorithm as data (which chunk goes where at which step);
+//! - [`engine`]: executes a schedule over a [`ringlet_transport::Link`], checks every frame,
+//!   enforces deadlines and spreads failures around the ring;
+//! - [`wire`]: the frame header.
+//!
+//! ```no_run
+//! use ringlet::{Communicator, ReduceOp};
+//! let comm = Communicator::from_env()?;
+//! let mut grads = vec![1.0f32; 1 << 20];
+//! comm.all_reduce(&mut grads, ReduceOp::Avg)?;
+//! # Ok::<(), ringlet::Error>(())
+//! ```
+
+pub mod comm;
+pub mod config;
+pub mod engine;
+pub mod schedule;
+pub mod wire;
+
+pub use comm::{AllReduceHandle, Communicator};
+pub use config::Config;
+pub use ringlet_core::{DType, Element, Error, JobToken, ReduceOp, Result};

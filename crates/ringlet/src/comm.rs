@@ -1,0 +1,488 @@
+//! [`Communicator`]: a rank's handle on the job — bootstrap, the collectives on host slices, and
+//! the asynchronous all-reduce a training loop overlaps with compute.
+//!
+//! Collectives run one at a time, in the order they were issued, whichever thread issued them:
+//! each call takes a ticket, and runs when its ticket comes up. Synchronous calls run on the
+//! caller's thread; asynchronous ones on a worker thread that owns nothing but its queue.
+
+use crate::config::Config;
+use crate::engine::{self, Deadlines};
+use crate::schedule::{self, Schedule};
+use crate::wire::{CallSig, Collective};
+use ringlet_core::{Element, Error, JobToken, ReduceOp, Result};
+use ringlet_store::{StoreClient, StoreServer};
+use ringlet_transport::{form_ring, RingOptions, TcpLink};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// A member of a ring of ranks. Cheap to share across threads (`&self` everywhere).
+pub struct Communicator {
+    rank: usize,
+    world_size: usize,
+    local_rank: usize,
+    inner: Arc<Inner>,
+    worker: Mutex<Option<Worker>>,
+    // Dropped last: other ranks may still be finishing their rendezvous.
+    _store: Option<StoreServer>,
+}
+
+struct Inner {
+    ring: Mutex<Ring>,
+    order: Mutex<Order>,
+    turn: Condvar,
+    chunk_bytes: usize,
+    small_bytes: usize,
+    deadlines: Deadlines,
+}
+
+struct Ring {
+    link: Option<TcpLink>,
+    seq: u64,
+    /// Reused across calls (8-byte aligned, so any element type can view it).
+    scratch: Vec<u64>,
+    broken: Option<String>,
+}
+
+#[derive(Default)]
+struct Order {
+    issued: u64,
+    running: u64,
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    thread: JoinHandle<()>,
+}
+
+/// An all-reduce in flight; [`wait`](Self::wait) returns the reduced buffer.
+#[must_use = "the all-reduce's result (and error) is only seen through wait()"]
+pub struct AllReduceHandle<T> {
+    result: mpsc::Receiver<Result<Vec<T>>>,
+}
+
+impl<T> AllReduceHandle<T> {
+    /// Blocks until the all-reduce finished (bounded by the communicator's timeout).
+    pub fn wait(self) -> Result<Vec<T>> {
+        self.result
+            .recv()
+            .unwrap_or_else(|_| Err(Error::Broken("the communication thread stopped".into())))
+    }
+}
+
+/// Runs at most one collective at a time, in ticket order; advancing the turn even if the
+/// collective panicked, so later callers are never stuck behind it.
+struct Turn<'a>(&'a Inner);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut o = self.0.order.lock().unwrap_or_else(|p| p.into_inner());
+        o.running += 1;
+        self.0.turn.notify_all();
+    }
+}
+
+impl Inner {
+    fn ticket(&self) -> u64 {
+        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        o.issued += 1;
+        o.issued - 1
+    }
+
+    fn wait_turn(&self, ticket: u64) -> (Turn<'_>, MutexGuard<'_, Ring>) {
+        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        while o.running != ticket {
+            o = self.turn.wait(o).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(o);
+        (
+            Turn(self),
+            self.ring.lock().unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// Runs one collective: numbers it, checks the communicator is usable, and marks it broken on
+    /// failure (the ring's byte streams are out of step after an error).
+    fn run<T: Element>(
+        &self,
+        ticket: u64,
+        collective: Collective,
+        op: ReduceOp,
+        root: usize,
+        count: usize,
+        buf: &mut [T],
+        plan: impl FnOnce(&mut Ring) -> Schedule,
+    ) -> Result<()> {
+        let (_turn, mut ring) = self.wait_turn(ticket);
+        if let Some(why) = &ring.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        ring.seq += 1;
+        let sig = CallSig {
+            collective,
+            seq: ring.seq,
+            dtype: T::DTYPE,
+            op,
+            count: count as u64,
+            root: root as u32,
+        };
+        let Some(_) = ring.link else {
+            return Ok(());
+        };
+        let schedule = plan(&mut ring);
+        let Ring { link, scratch, .. } = &mut *ring;
+        let words = (schedule.scratch_len() * std::mem::size_of::<T>()).div_ceil(8);
+        if scratch.len() < words {
+            scratch.resize(words, 0);
+        }
+        let scratch: &mut [T] = bytemuck::cast_slice_mut(&mut scratch[..words]);
+        let link = link.as_mut().expect("checked above");
+        let result = engine::run(
+            link,
+            sig,
+            &schedule,
+            buf,
+            &mut scratch[..schedule.scratch_len()],
+            self.deadlines,
+        );
+        if let Err(e) = &result {
+            ring.broken = Some(e.to_string());
+        }
+        result
+    }
+}
+
+impl Communicator {
+    /// Joins the job described by the environment (see [`Config::from_env`]).
+    pub fn from_env() -> Result<Communicator> {
+        Communicator::new(Config::from_env()?)
+    }
+
+    /// Joins the job: serves the store (if asked), publishes our ring address, connects the ring
+    /// and runs a first barrier, all within `config.timeout`.
+    pub fn new(config: Config) -> Result<Communicator> {
+        let deadline = Instant::now() + config.timeout;
+        let token = config.token.clone().unwrap_or_else(|| {
+            tracing::warn!(
+                "{} is not set: ring connections are not authenticated (use ringrun, or export a shared secret)",
+                JobToken::ENV
+            );
+            JobToken::new(format!("ringlet-unauthenticated/{}", config.store_addr))
+        });
+        let store_sock = resolve(&config.store_addr)?;
+        let store = if config.serve_store && config.world_size > 1 {
+            let bind_ip: IpAddr = if store_sock.ip().is_loopback() {
+                store_sock.ip()
+            } else {
+                IpAddr::from([0, 0, 0, 0])
+            };
+            Some(StoreServer::bind(
+                SocketAddr::new(bind_ip, store_sock.port()),
+                token.clone(),
+            )?)
+        } else {
+            None
+        };
+        let link = if config.world_size > 1 {
+            let mut client = StoreClient::connect(&config.store_addr, &token, deadline)?;
+            let advertise = route_to(store_sock)?;
+            let opts = RingOptions {
+                rank: config.rank,
+                world_size: config.world_size,
+                comm: config.name.clone(),
+                bind_ip: if advertise.is_loopback() {
+                    advertise
+                } else {
+                    IpAddr::from([0, 0, 0, 0])
+                },
+                advertise_host: advertise.to_string(),
+                deadline,
+                busy_poll: config.effective_busy_poll(),
+            };
+            form_ring(&mut client, &token, &opts)?
+        } else {
+            None
+        };
+        let comm = Communicator {
+            rank: config.rank,
+            world_size: config.world_size,
+            local_rank: config.local_rank,
+            inner: Arc::new(Inner {
+                ring: Mutex::new(Ring {
+                    link,
+                    seq: 0,
+                    scratch: Vec::new(),
+                    broken: None,
+                }),
+                order: Mutex::new(Order::default()),
+                turn: Condvar::new(),
+                chunk_bytes: config.chunk_bytes,
+                small_bytes: config.small_bytes,
+                deadlines: Deadlines::new(config.timeout),
+            }),
+            worker: Mutex::new(None),
+            _store: store,
+        };
+        // Every rank has its ring links once this returns, so none needs the store any more.
+        comm.barrier()?;
+        tracing::debug!(rank = comm.rank, world = comm.world_size, "joined the ring");
+        Ok(comm)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    fn chunk_elems<T>(&self) -> usize {
+        (self.inner.chunk_bytes / std::mem::size_of::<T>()).max(1)
+    }
+
+    /// Reduces `buf` across all ranks, in place: afterwards every rank holds the same result,
+    /// bit for bit.
+    pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let ticket = self.inner.ticket();
+        all_reduce_on(
+            &self.inner,
+            ticket,
+            self.rank,
+            self.world_size,
+            self.chunk_elems::<T>(),
+            buf,
+            op,
+        )
+    }
+
+    /// Starts an all-reduce of `buf` and returns at once; collectives issued later on this
+    /// communicator run after it.
+    pub fn all_reduce_async<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        op: ReduceOp,
+    ) -> AllReduceHandle<T> {
+        let (tx, rx) = mpsc::channel();
+        let ticket = self.inner.ticket();
+        let (inner, rank, n, chunk) = (
+            self.inner.clone(),
+            self.rank,
+            self.world_size,
+            self.chunk_elems::<T>(),
+        );
+        let job = Box::new(move || {
+            let r = all_reduce_on(&inner, ticket, rank, n, chunk, &mut buf, op).map(|()| buf);
+            let _ = tx.send(r);
+        });
+        if let Err(job) = self.submit(job) {
+            // No worker thread: run here rather than lose the ticket (later calls wait on it).
+            job();
+        }
+        AllReduceHandle { result: rx }
+    }
+
+    fn submit(
+        &self,
+        job: Box<dyn FnOnce() + Send>,
+    ) -> std::result::Result<(), Box<dyn FnOnce() + Send>> {
+        let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            let (jobs, queue) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ringlet-comm-{}", self.rank))
+                .spawn(move || queue.into_iter().for_each(|job| job()));
+            match spawned {
+                Ok(thread) => *w = Some(Worker { jobs, thread }),
+                Err(_) => return Err(job),
+            }
+        }
+        let worker = w.as_ref().expect("started above");
+        worker.jobs.send(job).map_err(|e| e.0)
+    }
+
+    /// Copies `buf` of rank `root` to every rank.
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let ticket = self.inner.ticket();
+        if root >= self.world_size {
+            return self.refuse(
+                ticket,
+                format!(
+                    "broadcast root {root} is not below world size {}",
+                    self.world_size
+                ),
+            );
+        }
+        let (rank, n, chunk, count) = (
+            self.rank,
+            self.world_size,
+            self.chunk_elems::<T>(),
+            buf.len(),
+        );
+        self.inner.run(
+            ticket,
+            Collective::Broadcast,
+            ReduceOp::Sum,
+            root,
+            count,
+            buf,
+            |_| schedule::chain_broadcast(count, rank, n, chunk, root),
+        )
+    }
+
+    /// Gathers every rank's `send` into `recv`, rank `r`'s at `recv[r * send.len()..]`.
+    pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let ticket = self.inner.ticket();
+        let (rank, n, m) = (self.rank, self.world_size, send.len());
+        if recv.len() != n * m {
+            return self.refuse(
+                ticket,
+                format!(
+                    "all_gather: recv has {} elements, expected world size {n} x {m}",
+                    recv.len()
+                ),
+            );
+        }
+        recv[rank * m..(rank + 1) * m].copy_from_slice(send);
+        let chunk = self.chunk_elems::<T>();
+        self.inner.run(
+            ticket,
+            Collective::AllGather,
+            ReduceOp::Sum,
+            0,
+            m,
+            recv,
+            |_| schedule::ring_all_gather(n * m, rank, n, chunk),
+        )
+    }
+
+    /// Reduces `send` (world size x `recv.len()` elements) across ranks and leaves block `rank`
+    /// of the result in `recv`.
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let ticket = self.inner.ticket();
+        let (rank, n, m) = (self.rank, self.world_size, recv.len());
+        if send.len() != n * m {
+            return self.refuse(
+                ticket,
+                format!(
+                    "reduce_scatter: send has {} elements, expected world size {n} x {m}",
+                    send.len()
+                ),
+            );
+        }
+        // The ring reduces in place, and `send` is the caller's: work on a copy.
+        let mut work = send.to_vec();
+        let chunk = self.chunk_elems::<T>();
+        self.inner.run(
+            ticket,
+            Collective::ReduceScatter,
+            op,
+            0,
+            n * m,
+            &mut work,
+            |_| schedule::ring_reduce_scatter(n * m, rank, n, chunk, op),
+        )?;
+        recv.copy_from_slice(&work[rank * m..(rank + 1) * m]);
+        if n == 1 && op == ReduceOp::Avg {
+            T::divide_by(recv, 1);
+        }
+        Ok(())
+    }
+
+    /// Returns once every rank has called `barrier`.
+    pub fn barrier(&self) -> Result<()> {
+        let ticket = self.inner.ticket();
+        let mut token = [0u8; 1];
+        let (rank, n, chunk) = (self.rank, self.world_size, self.chunk_elems::<u8>());
+        self.inner.run(
+            ticket,
+            Collective::Barrier,
+            ReduceOp::Sum,
+            0,
+            1,
+            &mut token,
+            |_| {
+                if n == 2 {
+                    schedule::exchange_all_reduce(1, chunk, ReduceOp::Sum)
+                } else {
+                    schedule::ring_all_reduce(1, rank, n, chunk, ReduceOp::Sum)
+                }
+            },
+        )
+    }
+
+    /// Consumes a ticket without running anything, so later calls are not stuck behind it.
+    fn refuse(&self, ticket: u64, why: String) -> Result<()> {
+        let _turn = self.inner.wait_turn(ticket);
+        Err(Error::InvalidArgument(why))
+    }
+}
+
+fn all_reduce_on<T: Element>(
+    inner: &Inner,
+    ticket: u64,
+    rank: usize,
+    n: usize,
+    chunk: usize,
+    buf: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
+    let count = buf.len();
+    let small = n == 2 && count * std::mem::size_of::<T>() <= inner.small_bytes;
+    inner.run(ticket, Collective::AllReduce, op, 0, count, buf, |_| {
+        if small {
+            schedule::exchange_all_reduce(count, chunk.max(count), op)
+        } else {
+            schedule::ring_all_reduce(count, rank, n, chunk, op)
+        }
+    })
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Let queued asynchronous collectives finish (each is bounded by the timeout).
+        let worker = self
+            .worker
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Worker { jobs, thread }) = worker {
+            drop(jobs);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| Error::Config(format!("cannot resolve the store address {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::Config(format!("the store address {addr} resolves to nothing")))
+}
+
+/// The local address this host uses to reach `dest`: what our peers, who reach the same store,
+/// can most likely reach us on. (A UDP connect only consults the routing table.)
+fn route_to(dest: SocketAddr) -> Result<IpAddr> {
+    let any: SocketAddr = if dest.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .expect("literal address");
+    let probe = UdpSocket::bind(any)
+        .and_then(|s| s.connect(dest).map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map_err(|e| Error::io(format!("finding the local address that reaches {dest}"), e))?;
+    Ok(probe.ip())
+}

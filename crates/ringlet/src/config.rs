@@ -1,0 +1,245 @@
+//! What a rank needs to know to join a job, and reading it from the environment (the torchrun
+//! contract, plus Ringlet's own tuning variables).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `RANK`, `WORLD_SIZE` | this process's rank and the number of ranks | required |
+//! | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | rank and rank count on this host | `RANK`, `WORLD_SIZE` |
+//! | `MASTER_ADDR`, `MASTER_PORT` | where rank 0 serves the rendezvous store | required if `WORLD_SIZE` > 1; port 29500 |
+//! | `RINGLET_JOB_TOKEN` | the job's shared secret (set by `ringrun`) | none: a warning, and only job identity is checked |
+//! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
+//! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M` suffixes) | 1M |
+//! | `RINGLET_SMALL_BYTES` | two-rank all-reduces up to this size use one exchange instead of the ring | 64K |
+//! | `RINGLET_BUSY_POLL_US` | spin this long before sleeping on a socket | 50 if every local rank has a core, else 0 |
+
+use ringlet_core::{Error, JobToken, Result, DEFAULT_TIMEOUT};
+use std::time::Duration;
+
+/// How a rank joins a job. Build it with [`Config::new`] or [`Config::from_env`], then adjust
+/// fields as needed.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    /// `host:port` of the rendezvous store.
+    pub store_addr: String,
+    /// Whether this process serves the store (rank 0 by default).
+    pub serve_store: bool,
+    /// `None`: connections prove only that both sides use the same store address (a warning is
+    /// logged); anyone who can reach the ports could join.
+    pub token: Option<JobToken>,
+    pub timeout: Duration,
+    pub chunk_bytes: usize,
+    pub small_bytes: usize,
+    /// `None`: decided from `local_world_size` and the host's cores.
+    pub busy_poll: Option<Duration>,
+    /// Prefix of this communicator's store keys.
+    pub name: String,
+}
+
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+impl Config {
+    pub fn new(rank: usize, world_size: usize, store_addr: impl Into<String>) -> Config {
+        Config {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            store_addr: store_addr.into(),
+            serve_store: rank == 0,
+            token: None,
+            timeout: DEFAULT_TIMEOUT,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            small_bytes: DEFAULT_SMALL_BYTES,
+            busy_poll: None,
+            name: "world".into(),
+        }
+    }
+
+    /// Reads the variables in the table above.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`from_env`](Self::from_env), reading variables through `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let rank: usize = required(&get, "RANK")?;
+        let world_size: usize = required(&get, "WORLD_SIZE")?;
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::Config(format!(
+                "RANK={rank} must be below WORLD_SIZE={world_size}"
+            )));
+        }
+        let master_addr = match get("MASTER_ADDR").filter(|s| !s.is_empty()) {
+            Some(a) => a,
+            None if world_size == 1 => "127.0.0.1".into(),
+            None => {
+                return Err(Error::Config(
+                    "MASTER_ADDR is not set: set it to the host of rank 0, where the rendezvous store runs \
+                     (ringrun and torchrun set it for you)"
+                        .into(),
+                ))
+            }
+        };
+        let port: u16 = optional(&get, "MASTER_PORT")?.unwrap_or(DEFAULT_MASTER_PORT);
+        let mut c = Config::new(rank, world_size, join_host_port(&master_addr, port));
+        c.local_rank = optional(&get, "LOCAL_RANK")?.unwrap_or(rank);
+        c.local_world_size = optional(&get, "LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
+        c.token = get(JobToken::ENV)
+            .filter(|s| !s.is_empty())
+            .map(JobToken::new);
+        if let Some(secs) = optional::<f64>(&get, "RINGLET_TIMEOUT")? {
+            if !(secs > 0.0 && secs.is_finite()) {
+                return Err(Error::Config(format!(
+                    "RINGLET_TIMEOUT={secs} must be a positive number of seconds"
+                )));
+            }
+            c.timeout = Duration::from_secs_f64(secs);
+        }
+        if let Some(v) = get("RINGLET_CHUNK_BYTES") {
+            c.chunk_bytes = parse_bytes(&v)
+                .ok_or_else(|| bad("RINGLET_CHUNK_BYTES", &v))?
+                .max(1);
+        }
+        if let Some(v) = get("RINGLET_SMALL_BYTES") {
+            c.small_bytes = parse_bytes(&v).ok_or_else(|| bad("RINGLET_SMALL_BYTES", &v))?;
+        }
+        if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
+            c.busy_poll = Some(Duration::from_micros(us));
+        }
+        Ok(c)
+    }
+
+    /// Spin only when every local rank can have a core of its own; otherwise spinning steals the
+    /// core a peer needs.
+    pub fn effective_busy_poll(&self) -> Duration {
+        self.busy_poll.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if self.local_world_size <= cores {
+                Duration::ZERO
+            } else {
+                Duration::ZERO
+            }
+        })
+    }
+}
+
+fn bad(var: &str, value: &str) -> Error {
+    Error::Config(format!("{var}={value:?} is not valid"))
+}
+
+fn required<T: std::str::FromStr>(get: &impl Fn(&str) -> Option<String>, var: &str) -> Result<T> {
+    optional(get, var)?.ok_or_else(|| {
+        Error::Config(format!(
+            "{var} is not set: launch with ringrun, torchrun or another launcher that sets RANK and WORLD_SIZE"
+        ))
+    })
+}
+
+fn optional<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &str,
+) -> Result<Option<T>> {
+    match get(var).filter(|s| !s.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| bad(var, &v)),
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 literal.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// `1048576`, `64K`, `1M`, `2G` (powers of two).
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1usize << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn torchrun_contract_is_read() {
+        let c = cfg(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "10.1.2.3"),
+            ("MASTER_PORT", "1234"),
+            ("RINGLET_TIMEOUT", "2.5"),
+            ("RINGLET_CHUNK_BYTES", "256K"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.rank, c.world_size, c.local_rank, c.local_world_size),
+            (3, 4, 1, 2)
+        );
+        assert_eq!(c.store_addr, "10.1.2.3:1234");
+        assert!(!c.serve_store);
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.chunk_bytes, 256 << 10);
+    }
+
+    #[test]
+    fn missing_or_bad_variables_say_which() {
+        let e = cfg(&[("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        assert!(e.contains("RANK is not set"), "{e}");
+        let e = cfg(&[("RANK", "0"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MASTER_ADDR"), "{e}");
+        let e = cfg(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below WORLD_SIZE"), "{e}");
+        let e = cfg(&[("RANK", "x"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK=\"x\""), "{e}");
+        let e = cfg(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("RINGLET_TIMEOUT", "-1"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("RINGLET_TIMEOUT"), "{e}");
+    }
+
+    #[test]
+    fn byte_sizes_and_ipv6_hosts() {
+        assert_eq!(parse_bytes("64K"), Some(65536));
+        assert_eq!(parse_bytes("3"), Some(3));
+        assert_eq!(parse_bytes("1G"), Some(1 << 30));
+        assert_eq!(parse_bytes("x"), None);
+        assert_eq!(join_host_port("::1", 5), "[::1]:5");
+    }
+}

@@ -1,0 +1,537 @@
+//! Runs one collective's [`Schedule`] over a [`Link`]: a single-threaded event loop that keeps
+//! sending to the next rank, receiving from the previous one and reducing, all at chunk
+//! granularity, so the network, the kernel copies and the reduction overlap without threads and
+//! without touching the same bytes twice.
+//!
+//! It also owns failure handling on the ring:
+//! - every frame is checked against our own call; a mismatch, malformed frame or dead neighbour
+//!   fails the collective and an abort notice is sent onward, so every rank fails with the same
+//!   explanation instead of waiting for its deadline;
+//! - when nothing moves for the timeout, a rank announces it is stalled (it is alive, waiting on
+//!   its predecessor) and waits a short grace period. The first rank whose predecessor made no
+//!   such announcement blames that predecessor, and its verdict travels the ring.
+
+use crate::schedule::{Apply, RecvSpec, Schedule, Xfer};
+use crate::wire::{AbortNotice, CallSig, FrameKind, Header, HEADER_LEN, MAX_CONTROL_PAYLOAD};
+use ringlet_core::error::PeerId;
+use ringlet_core::{Element, Error, Result};
+use ringlet_transport::{Link, Readiness};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// Deadlines of one collective.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// Fail when no byte has moved for this long.
+    pub timeout: Duration,
+    /// After announcing a stall, how long to wait for a verdict from upstream.
+    pub grace: Duration,
+}
+
+impl Deadlines {
+    pub fn new(timeout: Duration) -> Deadlines {
+        Deadlines {
+            timeout,
+            grace: (timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)),
+        }
+    }
+}
+
+struct Outgoing {
+    header: [u8; HEADER_LEN],
+    range: Range<usize>,
+    sent: usize,
+}
+
+enum Target {
+    /// Straight into the caller's buffer (copies).
+    Direct,
+    /// Into a scratch slot, applied later (reductions, or a copy whose destination is still
+    /// being sent).
+    Slot(usize),
+}
+
+struct Incoming {
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    target: Option<Target>,
+    got: usize,
+}
+
+impl Incoming {
+    fn new() -> Incoming {
+        Incoming {
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            target: None,
+            got: 0,
+        }
+    }
+}
+
+fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+fn bytes<T: Element>(s: &[T]) -> &[u8] {
+    bytemuck::cast_slice(s)
+}
+
+fn bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(s)
+}
+
+/// Executes `schedule` for the call `sig` on `buf`, with `scratch` holding `schedule.slots`
+/// chunks of `slot_len` elements.
+pub fn run<T: Element, L: Link + ?Sized>(
+    link: &mut L,
+    sig: CallSig,
+    schedule: &Schedule,
+    buf: &mut [T],
+    scratch: &mut [T],
+    deadlines: Deadlines,
+) -> Result<()> {
+    let mut exec = Exec {
+        link,
+        sig,
+        schedule,
+        deadlines,
+        sends: schedule
+            .sends
+            .iter()
+            .map(|x| outgoing::<T>(sig, x))
+            .collect(),
+        incoming: Incoming::new(),
+        received: 0,
+        ready: VecDeque::new(),
+        applied: 0,
+        free_slots: (0..schedule.slots).rev().collect(),
+        prev_stalled: false,
+    };
+    match exec.drive(buf, scratch) {
+        Ok(()) => Ok(()),
+        Err(failure) => Err(exec.fail(failure, buf)),
+    }
+}
+
+fn outgoing<T: Element>(sig: CallSig, x: &Xfer) -> Outgoing {
+    let header = Header {
+        kind: FrameKind::Data,
+        sig,
+        step: x.step,
+        chunk: x.chunk,
+        payload_len: (x.range.len() * std::mem::size_of::<T>()) as u32,
+    };
+    Outgoing {
+        header: header.encode(),
+        range: x.range.clone(),
+        sent: 0,
+    }
+}
+
+/// Why the loop stopped; `fail` turns it into the caller's error and tells the ring.
+enum Failure {
+    /// We detected it: tell the next rank (unless it is the one at fault).
+    Local {
+        error: Error,
+        blamed: Option<PeerId>,
+    },
+    /// A neighbour told us: pass the notice on.
+    Relayed { notice: AbortNotice },
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Failure {
+        let blamed = error.blamed_peer().cloned();
+        Failure::Local { error, blamed }
+    }
+}
+
+struct Exec<'a, L: Link + ?Sized> {
+    link: &'a mut L,
+    sig: CallSig,
+    schedule: &'a Schedule,
+    deadlines: Deadlines,
+    sends: VecDeque<Outgoing>,
+    incoming: Incoming,
+    /// Frames fully received so far (indexes `schedule.recvs`).
+    received: usize,
+    /// Received frames not yet applied: (index into recvs, where the payload is).
+    ready: VecDeque<(usize, Target)>,
+    applied: usize,
+    free_slots: Vec<usize>,
+    /// Our predecessor announced a stall during this collective: it is alive and waiting.
+    prev_stalled: bool,
+}
+
+impl<L: Link + ?Sized> Exec<'_, L> {
+    fn pinned(&self, range: &Range<usize>) -> bool {
+        !range.is_empty() && self.sends.iter().any(|o| overlaps(&o.range, range))
+    }
+
+    fn done(&self) -> bool {
+        self.applied == self.schedule.recvs.len() && self.sends.is_empty()
+    }
+
+    fn drive<T: Element>(&mut self, buf: &mut [T], scratch: &mut [T]) -> Result<(), Failure> {
+        let slot_len = self.schedule.slot_len;
+        let mut last_progress = Instant::now();
+        let mut stalled_since: Option<Instant> = None;
+        loop {
+            let mut progressed = self.pump_sends(buf)?;
+            progressed |= self.pump_recvs(buf, scratch, slot_len)?;
+            progressed |= self.apply_ready(buf, scratch, slot_len);
+            if self.done() {
+                return Ok(());
+            }
+            if progressed {
+                last_progress = Instant::now();
+                stalled_since = None;
+                continue;
+            }
+            let want_send = !self.sends.is_empty();
+            let want_recv = self.can_receive();
+            if !want_send && !want_recv {
+                return Err(Error::Broken(format!(
+                    "internal scheduling error in {}: nothing to send or receive but not done",
+                    self.sig
+                ))
+                .into());
+            }
+            let deadline = match stalled_since {
+                None => last_progress + self.deadlines.timeout,
+                Some(t) => t + self.deadlines.grace,
+            };
+            if self.link.wait(want_recv, want_send, deadline)? == Readiness::TimedOut {
+                match stalled_since {
+                    None => {
+                        self.announce_stall();
+                        stalled_since = Some(Instant::now());
+                    }
+                    Some(_) => return Err(self.stall_verdict(want_recv, last_progress)),
+                }
+            }
+        }
+    }
+
+    fn can_receive(&self) -> bool {
+        if self.received == self.schedule.recvs.len() {
+            return false;
+        }
+        let i = &self.incoming;
+        i.header_len < HEADER_LEN || i.target.is_some() || !self.free_slots.is_empty()
+    }
+
+    fn pump_sends<T: Element>(&mut self, buf: &[T]) -> Result<bool> {
+        let mut progressed = false;
+        while let Some(o) = self.sends.front_mut() {
+            let payload = bytes(&buf[o.range.clone()]);
+            let total = HEADER_LEN + payload.len();
+            let n = if o.sent < HEADER_LEN {
+                self.link
+                    .send(&[IoSlice::new(&o.header[o.sent..]), IoSlice::new(payload)])?
+            } else {
+                self.link
+                    .send(&[IoSlice::new(&payload[o.sent - HEADER_LEN..])])?
+            };
+            if n == 0 {
+                break;
+            }
+            progressed = true;
+            o.sent += n;
+            if o.sent == total {
+                self.sends.pop_front();
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn pump_recvs<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        scratch: &mut [T],
+        slot_len: usize,
+    ) -> Result<bool, Failure> {
+        let size = std::mem::size_of::<T>();
+        let mut progressed = false;
+        while self.received < self.schedule.recvs.len() {
+            if self.incoming.header_len < HEADER_LEN {
+                let at = self.incoming.header_len;
+                let n = self.link.recv(&mut self.incoming.header[at..])?;
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                self.incoming.header_len += n;
+                if self.incoming.header_len < HEADER_LEN {
+                    continue;
+                }
+                let spec = &self.schedule.recvs[self.received];
+                if !self.accept_header(spec, size)? {
+                    self.incoming = Incoming::new();
+                    continue;
+                }
+            }
+            let spec = &self.schedule.recvs[self.received];
+            if self.incoming.target.is_none() {
+                self.incoming.target =
+                    if spec.apply == Apply::Copy && !self.pinned(&spec.xfer.range) {
+                        Some(Target::Direct)
+                    } else if let Some(s) = self.free_slots.pop() {
+                        Some(Target::Slot(s))
+                    } else {
+                        break;
+                    };
+            }
+            let want = spec.xfer.range.len() * size;
+            if self.incoming.got < want {
+                let dst = match self.incoming.target {
+                    Some(Target::Direct) => bytes_mut(&mut buf[spec.xfer.range.clone()]),
+                    Some(Target::Slot(s)) => {
+                        bytes_mut(&mut scratch[s * slot_len..s * slot_len + spec.xfer.range.len()])
+                    }
+                    None => unreachable!("target chosen above"),
+                };
+                let n = self.link.recv(&mut dst[self.incoming.got..])?;
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                self.incoming.got += n;
+            }
+            if self.incoming.got == want {
+                let target = self.incoming.target.take().expect("target chosen above");
+                self.ready.push_back((self.received, target));
+                self.received += 1;
+                self.incoming = Incoming::new();
+                progressed = true;
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Checks a complete header against what we expect next. `Ok(false)`: a stall notice, consumed.
+    fn accept_header(&mut self, spec: &RecvSpec, size: usize) -> Result<bool, Failure> {
+        let prev = self.link.prev().clone();
+        let h = Header::decode(&self.incoming.header).map_err(|why| Error::protocol(&prev, why))?;
+        match h.kind {
+            FrameKind::Stalled => {
+                if h.sig.seq == self.sig.seq {
+                    self.prev_stalled = true;
+                }
+                Ok(false)
+            }
+            FrameKind::Abort => {
+                let notice = self.read_notice(&h, &prev)?;
+                Err(Failure::Relayed { notice })
+            }
+            FrameKind::Data => {
+                if h.sig != self.sig {
+                    return Err(Error::Mismatch {
+                        peer: prev,
+                        detail: self.sig.describe_mismatch(&h.sig),
+                    }
+                    .into());
+                }
+                let want_len = spec.xfer.range.len() * size;
+                if h.step != spec.xfer.step
+                    || h.chunk != spec.xfer.chunk
+                    || h.payload_len as usize != want_len
+                {
+                    return Err(Error::protocol(
+                        &prev,
+                        format!(
+                            "in {}: got step {} chunk {} with {} bytes, expected step {} chunk {} with {want_len} \
+                             (do all ranks use the same RINGLET_CHUNK_BYTES and RINGLET_SMALL_BYTES?)",
+                            self.sig, h.step, h.chunk, h.payload_len, spec.xfer.step, spec.xfer.chunk
+                        ),
+                    )
+                    .into());
+                }
+                self.prev_stalled = false;
+                Ok(true)
+            }
+        }
+    }
+
+    fn apply_ready<T: Element>(&mut self, buf: &mut [T], scratch: &[T], slot_len: usize) -> bool {
+        let mut progressed = false;
+        while let Some((i, _)) = self.ready.front() {
+            let spec = &self.schedule.recvs[*i];
+            if self.pinned(&spec.xfer.range) {
+                break;
+            }
+            let (_, target) = self.ready.pop_front().expect("front exists");
+            let dst = &mut buf[spec.xfer.range.clone()];
+            if let Target::Slot(s) = target {
+                let src = &scratch[s * slot_len..s * slot_len + dst.len()];
+                match spec.apply {
+                    Apply::Copy => dst.copy_from_slice(src),
+                    Apply::Reduce => T::reduce_into(self.schedule.op, dst, src),
+                }
+                self.free_slots.push(s);
+            }
+            if spec.finish_avg {
+                T::divide_by(dst, self.link.world_size());
+            }
+            if let Some(fwd) = &spec.forward {
+                self.sends.push_back(outgoing::<T>(self.sig, fwd));
+            }
+            self.applied += 1;
+            progressed = true;
+        }
+        progressed
+    }
+
+    /// Reads an abort notice's payload (bounded size, short deadline).
+    fn read_notice(&mut self, h: &Header, prev: &PeerId) -> Result<AbortNotice> {
+        if h.payload_len > MAX_CONTROL_PAYLOAD {
+            return Err(Error::protocol(prev, "oversized abort notice"));
+        }
+        let mut body = vec![0u8; h.payload_len as usize];
+        let deadline = Instant::now() + self.deadlines.grace.max(Duration::from_secs(1));
+        let mut got = 0;
+        while got < body.len() {
+            let n = self.link.recv(&mut body[got..])?;
+            got += n;
+            if n == 0 && self.link.wait(true, false, deadline)? == Readiness::TimedOut {
+                return Err(Error::protocol(prev, "abort notice cut short"));
+            }
+        }
+        ringlet_core::msg::decode(&body, prev)
+    }
+
+    /// Tells the next rank we are alive but waiting; only possible between frames.
+    fn announce_stall(&mut self) {
+        // Mid-frame the next rank cannot parse a notice; it will time out on us instead, which is
+        // right: we are blocked on it.
+        if self.sends.front().is_some_and(|o| o.sent > 0) {
+            return;
+        }
+        let header = Header {
+            kind: FrameKind::Stalled,
+            sig: self.sig,
+            step: 0,
+            chunk: 0,
+            payload_len: 0,
+        };
+        let deadline = Instant::now() + self.deadlines.grace / 2;
+        let _ = send_all(self.link, &[&header.encode()], deadline);
+    }
+
+    fn stall_verdict(&self, want_recv: bool, last_progress: Instant) -> Failure {
+        let waited = last_progress.elapsed();
+        let error = if want_recv && self.prev_stalled {
+            Error::Timeout {
+                peer: self.link.prev().clone(),
+                waiting_for: format!(
+                    "in {}; {} is itself waiting on its predecessor, and no verdict came from upstream",
+                    self.sig,
+                    self.link.prev()
+                ),
+                after: waited,
+            }
+        } else if want_recv {
+            Error::Timeout {
+                peer: self.link.prev().clone(),
+                waiting_for: format!("in {} for data from {}", self.sig, self.link.prev()),
+                after: waited,
+            }
+        } else {
+            Error::Timeout {
+                peer: self.link.next().clone(),
+                waiting_for: format!("in {} for {} to accept data", self.sig, self.link.next()),
+                after: waited,
+            }
+        };
+        Failure::from(error)
+    }
+
+    /// Turns a failure into the caller's error after telling the next rank, so the whole ring
+    /// fails with one explanation.
+    fn fail<T: Element>(&mut self, failure: Failure, buf: &[T]) -> Error {
+        let me = self.link.rank();
+        let (notice, error) = match failure {
+            Failure::Relayed { notice } => {
+                let origin = PeerId::rank(notice.origin_rank as usize, notice.origin_addr.clone());
+                let error = Error::Aborted {
+                    origin,
+                    detail: notice.detail.clone(),
+                };
+                (notice, error)
+            }
+            Failure::Local { error, blamed } => {
+                let notice = AbortNotice {
+                    origin_rank: me as u64,
+                    origin_addr: self.link.local().addr.clone(),
+                    blamed: blamed
+                        .as_ref()
+                        .and_then(|p| p.rank.map(|r| (r as u64, p.addr.clone()))),
+                    detail: error.to_string(),
+                };
+                (notice, error)
+            }
+        };
+        // The notice goes round the ring until it reaches the rank that started it.
+        if self.link.next().rank != Some(notice.origin_rank as usize) {
+            self.send_notice(&notice, buf);
+        }
+        error
+    }
+
+    /// Best effort, bounded: finish the frame in flight (a notice cannot cut into it), then send
+    /// the abort notice. A dead or stopped next rank makes this fail fast or at the short deadline.
+    fn send_notice<T: Element>(&mut self, notice: &AbortNotice, buf: &[T]) {
+        let deadline = Instant::now() + self.deadlines.grace.min(Duration::from_secs(2));
+        if let Some(o) = self.sends.front() {
+            if o.sent > 0 {
+                let payload = bytes(&buf[o.range.clone()]);
+                let frame = [&o.header[..], payload];
+                let (head, tail) = (o.sent.min(HEADER_LEN), o.sent.saturating_sub(HEADER_LEN));
+                if send_all(self.link, &[&frame[0][head..], &frame[1][tail..]], deadline).is_err() {
+                    return;
+                }
+            }
+        }
+        let body =
+            bincode::serde::encode_to_vec(notice, bincode::config::standard()).unwrap_or_default();
+        let body = &body[..body.len().min(MAX_CONTROL_PAYLOAD as usize)];
+        let header = Header {
+            kind: FrameKind::Abort,
+            sig: self.sig,
+            step: 0,
+            chunk: 0,
+            payload_len: body.len() as u32,
+        };
+        let _ = send_all(self.link, &[&header.encode(), body], deadline);
+    }
+}
+
+/// Sends every byte of `parts` in order, waiting as needed until `deadline`.
+fn send_all<L: Link + ?Sized>(link: &mut L, parts: &[&[u8]], deadline: Instant) -> Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut sent = 0;
+    while sent < total {
+        let mut skip = sent;
+        let mut slices = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+            } else {
+                slices.push(IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+        }
+        let n = link.send(&slices)?;
+        sent += n;
+        if n == 0 && link.wait(false, true, deadline)? == Readiness::TimedOut {
+            return Err(Error::Deadline {
+                waiting_for: "sending a control frame".into(),
+                after: Duration::ZERO,
+            });
+        }
+    }
+    Ok(())
+}

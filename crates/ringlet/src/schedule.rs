@@ -1,0 +1,381 @@
+//! The collective algorithms, as data: which chunks a rank sends to the next rank, which it
+//! expects from the previous one and what it does with each. The [`engine`](crate::engine)
+//! executes any schedule over any link; nothing here touches a socket or a buffer.
+//!
+//! Ring algorithms use the usual numbering: at step `g` rank `r` sends segment `r - g` and
+//! receives segment `r - g - 1` (mod n). Every received chunk is forwarded at the next step, so a
+//! chunk starts its next hop as soon as it has arrived and been reduced — the pipeline is per
+//! chunk, not per segment.
+
+use ringlet_core::ReduceOp;
+use std::ops::Range;
+
+/// One frame's worth of the caller's buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xfer {
+    pub step: u32,
+    pub chunk: u32,
+    /// Elements of the buffer the frame carries.
+    pub range: Range<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Apply {
+    /// `buf[range] = buf[range] (op) payload`.
+    Reduce,
+    /// `buf[range] = payload`.
+    Copy,
+}
+
+#[derive(Clone, Debug)]
+pub struct RecvSpec {
+    pub xfer: Xfer,
+    pub apply: Apply,
+    /// This chunk is final: divide by the world size (for `Avg`).
+    pub finish_avg: bool,
+    /// Send the chunk on once applied.
+    pub forward: Option<Xfer>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// Sent at the start, in order.
+    pub sends: Vec<Xfer>,
+    /// Expected from the previous rank, in this order.
+    pub recvs: Vec<RecvSpec>,
+    /// The pairwise op for `Reduce` (`Avg` reduces as `Sum`).
+    pub op: ReduceOp,
+    /// Scratch chunks for payloads that cannot land in place yet, and their length in elements.
+    pub slots: usize,
+    pub slot_len: usize,
+}
+
+impl Schedule {
+    pub fn scratch_len(&self) -> usize {
+        self.slots * self.slot_len
+    }
+}
+
+/// `count` elements cut into `n` near-equal contiguous segments (the first `count % n` one longer).
+pub fn segments(count: usize, n: usize) -> Vec<Range<usize>> {
+    let (base, rem) = (count / n, count % n);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let len = base + usize::from(i < rem);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// Chunk `c` of `seg`, `chunk` elements each (possibly empty at the end).
+fn chunk_of(seg: &Range<usize>, c: usize, chunk: usize) -> Range<usize> {
+    let start = (seg.start + c * chunk).min(seg.end);
+    start..(start + chunk).min(seg.end)
+}
+
+/// Every segment is cut into the same number of chunks (at least one, so that even an empty
+/// call exchanges a frame and a mismatched peer is noticed).
+fn chunks_per_segment(segs: &[Range<usize>], chunk: usize) -> usize {
+    let longest = segs.iter().map(|s| s.len()).max().unwrap_or(0);
+    longest.div_ceil(chunk).max(1)
+}
+
+fn md(a: isize, n: usize) -> usize {
+    a.rem_euclid(n as isize) as usize
+}
+
+/// Ring all-reduce in place: `n - 1` reduce-scatter steps, then `n - 1` all-gather steps.
+/// With `op == Avg` each fully reduced chunk is divided once, by the rank that finished it.
+pub fn ring_all_reduce(
+    count: usize,
+    rank: usize,
+    n: usize,
+    chunk: usize,
+    op: ReduceOp,
+) -> Schedule {
+    ring_steps(&segments(count, n), rank, chunk, op, 0, 2 * (n - 1), n - 1)
+}
+
+/// Ring reduce-scatter in place over `n` equal blocks: afterwards block `rank` holds the
+/// reduction. (Shifted by one so that the last step's result is the rank's own block.)
+pub fn ring_reduce_scatter(
+    count: usize,
+    rank: usize,
+    n: usize,
+    chunk: usize,
+    op: ReduceOp,
+) -> Schedule {
+    ring_steps(&segments(count, n), rank, chunk, op, 1, n - 1, n - 1)
+}
+
+/// Ring all-gather in place: block `rank` is already there, the others arrive.
+pub fn ring_all_gather(count: usize, rank: usize, n: usize, chunk: usize) -> Schedule {
+    ring_steps(&segments(count, n), rank, chunk, ReduceOp::Sum, 0, n - 1, 0)
+}
+
+/// The common ring: `steps` steps; at step `g` the rank sends segment `rank - g - shift` and
+/// receives segment `rank - g - shift - 1`, reducing it for the first `reduce_steps` steps and
+/// copying it after.
+fn ring_steps(
+    segs: &[Range<usize>],
+    rank: usize,
+    chunk: usize,
+    op: ReduceOp,
+    shift: usize,
+    steps: usize,
+    reduce_steps: usize,
+) -> Schedule {
+    let n = segs.len();
+    let nch = chunks_per_segment(segs, chunk);
+    let seg_at = |g: usize| &segs[md(rank as isize - (g + shift) as isize, n)];
+    let xfer = |g: usize, c: usize, seg: &Range<usize>| Xfer {
+        step: g as u32,
+        chunk: c as u32,
+        range: chunk_of(seg, c, chunk),
+    };
+    let sends = (0..nch).map(|c| xfer(0, c, seg_at(0))).collect();
+    let mut recvs = Vec::with_capacity(steps * nch);
+    for g in 0..steps {
+        let seg = seg_at(g + 1);
+        for c in 0..nch {
+            recvs.push(RecvSpec {
+                xfer: xfer(g, c, seg),
+                apply: if g < reduce_steps {
+                    Apply::Reduce
+                } else {
+                    Apply::Copy
+                },
+                finish_avg: g + 1 == reduce_steps && op == ReduceOp::Avg,
+                forward: (g + 1 < steps).then(|| xfer(g + 1, c, seg)),
+            });
+        }
+    }
+    Schedule {
+        sends,
+        recvs,
+        op: op.pairwise(),
+        slots: 2,
+        slot_len: chunk
+            .min(segs.iter().map(|s| s.len()).max().unwrap_or(0))
+            .max(1),
+    }
+}
+
+/// Two ranks, small buffers: each sends its whole buffer once and reduces what it receives — one
+/// network hop instead of the ring's two. Both ranks compute `a (op) b` with the operands swapped,
+/// which is bitwise identical because every op is commutative.
+pub fn exchange_all_reduce(count: usize, chunk: usize, op: ReduceOp) -> Schedule {
+    let seg = 0..count;
+    let nch = count.div_ceil(chunk).max(1);
+    let xfer = |c: usize| Xfer {
+        step: 0,
+        chunk: c as u32,
+        range: chunk_of(&seg, c, chunk),
+    };
+    Schedule {
+        sends: (0..nch).map(xfer).collect(),
+        recvs: (0..nch)
+            .map(|c| RecvSpec {
+                xfer: xfer(c),
+                apply: Apply::Reduce,
+                finish_avg: op == ReduceOp::Avg,
+                forward: None,
+            })
+            .collect(),
+        op: op.pairwise(),
+        // Every payload may arrive before our own send of that chunk has left.
+        slots: nch,
+        slot_len: chunk.min(count.max(1)),
+    }
+}
+
+/// Pipelined chain from `root` around the ring: each rank forwards every chunk as soon as it has it.
+pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: usize) -> Schedule {
+    let all = 0..count;
+    let nch = count.div_ceil(chunk).max(1);
+    let pos = md(rank as isize - root as isize, n);
+    let xfer = |c: usize| Xfer {
+        step: 0,
+        chunk: c as u32,
+        range: chunk_of(&all, c, chunk),
+    };
+    let (sends, recvs) = if pos == 0 {
+        ((0..nch).map(xfer).collect(), Vec::new())
+    } else {
+        let recvs = (0..nch)
+            .map(|c| RecvSpec {
+                xfer: xfer(c),
+                apply: Apply::Copy,
+                finish_avg: false,
+                forward: (pos + 1 < n).then(|| xfer(c)),
+            })
+            .collect();
+        (Vec::new(), recvs)
+    };
+    Schedule {
+        sends,
+        recvs,
+        op: ReduceOp::Sum,
+        slots: 1,
+        slot_len: chunk.min(count.max(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Simulates every rank's schedule in lockstep on f64 buffers, moving frames between
+    /// neighbours through queues, and returns the final buffers. Checks that every frame a rank
+    /// receives is exactly the one it expects next.
+    fn simulate(scheds: &[Schedule], mut bufs: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+        use std::collections::VecDeque;
+        let n = scheds.len();
+        let mut wires: Vec<VecDeque<(u32, u32, Vec<f64>)>> = vec![VecDeque::new(); n];
+        let mut next_recv = vec![0usize; n];
+        for (r, s) in scheds.iter().enumerate() {
+            for x in &s.sends {
+                wires[(r + 1) % n].push_back((x.step, x.chunk, bufs[r][x.range.clone()].to_vec()));
+            }
+        }
+        let mut moved = true;
+        while moved {
+            moved = false;
+            for r in 0..n {
+                while let Some((step, chunk, data)) = wires[r].pop_front() {
+                    let spec = &scheds[r].recvs[next_recv[r]];
+                    assert_eq!(
+                        (step, chunk),
+                        (spec.xfer.step, spec.xfer.chunk),
+                        "rank {r} frame order"
+                    );
+                    assert_eq!(data.len(), spec.xfer.range.len());
+                    let dst = &mut bufs[r][spec.xfer.range.clone()];
+                    match spec.apply {
+                        Apply::Copy => dst.copy_from_slice(&data),
+                        Apply::Reduce => dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b),
+                    }
+                    if spec.finish_avg {
+                        dst.iter_mut().for_each(|x| *x /= n as f64);
+                    }
+                    if let Some(f) = &spec.forward {
+                        wires[(r + 1) % n].push_back((
+                            f.step,
+                            f.chunk,
+                            bufs[r][f.range.clone()].to_vec(),
+                        ));
+                    }
+                    next_recv[r] += 1;
+                    moved = true;
+                }
+            }
+        }
+        for r in 0..n {
+            assert_eq!(
+                next_recv[r],
+                scheds[r].recvs.len(),
+                "rank {r} got every frame"
+            );
+        }
+        bufs
+    }
+
+    fn inputs(n: usize, count: usize) -> Vec<Vec<f64>> {
+        (0..n)
+            .map(|r| (0..count).map(|i| (r * 1000 + i) as f64).collect())
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_schedules_sum_and_average_for_many_shapes() {
+        for n in 2..=5 {
+            for count in [0, 1, n - 1, n + 1, 17, 64] {
+                for chunk in [1, 3, 8, 1000] {
+                    for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| ring_all_reduce(count, r, n, chunk, op))
+                            .collect();
+                        let out = simulate(&scheds, inputs(n, count));
+                        for (i, v) in out[0].iter().enumerate() {
+                            let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
+                            let want = if op == ReduceOp::Avg {
+                                sum / n as f64
+                            } else {
+                                sum
+                            };
+                            for b in &out {
+                                assert_eq!(b[i], want, "n={n} count={count} chunk={chunk} {op}");
+                            }
+                            assert_eq!(*v, want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_leaves_each_rank_its_block() {
+        for n in 2..=5 {
+            for block in [0, 1, 7] {
+                let count = n * block;
+                let scheds: Vec<_> = (0..n)
+                    .map(|r| ring_reduce_scatter(count, r, n, 3, ReduceOp::Sum))
+                    .collect();
+                let out = simulate(&scheds, inputs(n, count));
+                for (r, b) in out.iter().enumerate() {
+                    for i in r * block..(r + 1) * block {
+                        let sum: f64 = (0..n).map(|q| (q * 1000 + i) as f64).sum();
+                        assert_eq!(b[i], sum, "n={n} rank {r} elem {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_and_broadcast_deliver_everything() {
+        for n in 2..=5 {
+            let block = 5;
+            let scheds: Vec<_> = (0..n)
+                .map(|r| ring_all_gather(n * block, r, n, 2))
+                .collect();
+            let bufs = (0..n)
+                .map(|r| {
+                    (0..n * block)
+                        .map(|i| if i / block == r { i as f64 } else { -1.0 })
+                        .collect()
+                })
+                .collect();
+            for b in simulate(&scheds, bufs) {
+                assert_eq!(b, (0..n * block).map(|i| i as f64).collect::<Vec<_>>());
+            }
+            for root in 0..n {
+                let scheds: Vec<_> = (0..n).map(|r| chain_broadcast(11, r, n, 4, root)).collect();
+                let bufs = (0..n).map(|r| vec![r as f64; 11]).collect();
+                for b in simulate(&scheds, bufs) {
+                    assert_eq!(b, vec![root as f64; 11]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exchange_matches_ring() {
+        let scheds = vec![exchange_all_reduce(10, 4, ReduceOp::Sum); 2];
+        let out = simulate(&scheds, inputs(2, 10));
+        for i in 0..10 {
+            assert_eq!(out[0][i], (i + 1000 + i) as f64);
+            assert_eq!(out[1][i], out[0][i]);
+        }
+    }
+
+    #[test]
+    fn segments_cover_the_buffer_evenly() {
+        assert_eq!(segments(10, 3), vec![0..4, 4..7, 7..10]);
+        assert_eq!(segments(2, 4), vec![0..1, 1..2, 2..2, 2..2]);
+    }
+}
