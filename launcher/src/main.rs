@@ -1,1 +1,222 @@
-fn main() {}
+//! `ringrun`, the command line: parses the flags, settles what every rank must agree on (world
+//! size, master address and port, job token, timeout) into a [`JobSpec`], and hands it to a
+//! backend that starts the ranks — today [`local`], processes on this machine.
+//!
+//! Modules: [`job`] (the job and its environment contract, exit statuses), [`local`] (spawning and
+//! supervising processes), [`output`] (relaying output with a rank prefix), [`signals`] (catching,
+//! forwarding and naming signals).
+
+// First, so that its `note!` macro is visible in the others.
+#[macro_use]
+mod output;
+mod job;
+mod local;
+mod signals;
+
+use clap::Parser;
+use job::{JobSpec, Outcome};
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Environment of each rank (everything else is inherited from ringrun):
+  RANK, LOCAL_RANK        the rank, 0..N-1 (one node, so both are equal)
+  WORLD_SIZE, LOCAL_WORLD_SIZE
+                          N
+  MASTER_ADDR, MASTER_PORT
+                          where rank 0 hosts the rendezvous store that the ranks
+                          find each other through (ringrun itself does not listen)
+  RINGLET_JOB_TOKEN       the secret every connection of the job must prove it
+                          holds: ringrun's own RINGLET_JOB_TOKEN if set and not
+                          empty, else 64 random hex digits made for this job
+  RINGLET_TIMEOUT         the --timeout value, only when --timeout is given
+Standard input of every rank is /dev/null.
+
+Output:
+  Each line a rank writes to stdout (stderr) is written whole to ringrun's
+  stdout (stderr) as \"[RANK] line\"; a last line without newline gets one.
+
+Signals:
+  Each rank runs in its own process group; ringrun signals the whole group, so
+  whatever a rank starts is stopped with it. SIGINT or SIGTERM sent to ringrun is
+  forwarded to every rank; ranks still running --kill-grace seconds later are
+  SIGKILLed, and a second SIGINT/SIGTERM kills them at once. Ranks are SIGKILLed
+  by the kernel if ringrun itself dies.
+
+Failure:
+  When a rank exits non-zero or is killed by a signal, ringrun reports it, sends
+  SIGTERM to the other ranks (SIGKILL after --kill-grace), waits for all of them
+  and exits 1. The first failure is the one reported as the cause.
+
+Exit status:
+  0       every rank exited 0
+  1       a rank failed, or ringrun itself could not set up the job
+  2       invalid command line
+  127     PROGRAM not found or not executable (no rank is left running)
+  128+S   ringrun received signal S and stopped the ranks (130: SIGINT,
+          143: SIGTERM)";
+
+/// Start N ranks of a Ringlet program on this machine (torchrun-style local launcher).
+///
+/// Starts N processes of PROGRAM, each told its place in the job through the environment,
+/// relays their output with a "[RANK] " prefix, and supervises them: when one rank fails the
+/// others are stopped, and no process is ever left behind.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringrun",
+    version,
+    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...",
+    after_long_help = AFTER_HELP
+)]
+struct Cli {
+    /// Number of ranks to start (WORLD_SIZE), at least 1.
+    #[arg(
+        short = 'n',
+        long = "nproc",
+        alias = "nproc-per-node",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    nproc: u32,
+
+    /// Address of the rendezvous store that rank 0 hosts and the other ranks connect to
+    /// (MASTER_ADDR).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    master_addr: String,
+
+    /// Port of the rendezvous store (MASTER_PORT). Default: a port free on 127.0.0.1 at launch,
+    /// found by binding port 0 and releasing it.
+    #[arg(
+        long,
+        value_name = "PORT",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    master_port: Option<u16>,
+
+    /// The ranks' deadline in seconds (fractions allowed) for rendezvous and for each
+    /// collective, exported as RINGLET_TIMEOUT. Without it the ranks use RINGLET_TIMEOUT as
+    /// inherited from ringrun's environment, else their default (300 s).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<f64>,
+
+    /// Seconds a rank has to exit after ringrun sends it SIGTERM (or forwards SIGINT) before it
+    /// is SIGKILLed (fractions allowed, 0 kills at once).
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_grace)]
+    kill_grace: Duration,
+
+    /// The program every rank runs, then its arguments. A name without '/' is looked up in
+    /// PATH, then next to the ringrun executable (so binaries built alongside it run without
+    /// being installed).
+    #[arg(
+        value_name = "PROGRAM",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
+}
+
+/// Beyond this a "timeout" is a typo, and Duration/Instant arithmetic could overflow.
+const MAX_SECONDS: f64 = 1e9;
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=MAX_SECONDS).contains(&v) {
+        return Err(format!("`{s}` is not between 0 and {MAX_SECONDS} seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match parse_seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("the timeout must be more than 0 seconds".into()),
+    }
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    Ok(Duration::from_secs_f64(parse_seconds(s)?))
+}
+
+fn main() -> ExitCode {
+    ExitCode::from(run(Cli::parse()).exit_status())
+}
+
+fn run(cli: Cli) -> Outcome {
+    // First, so that a signal arriving while ranks start is not lost.
+    let signals = match signals::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            note!("cannot install signal handlers: {e}");
+            return Outcome::Error;
+        }
+    };
+    let master_port = match cli.master_port {
+        Some(p) => p,
+        None => match job::free_port() {
+            Ok(p) => p,
+            Err(e) => {
+                note!("cannot find a free port for MASTER_PORT: {e}");
+                return Outcome::Error;
+            }
+        },
+    };
+    let mut command = cli.command.into_iter();
+    let program = command.next().expect("clap requires PROGRAM");
+    let spec = JobSpec {
+        world_size: cli.nproc as usize,
+        master_addr: cli.master_addr,
+        master_port,
+        token: job::job_token(),
+        // f64's Display never uses exponent notation, so any rank can parse it back.
+        timeout: cli.timeout.map(|t| t.to_string()),
+        kill_grace: cli.kill_grace,
+        program,
+        args: command.collect(),
+    };
+    local::run(&spec, &signals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn program_args_may_look_like_flags() {
+        let cli = Cli::try_parse_from(["ringrun", "-n", "2", "--", "prog", "-n", "--x"]).unwrap();
+        assert_eq!(cli.nproc, 2);
+        assert_eq!(cli.command, ["prog", "-n", "--x"]);
+        let cli = Cli::try_parse_from(["ringrun", "-n", "2", "prog", "--timeout", "3"]).unwrap();
+        assert_eq!(cli.timeout, None);
+        assert_eq!(cli.command, ["prog", "--timeout", "3"]);
+    }
+
+    #[test]
+    fn seconds_are_validated() {
+        assert_eq!(parse_timeout("2.5"), Ok(2.5));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("nan").is_err());
+        assert_eq!(parse_grace("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_grace("0.5"), Ok(Duration::from_millis(500)));
+        assert!(Cli::try_parse_from(["ringrun", "-n", "0", "--", "p"]).is_err());
+        assert!(Cli::try_parse_from(["ringrun", "-n", "1"]).is_err());
+    }
+
+    #[test]
+    fn help_states_the_ranks_default_timeout() {
+        // The --timeout help text quotes this number.
+        assert_eq!(ringlet_core::DEFAULT_TIMEOUT, Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,141 @@
+//! What every rank of one job must agree on, independent of how the ranks are started: the
+//! [`JobSpec`], the environment contract it turns into per rank ([`JobSpec::rank_env`]), and the
+//! [`Outcome`] of a run with the exit status it maps to. A backend (today only
+//! [`local`](crate::local)) takes a `JobSpec` and returns an `Outcome`.
+
+use ringlet_core::JobToken;
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::Duration;
+
+/// One job, fully decided: nothing in here is left for a rank to pick on its own.
+#[derive(Debug)]
+pub struct JobSpec {
+    pub world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub token: JobToken,
+    /// Seconds, already formatted for `RINGLET_TIMEOUT`; `None` leaves the variable as inherited.
+    pub timeout: Option<String>,
+    /// How long a rank may take to stop after being asked before it is SIGKILLed.
+    pub kill_grace: Duration,
+    /// As the user wrote it; each backend resolves it in its own world (PATH here, an image later).
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+impl JobSpec {
+    /// The variables that make a process rank `rank` of this job (the torchrun contract plus
+    /// Ringlet's own). Everything else the rank inherits from ringrun's environment.
+    pub fn rank_env(&self, rank: usize) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", self.world_size.to_string()),
+            // Single node: every rank is local, so the local view equals the global one.
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.world_size.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+            (JobToken::ENV, self.token.to_env_value()),
+        ];
+        if let Some(t) = &self.timeout {
+            env.push(("RINGLET_TIMEOUT", t.clone()));
+        }
+        env
+    }
+}
+
+/// The token the job runs under: the caller's, so ranks started elsewhere by hand can join, or a
+/// fresh random one so that nothing outside this job can talk to its ports.
+pub fn job_token() -> JobToken {
+    JobToken::from_env().unwrap_or_else(JobToken::generate)
+}
+
+/// A port that was free a moment ago. Rank 0 binds it later, so another process can still take it
+/// in between; the window is small and an explicit `--master-port` avoids it entirely.
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// How a run ended, as far as ringrun's exit status is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every rank exited 0.
+    Success,
+    /// A rank exited non-zero or was killed by a signal; the others were stopped.
+    RankFailed,
+    /// ringrun received this signal and stopped the ranks.
+    Signalled(libc::c_int),
+    /// The program could not be found or started; no rank is left running.
+    LaunchFailed,
+    /// ringrun itself could not do its part (already reported); no rank is left running.
+    Error,
+}
+
+impl Outcome {
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::RankFailed => 1,
+            // Like a shell reports a child killed by a signal, so scripts see the same number
+            // whether they ran the program directly or under ringrun.
+            Outcome::Signalled(sig) => u8::try_from(128 + sig).unwrap_or(255),
+            Outcome::LaunchFailed => 127,
+            Outcome::Error => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            world_size: 3,
+            master_addr: "10.0.0.1".into(),
+            master_port: 29500,
+            token: JobToken::new("secret"),
+            timeout: Some("2.5".into()),
+            kill_grace: Duration::from_secs(5),
+            program: "prog".into(),
+            args: vec![],
+        }
+    }
+
+    #[test]
+    fn rank_env_follows_the_torchrun_contract() {
+        let env = spec().rank_env(2);
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("RANK"), Some("2"));
+        assert_eq!(get("WORLD_SIZE"), Some("3"));
+        assert_eq!(get("LOCAL_RANK"), Some("2"));
+        assert_eq!(get("LOCAL_WORLD_SIZE"), Some("3"));
+        assert_eq!(get("MASTER_ADDR"), Some("10.0.0.1"));
+        assert_eq!(get("MASTER_PORT"), Some("29500"));
+        assert_eq!(get("RINGLET_JOB_TOKEN"), Some("secret"));
+        assert_eq!(get("RINGLET_TIMEOUT"), Some("2.5"));
+    }
+
+    #[test]
+    fn no_timeout_means_no_variable() {
+        let mut s = spec();
+        s.timeout = None;
+        assert!(s.rank_env(0).iter().all(|(k, _)| *k != "RINGLET_TIMEOUT"));
+    }
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(Outcome::Success.exit_status(), 0);
+        assert_eq!(Outcome::RankFailed.exit_status(), 1);
+        assert_eq!(Outcome::Signalled(libc::SIGINT).exit_status(), 130);
+        assert_eq!(Outcome::Signalled(libc::SIGTERM).exit_status(), 143);
+        assert_eq!(Outcome::LaunchFailed.exit_status(), 127);
+    }
+
+    #[test]
+    fn free_port_is_nonzero() {
+        assert_ne!(free_port().unwrap(), 0);
+    }
+}

@@ -1,0 +1,499 @@
+//! The local backend: every rank is a child process of ringrun on this machine. This module owns
+//! finding the program, spawning the ranks (each in its own process group, with a parent-death
+//! signal and piped output) and supervising them to the end: the first failure stops the others,
+//! forwarded signals, SIGKILL after the grace period, and reaping every child on every path.
+
+use crate::job::{JobSpec, Outcome};
+use crate::output::{self, Target};
+use crate::signals::{self, Signals};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+/// Upper bound on one sleep of the supervisor. SIGCHLD normally wakes it at once; this only
+/// bounds the damage of a lost wake-up.
+const SAFETY_NET: Duration = Duration::from_millis(200);
+/// How long to wait for a finished rank's last output before printing ringrun's verdict on it,
+/// so the rank's own error message comes first.
+const RANK_OUTPUT_WAIT: Duration = Duration::from_millis(200);
+/// How long to wait at the end for output still in flight. Only a process that escaped its
+/// rank's process group (setsid) can hold a pipe open longer; ringrun does not wait for it.
+const FINAL_OUTPUT_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot find program `{program}` in PATH or next to ringrun ({dir})")]
+    NotFound { program: String, dir: String },
+    #[error("cannot execute `{program}`: {source}")]
+    Exec { program: String, source: io::Error },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+impl LaunchError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            LaunchError::NotFound { .. } | LaunchError::Exec { .. } => Outcome::LaunchFailed,
+            LaunchError::Io { .. } => Outcome::Error,
+        }
+    }
+}
+
+/// Runs the job to completion. `signals` must have been installed before this is called.
+pub fn run(spec: &JobSpec, signals: &Signals) -> Outcome {
+    let program = match resolve_program(&spec.program) {
+        Ok(p) => p,
+        Err(e) => {
+            note!("{e}");
+            return e.outcome();
+        }
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut sup = Supervisor::new(spec, done_rx);
+    for rank in 0..spec.world_size {
+        if let Err(e) = sup.spawn(rank, &program, &done_tx) {
+            note!("{e}");
+            sup.kill_all_now();
+            sup.await_all_output();
+            return e.outcome();
+        }
+    }
+    // Only the pumps hold senders now, so the channel reports when the last one is gone.
+    drop(done_tx);
+    let outcome = sup.supervise(signals);
+    sup.await_all_output();
+    outcome
+}
+
+/// Like execvp, plus a fallback to ringrun's own directory so that binaries built next to it
+/// (`target/release/ringlet-bench`) run without being installed.
+pub fn resolve_program(program: &OsStr) -> Result<PathBuf, LaunchError> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let own_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let not_found = || LaunchError::NotFound {
+        program: program.to_string_lossy().into_owned(),
+        dir: own_dir
+            .as_deref()
+            .map_or_else(|| "unknown".into(), |d| d.display().to_string()),
+    };
+    if program.is_empty() {
+        return Err(not_found());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            // POSIX: an empty PATH entry means the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            let candidate = dir.join(program);
+            if is_executable_file(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(dir) = &own_dir {
+        let candidate = dir.join(program);
+        // Not checking the mode here: if it is there but not executable, spawning says so,
+        // which is a better message than "not found".
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(not_found())
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+struct Rank {
+    rank: usize,
+    pid: libc::pid_t,
+    child: Child,
+    /// Set once reaped; from then on its pid and group id may belong to someone else.
+    end: Option<ExitStatus>,
+    /// The signal ringrun sent to stop it, if it did.
+    asked_with: Option<libc::c_int>,
+    /// Set when it was SIGKILLed for outliving the grace period: how long it had had.
+    killed_after: Option<Duration>,
+    pumps_done: usize,
+}
+
+struct Shutdown {
+    outcome: Outcome,
+    started: Instant,
+    kill_at: Instant,
+    killed: bool,
+}
+
+struct Supervisor<'a> {
+    spec: &'a JobSpec,
+    ranks: Vec<Rank>,
+    done_rx: Receiver<usize>,
+    shutdown: Option<Shutdown>,
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(spec: &'a JobSpec, done_rx: Receiver<usize>) -> Self {
+        Supervisor {
+            spec,
+            ranks: Vec::with_capacity(spec.world_size),
+            done_rx,
+            shutdown: None,
+        }
+    }
+
+    /// Must be called from the thread that supervises until the end: the kernel delivers the
+    /// parent-death signal when the *thread* that forked a child exits, not the process.
+    fn spawn(
+        &mut self,
+        rank: usize,
+        program: &Path,
+        done: &Sender<usize>,
+    ) -> Result<(), LaunchError> {
+        let mut cmd = Command::new(program);
+        cmd.arg0(&self.spec.program)
+            .args(&self.spec.args)
+            .envs(self.spec.rank_env(rank))
+            // N ranks sharing a terminal's input cannot work, and in their own process groups
+            // they would be stopped by SIGTTIN for trying.
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group lets ringrun signal the rank together with anything it starts, and
+            // keeps the terminal's Ctrl-C from reaching ranks behind ringrun's back.
+            .process_group(0);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+        // work is allowed (another thread may have held a lock, e.g. the allocator's, at fork
+        // time). It only makes the prctl and getppid system calls, which take no locks and do not
+        // allocate, and builds its errors with io::Error::last_os_error / from_raw_os_error,
+        // which do not allocate either.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Ranks die with ringrun even when it is SIGKILLed and cannot clean up.
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) == -1
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                // ringrun may have died between fork and prctl; then no signal will ever come.
+                if libc::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Exec {
+            program: program.display().to_string(),
+            source,
+        })?;
+        let pid = child.id() as libc::pid_t;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        // Recorded before anything else can fail, so the error path kills and reaps it.
+        self.ranks.push(Rank {
+            rank,
+            pid,
+            child,
+            end: None,
+            asked_with: None,
+            killed_after: None,
+            pumps_done: 0,
+        });
+        let pump_err = |source| LaunchError::Io {
+            what: "cannot start an output thread",
+            source,
+        };
+        match stdout {
+            Some(s) => {
+                drop(output::spawn_pump(rank, s, Target::Stdout, done.clone()).map_err(pump_err)?)
+            }
+            None => self.ranks[rank].pumps_done += 1,
+        }
+        match stderr {
+            Some(s) => {
+                drop(output::spawn_pump(rank, s, Target::Stderr, done.clone()).map_err(pump_err)?)
+            }
+            None => self.ranks[rank].pumps_done += 1,
+        }
+        Ok(())
+    }
+
+    fn supervise(&mut self, signals: &Signals) -> Outcome {
+        loop {
+            self.reap_exited();
+            while let Some(sig) = signals.take() {
+                self.on_signal(sig);
+            }
+            if self.ranks.iter().all(|r| r.end.is_some()) {
+                break;
+            }
+            let mut nap = SAFETY_NET;
+            if let Some(s) = &self.shutdown {
+                if !s.killed {
+                    let now = Instant::now();
+                    if now >= s.kill_at {
+                        self.kill_remaining(self.spec.kill_grace);
+                        continue;
+                    }
+                    nap = nap.min(s.kill_at - now);
+                }
+            }
+            signals.wait(nap);
+        }
+        self.shutdown
+            .as_ref()
+            .map_or(Outcome::Success, |s| s.outcome)
+    }
+
+    fn reap_exited(&mut self) {
+        let mut failed = false;
+        for i in 0..self.ranks.len() {
+            if self.ranks[i].end.is_some() {
+                continue;
+            }
+            let pid = self.ranks[i].pid;
+            let status = match exited_unreaped(pid) {
+                Ok(false) => continue,
+                Ok(true) => {
+                    // The leader is a zombie, which keeps its group id from being reused, so
+                    // this reaches only what the rank left behind. Those would be orphans, and
+                    // they would hold our output pipes open.
+                    signals::signal_group(pid, libc::SIGKILL);
+                    match self.ranks[i].child.wait() {
+                        Ok(status) => status,
+                        Err(_) => continue,
+                    }
+                }
+                // waitid itself failed (it should not); reap the plain way.
+                Err(_) => match self.ranks[i].child.try_wait() {
+                    Ok(Some(status)) => status,
+                    _ => continue,
+                },
+            };
+            self.ranks[i].end = Some(status);
+            failed |= self.report_end(i, status);
+        }
+        // Only now, so ranks that ended on their own in the same round are not counted as
+        // stopped by ringrun.
+        if failed && self.shutdown.is_none() {
+            self.begin_shutdown(Outcome::RankFailed, libc::SIGTERM);
+        }
+    }
+
+    /// Prints how the rank ended where that is news; returns whether it counts as a failure.
+    fn report_end(&mut self, i: usize, status: ExitStatus) -> bool {
+        let r = &self.ranks[i];
+        let failed = r.asked_with.is_none() && !status.success();
+        if r.asked_with.is_none() && !failed {
+            return false;
+        }
+        self.await_rank_output(i, RANK_OUTPUT_WAIT);
+        let r = &self.ranks[i];
+        let (rank, pid) = (r.rank, r.pid);
+        if let Some(killed_after) = r
+            .killed_after
+            .filter(|_| status.signal() == Some(libc::SIGKILL))
+        {
+            let asked = r.asked_with.filter(|&s| s != libc::SIGKILL);
+            match asked {
+                Some(sig) => note!(
+                    "stopped rank {rank} (pid {pid}) with SIGKILL: still running {} s after {}",
+                    secs(killed_after),
+                    signals::name(sig)
+                ),
+                None => note!("stopped rank {rank} (pid {pid}) with SIGKILL"),
+            }
+        } else if let Some(sig) = r.asked_with {
+            if status.signal() == Some(sig) {
+                note!(
+                    "stopped rank {rank} (pid {pid}) with {}",
+                    signals::name(sig)
+                );
+            } else {
+                note!(
+                    "stopped rank {rank} (pid {pid}) with {}; it {}",
+                    signals::name(sig),
+                    describe(status)
+                );
+            }
+        } else {
+            note!("rank {rank} (pid {pid}) {}", describe(status));
+        }
+        failed
+    }
+
+    fn on_signal(&mut self, sig: libc::c_int) {
+        let name = signals::name(sig);
+        if self.shutdown.is_none() {
+            note!(
+                "got {name}; forwarding it to the ranks (SIGKILL after {} s)",
+                secs(self.spec.kill_grace)
+            );
+            self.begin_shutdown(Outcome::Signalled(sig), sig);
+        } else if !self.shutdown.as_ref().is_some_and(|s| s.killed) {
+            // Asked twice: the user does not want to wait out the grace period.
+            note!("got {name} while stopping the ranks; killing them now");
+            let since = self
+                .shutdown
+                .as_ref()
+                .map_or(Duration::ZERO, |s| s.started.elapsed());
+            self.kill_remaining(since);
+        }
+    }
+
+    /// Asks every running rank to stop with `sig` and starts the grace period. The first cause
+    /// is the one ringrun's exit status reports.
+    fn begin_shutdown(&mut self, outcome: Outcome, sig: libc::c_int) {
+        let now = Instant::now();
+        self.shutdown = Some(Shutdown {
+            outcome,
+            started: now,
+            kill_at: now.checked_add(self.spec.kill_grace).unwrap_or(now),
+            killed: false,
+        });
+        for r in self.ranks.iter_mut().filter(|r| r.end.is_none()) {
+            signals::signal_group(r.pid, sig);
+            r.asked_with = Some(sig);
+        }
+    }
+
+    /// SIGKILLs whatever still runs, `since` the ranks were asked to stop (for the report).
+    fn kill_remaining(&mut self, since: Duration) {
+        if let Some(s) = &mut self.shutdown {
+            s.killed = true;
+        }
+        for r in self.ranks.iter_mut().filter(|r| r.end.is_none()) {
+            signals::signal_group(r.pid, libc::SIGKILL);
+            r.killed_after = Some(since);
+            r.asked_with.get_or_insert(libc::SIGKILL);
+        }
+    }
+
+    /// The launch failed part-way: nothing to report, nothing worth waiting for.
+    fn kill_all_now(&mut self) {
+        for r in self.ranks.iter_mut().filter(|r| r.end.is_none()) {
+            signals::signal_group(r.pid, libc::SIGKILL);
+            r.end = r.child.wait().ok();
+        }
+    }
+
+    fn await_rank_output(&mut self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.ranks[i].pumps_done < 2 && self.take_pump_done(deadline) {}
+    }
+
+    fn await_all_output(&mut self) {
+        let deadline = Instant::now() + FINAL_OUTPUT_WAIT;
+        while self.ranks.iter().any(|r| r.pumps_done < 2) && self.take_pump_done(deadline) {}
+    }
+
+    /// Records one finished pump; false once `deadline` passes or no pump is left.
+    fn take_pump_done(&mut self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.done_rx.recv_timeout(left) {
+            Ok(rank) => {
+                if let Some(r) = self.ranks.iter_mut().find(|r| r.rank == rank) {
+                    r.pumps_done += 1;
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Whether `pid` has exited, without reaping it: while it is an unreaped zombie its pid and
+/// process-group id cannot be reused, so its group can still be signalled safely.
+fn exited_unreaped(pid: libc::pid_t) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain old data, valid when all zero; a zero si_pid is also how
+    // waitid(WNOHANG) tells "nothing to report" apart from an event.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t for the duration of the call. WNOWAIT leaves
+    // the child unreaped, so std's Child keeps sole ownership of reaping it.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid reports child events with SIGCHLD-style siginfo (or left it zeroed), for
+    // which si_pid is the field in use.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// "0.5", "5", "0.123": seconds for messages, to the millisecond.
+fn secs(d: Duration) -> String {
+    (d.as_millis() as f64 / 1000.0).to_string()
+}
+
+/// "exited with status 3", "was killed by signal 9 (SIGKILL)".
+pub fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(sig) = status.signal() {
+        let core = if status.core_dumped() {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        format!("was killed by signal {sig} ({}){core}", signals::name(sig))
+    } else {
+        format!("ended with {status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_exit_codes_and_signals() {
+        assert_eq!(
+            describe(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
+        assert_eq!(
+            describe(ExitStatus::from_raw(libc::SIGKILL)),
+            "was killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[test]
+    fn resolves_through_path_and_leaves_paths_alone() {
+        let sh = resolve_program(OsStr::new("sh")).unwrap();
+        assert!(sh.is_absolute() || sh.starts_with("."), "{sh:?}");
+        assert_eq!(
+            resolve_program(OsStr::new("./x")).unwrap(),
+            PathBuf::from("./x")
+        );
+        let err = resolve_program(OsStr::new("no-such-program-ringrun-test")).unwrap_err();
+        assert!(err.to_string().contains("cannot find program"), "{err}");
+    }
+}
