@@ -1,1 +1,281 @@
-fn main() {}
+//! `ringlet-testrank`: one rank of a test job. The integration tests start N of these (with the
+//! torchrun environment) and read what they print:
+//!
+//! - `READY rank=R` once the communicator is up;
+//! - `OK checks=N` when every check passed (exit 0); `WRONG ...` lines and exit 1 otherwise;
+//! - `ERROR after_ms=T: MESSAGE` when a collective failed (exit 3), followed by
+//!   `BROKEN: MESSAGE` from one more call, which must fail at once.
+//!
+//! Scenarios:
+//! - `correctness COUNTS DTYPES OPS COLLECTIVES`: comma lists (`all` for every dtype, op or
+//!   collective); every collective on every combination, checked element by element and for
+//!   bitwise agreement across ranks;
+//! - `mismatch KIND`: rank 0 calls something different from the others (`count`, `collective`,
+//!   `dtype`, `op`, `root`);
+//! - `loop ITERS COUNT`: all-reduces in a loop, each checked (a victim for kill/stop tests).
+
+mod data;
+
+use data::TestElem;
+use ringlet::{Communicator, DType, Error, ReduceOp};
+use ringlet_core::with_dtype;
+use std::io::Write;
+use std::time::Instant;
+
+const COLLECTIVES: [&str; 5] = [
+    "all_reduce",
+    "all_reduce_async",
+    "broadcast",
+    "all_gather",
+    "reduce_scatter",
+];
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let comm = match Communicator::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("ERROR after_ms=0: {e}"));
+            std::process::exit(3);
+        }
+    };
+    say(format!("READY rank={}", comm.rank()));
+    let started = Instant::now();
+    let outcome = match args.first().map(String::as_str) {
+        Some("correctness") if args.len() == 5 => correctness(&comm, &args[1..]),
+        Some("mismatch") if args.len() == 2 => mismatch(&comm, &args[1]),
+        Some("loop") if args.len() == 3 => looped(&comm, &args[1], &args[2]),
+        _ => {
+            eprintln!("usage: ringlet-testrank correctness COUNTS DTYPES OPS COLLECTIVES | mismatch KIND | loop ITERS COUNT");
+            std::process::exit(2);
+        }
+    };
+    match outcome {
+        Ok(0) => say("OK".into()),
+        Ok(checks) => say(format!("OK checks={checks}")),
+        Err(Failure::Wrong(n)) => {
+            say(format!("WRONG total={n}"));
+            std::process::exit(1);
+        }
+        Err(Failure::Collective(e)) => {
+            say(format!(
+                "ERROR after_ms={}: {e}",
+                started.elapsed().as_millis()
+            ));
+            let mut probe = [0u8; 1];
+            match comm.all_reduce(&mut probe, ReduceOp::Sum) {
+                Err(e) => say(format!("BROKEN: {e}")),
+                Ok(()) => say("BROKEN: no (a call after the failure succeeded)".into()),
+            }
+            std::process::exit(3);
+        }
+    }
+}
+
+fn say(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+enum Failure {
+    Wrong(u64),
+    Collective(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Collective(e)
+    }
+}
+
+fn list<T>(arg: &str, all: &[T], parse: impl Fn(&str) -> Option<T>) -> Vec<T>
+where
+    T: Clone,
+{
+    if arg == "all" {
+        return all.to_vec();
+    }
+    arg.split(',')
+        .map(|s| parse(s).unwrap_or_else(|| panic!("bad list element {s:?}")))
+        .collect()
+}
+
+fn correctness(comm: &Communicator, args: &[String]) -> Result<u64, Failure> {
+    let n = comm.world_size();
+    let counts: Vec<usize> = list(&args[0], &[], |s| match s {
+        "n-1" => Some(n - 1),
+        "n+1" => Some(n + 1),
+        _ => match s.strip_suffix("MiB") {
+            Some(m) => m.parse::<usize>().ok().map(|m| m << 20),
+            None => s.parse().ok(),
+        },
+    });
+    let dtypes = list(&args[1], &DType::ALL, DType::parse);
+    let ops = list(&args[2], &ReduceOp::ALL, ReduceOp::parse);
+    let colls = list(&args[3], &COLLECTIVES.map(String::from), |s| {
+        Some(s.to_string())
+    });
+    let mut checks = 0;
+    let mut wrong = 0;
+    for &dtype in &dtypes {
+        for &count in &counts {
+            // A count ending in MiB means bytes; convert to elements of this type.
+            let count = if args[0].contains("MiB") && count >= 1 << 20 {
+                count / dtype.size()
+            } else {
+                count
+            };
+            for coll in &colls {
+                let op_list: &[ReduceOp] = if coll.contains("reduce") {
+                    &ops
+                } else {
+                    &ops[..1]
+                };
+                for &op in op_list {
+                    let w = with_dtype!(dtype, T => run_case::<T>(comm, coll, count, op)?);
+                    if w > 0 {
+                        say(format!(
+                            "WRONG {coll} dtype={dtype} op={op} count={count}: {w} elements"
+                        ));
+                    }
+                    wrong += w;
+                    checks += 1;
+                }
+            }
+        }
+    }
+    if wrong > 0 {
+        return Err(Failure::Wrong(wrong));
+    }
+    Ok(checks)
+}
+
+/// Runs one collective and returns how many elements are wrong on this rank, plus one if the
+/// ranks' results differ bit for bit.
+fn run_case<T: TestElem>(
+    comm: &Communicator,
+    coll: &str,
+    count: usize,
+    op: ReduceOp,
+) -> Result<u64, Error> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let inputs = |r: usize, len: usize| (0..len).map(|i| T::input(r, i, op)).collect::<Vec<T>>();
+    let count_wrong = |got: &[T], expect: &dyn Fn(usize) -> T| {
+        got.iter()
+            .enumerate()
+            .filter(|(i, g)| !T::close(**g, expect(*i), n))
+            .count() as u64
+    };
+    let (result, wrong) = match coll {
+        "all_reduce" => {
+            let mut buf = inputs(rank, count);
+            comm.all_reduce(&mut buf, op)?;
+            let w = count_wrong(&buf, &|i| T::expect(op, n, i));
+            (buf, w)
+        }
+        "all_reduce_async" => {
+            // Three in flight, with a synchronous call issued behind them.
+            let a = count / 2;
+            let first = comm.all_reduce_async(inputs(rank, count)[..a].to_vec(), op);
+            let second = comm.all_reduce_async(inputs(rank, count)[a..].to_vec(), op);
+            let third = comm.all_reduce_async(inputs(rank, count), op);
+            let mut sync = inputs(rank, count);
+            comm.all_reduce(&mut sync, op)?;
+            let (x, y, z) = (first.wait()?, second.wait()?, third.wait()?);
+            let mut w = count_wrong(&x, &|i| T::expect(op, n, i));
+            w += count_wrong(&y, &|i| T::expect(op, n, a + i));
+            w += count_wrong(&z, &|i| T::expect(op, n, i));
+            w += count_wrong(&sync, &|i| T::expect(op, n, i));
+            (z, w)
+        }
+        "broadcast" => {
+            let root = count % n;
+            let mut buf = inputs(rank, count);
+            comm.broadcast(&mut buf, root)?;
+            let w = count_wrong(&buf, &|i| T::input(root, i, op));
+            (buf, w)
+        }
+        "all_gather" => {
+            let mut recv = vec![T::zeroed(); count * n];
+            comm.all_gather(&inputs(rank, count), &mut recv)?;
+            let w = count_wrong(&recv, &|i| T::input(i / count.max(1), i % count.max(1), op));
+            (recv, w)
+        }
+        "reduce_scatter" => {
+            let mut recv = vec![T::zeroed(); count];
+            comm.reduce_scatter(&inputs(rank, count * n), &mut recv, op)?;
+            let w = count_wrong(&recv, &|i| T::expect(op, n, rank * count + i));
+            (recv, w)
+        }
+        other => panic!("unknown collective {other}"),
+    };
+    // Data-parallel replicas must not drift: every rank must hold the same bits.
+    let digest = fnv(bytemuck_bytes(&result)) as i64;
+    let digests = if coll == "reduce_scatter" {
+        vec![digest]
+    } else {
+        let mut all = vec![0i64; n];
+        comm.all_gather(&[digest], &mut all)?;
+        all
+    };
+    Ok(wrong + u64::from(digests.iter().any(|d| *d != digest)))
+}
+
+fn bytemuck_bytes<T: TestElem>(s: &[T]) -> &[u8] {
+    bytemuck::cast_slice(s)
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn mismatch(comm: &Communicator, kind: &str) -> Result<u64, Failure> {
+    let odd = comm.rank() == 0;
+    let mut buf = vec![1.0f32; 1000];
+    match kind {
+        "count" => comm.all_reduce(&mut buf[..if odd { 999 } else { 1000 }], ReduceOp::Sum)?,
+        "collective" if odd => comm.broadcast(&mut buf, 0)?,
+        "collective" => comm.all_reduce(&mut buf, ReduceOp::Sum)?,
+        "dtype" if odd => comm.all_reduce(&mut vec![1.0f64; 1000], ReduceOp::Sum)?,
+        "dtype" => comm.all_reduce(&mut buf, ReduceOp::Sum)?,
+        "op" => comm.all_reduce(&mut buf, if odd { ReduceOp::Max } else { ReduceOp::Sum })?,
+        "root" => comm.broadcast(&mut buf, if odd { 1 } else { 0 })?,
+        other => panic!("unknown mismatch kind {other}"),
+    }
+    Ok(0)
+}
+
+fn looped(comm: &Communicator, iters: &str, count: &str) -> Result<u64, Failure> {
+    let iters: usize = iters.parse().expect("ITERS is a number");
+    let count: usize = count.parse().expect("COUNT is a number");
+    let n = comm.world_size();
+    let mut wrong = 0;
+    for it in 0..iters {
+        let mut buf: Vec<f32> = (0..count)
+            .map(|i| f32::input(comm.rank(), i + it, ReduceOp::Max))
+            .collect();
+        comm.all_reduce(&mut buf, ReduceOp::Max)?;
+        wrong += buf
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| **v != f32::expect(ReduceOp::Max, n, i + it))
+            .count() as u64;
+        if it == 0 {
+            say("LOOPING".into());
+        }
+    }
+    if wrong > 0 {
+        return Err(Failure::Wrong(wrong));
+    }
+    Ok(iters as u64)
+}

@@ -15,7 +15,7 @@ pub mod io;
 pub mod msg;
 
 pub use auth::{JobToken, Role};
-pub use dtype::{DType, Element, ReduceOp};
+pub use dtype::{half_types, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 
 /// Default deadline for connecting, rendezvous and each collective when neither config nor

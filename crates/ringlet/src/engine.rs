@@ -200,9 +200,16 @@ impl<L: Link + ?Sized> Exec<'_, L> {
                 ))
                 .into());
             }
+            // A rank whose predecessor is stalled too waits a second grace period: the verdict
+            // is made at the end of some other rank's first one and needs a moment to get here.
+            let grace = if self.prev_stalled {
+                2 * self.deadlines.grace
+            } else {
+                self.deadlines.grace
+            };
             let deadline = match stalled_since {
                 None => last_progress + self.deadlines.timeout,
-                Some(t) => t + self.deadlines.grace,
+                Some(t) => t + grace,
             };
             if self.link.wait(want_recv, want_send, deadline)? == Readiness::TimedOut {
                 match stalled_since {
@@ -263,16 +270,18 @@ impl<L: Link + ?Sized> Exec<'_, L> {
                 if n == 0 {
                     break;
                 }
-                progressed = true;
                 self.incoming.header_len += n;
                 if self.incoming.header_len < HEADER_LEN {
                     continue;
                 }
                 let spec = &self.schedule.recvs[self.received];
                 if !self.accept_header(spec, size)? {
+                    // A stall notice: not progress, or ranks stalled on each other would keep
+                    // resetting each other's deadline.
                     self.incoming = Incoming::new();
                     continue;
                 }
+                progressed = true;
             }
             let spec = &self.schedule.recvs[self.received];
             if self.incoming.target.is_none() {
@@ -318,9 +327,22 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         let h = Header::decode(&self.incoming.header).map_err(|why| Error::protocol(&prev, why))?;
         match h.kind {
             FrameKind::Stalled => {
-                if h.sig.seq == self.sig.seq {
-                    self.prev_stalled = true;
+                // A notice left over from an earlier collective that did complete means nothing.
+                if h.sig.seq < self.sig.seq {
+                    return Ok(false);
                 }
+                // Everyone waiting on everyone: the ranks called different things.
+                if h.sig != self.sig {
+                    return Err(Error::Mismatch {
+                        peer: prev,
+                        detail: format!(
+                            "it is stalled in a different call: {}",
+                            self.sig.describe_mismatch(&h.sig)
+                        ),
+                    }
+                    .into());
+                }
+                self.prev_stalled = true;
                 Ok(false)
             }
             FrameKind::Abort => {

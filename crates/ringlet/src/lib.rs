@@ -27,4 +27,5 @@ pub mod wire;
 
 pub use comm::{AllReduceHandle, Communicator};
 pub use config::Config;
+pub use ringlet_core::half_types::{bf16, f16};
 pub use ringlet_core::{DType, Element, Error, JobToken, ReduceOp, Result};

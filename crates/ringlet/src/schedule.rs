@@ -192,7 +192,8 @@ pub fn exchange_all_reduce(count: usize, chunk: usize, op: ReduceOp) -> Schedule
     }
 }
 
-/// Pipelined chain from `root` around the ring: each rank forwards every chunk as soon as it has it.
+/// Pipelined chain from `root` around the ring: each rank forwards every chunk as soon as it has
+/// it, and the last one sends the root an empty acknowledgement.
 pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: usize) -> Schedule {
     let all = 0..count;
     let nch = count.div_ceil(chunk).max(1);
@@ -202,15 +203,32 @@ pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: 
         chunk: c as u32,
         range: chunk_of(&all, c, chunk),
     };
+    // The last rank of the chain acknowledges to the root, whose call therefore fails too when
+    // a peer disagrees (it would otherwise only send, and never learn).
+    let ack = Xfer {
+        step: 1,
+        chunk: 0,
+        range: 0..0,
+    };
     let (sends, recvs) = if pos == 0 {
-        ((0..nch).map(xfer).collect(), Vec::new())
+        let recvs = vec![RecvSpec {
+            xfer: ack,
+            apply: Apply::Copy,
+            finish_avg: false,
+            forward: None,
+        }];
+        ((0..nch).map(xfer).collect(), recvs)
     } else {
         let recvs = (0..nch)
             .map(|c| RecvSpec {
                 xfer: xfer(c),
                 apply: Apply::Copy,
                 finish_avg: false,
-                forward: (pos + 1 < n).then(|| xfer(c)),
+                forward: if pos + 1 < n {
+                    Some(xfer(c))
+                } else {
+                    (c + 1 == nch).then(|| ack.clone())
+                },
             })
             .collect();
         (Vec::new(), recvs)

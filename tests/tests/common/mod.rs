@@ -1,0 +1,168 @@
+//! Starts real rank processes (`ringlet-testrank`) on loopback with the torchrun environment,
+//! collects their output, and injects failures from outside. Every wait is bounded; a `Job`
+//! SIGKILLs whatever is left when dropped, so a failing test never leaves processes behind.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TESTRANK: &str = env!("CARGO_BIN_EXE_ringlet-testrank");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+pub struct Job {
+    pub port: u16,
+    pub token: String,
+    children: Vec<Option<Child>>,
+    output: Vec<Arc<Mutex<String>>>,
+    statuses: Vec<Option<ExitStatus>>,
+}
+
+impl Job {
+    /// Starts `n` ranks of `ringlet-testrank ARGS` with `env` added to the contract.
+    pub fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
+        let port = free_port();
+        let token = format!("test-token-{port}");
+        let mut job = Job {
+            port,
+            token: token.clone(),
+            children: Vec::new(),
+            output: Vec::new(),
+            statuses: vec![None; n],
+        };
+        for rank in 0..n {
+            let mut cmd = Command::new(TESTRANK);
+            cmd.args(args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", n.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", n.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RINGLET_JOB_TOKEN", &token)
+                .env("RINGLET_TIMEOUT", "60");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            job.spawn_rank(cmd);
+        }
+        job
+    }
+
+    /// Starts one more process from a prepared command (it shares the output bookkeeping).
+    pub fn spawn_rank(&mut self, mut cmd: Command) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ringlet-testrank");
+        let buf = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("piped")),
+        ] {
+            let buf = buf.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut b = buf.lock().unwrap();
+                    b.push_str(&line);
+                    b.push('\n');
+                }
+            });
+        }
+        self.children.push(Some(child));
+        self.output.push(buf);
+        if self.statuses.len() < self.children.len() {
+            self.statuses.push(None);
+        }
+    }
+
+    pub fn output(&self, rank: usize) -> String {
+        self.output[rank].lock().unwrap().clone()
+    }
+
+    pub fn pid(&self, rank: usize) -> i32 {
+        self.children[rank].as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, rank: usize, sig: i32) {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped, so it cannot be reused.
+        unsafe { libc::kill(self.pid(rank), sig) };
+    }
+
+    /// Waits until rank's output contains `needle`; false at the deadline.
+    pub fn wait_for(&self, rank: usize, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.output(rank).contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Waits for `ranks` to exit; panics (after killing everything) past `timeout`.
+    pub fn wait_ranks(&mut self, ranks: &[usize], timeout: Duration) -> Vec<ExitStatus> {
+        let end = Instant::now() + timeout;
+        for &r in ranks {
+            while self.statuses[r].is_none() {
+                let child = self.children[r].as_mut().expect("spawned");
+                if let Some(st) = child.try_wait().expect("try_wait") {
+                    self.statuses[r] = Some(st);
+                    break;
+                }
+                if Instant::now() > end {
+                    let outputs: Vec<String> =
+                        (0..self.children.len()).map(|i| self.output(i)).collect();
+                    self.kill_all();
+                    panic!("rank {r} did not exit within {timeout:?}; outputs: {outputs:#?}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Give the reader threads a moment to drain the pipes of exited ranks.
+        std::thread::sleep(Duration::from_millis(50));
+        ranks
+            .iter()
+            .map(|&r| self.statuses[r].expect("waited"))
+            .collect()
+    }
+
+    pub fn wait_all(&mut self, timeout: Duration) -> Vec<ExitStatus> {
+        let all: Vec<usize> = (0..self.children.len()).collect();
+        self.wait_ranks(&all, timeout)
+    }
+
+    pub fn kill_all(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn all_outputs(&self) -> String {
+        (0..self.children.len())
+            .map(|r| format!("--- rank {r}\n{}", self.output(r)))
+            .collect()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// `ERROR after_ms=T: ...` line of a rank's output, if any.
+pub fn error_line(out: &str) -> Option<&str> {
+    out.lines().find(|l| l.starts_with("ERROR"))
+}

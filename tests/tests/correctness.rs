@@ -1,0 +1,102 @@
+//! Every collective, dtype and op across real processes, for world sizes 1 to 8, checked element
+//! by element against an independent reference (f64, or exact wrapping integers) and for
+//! bit-identical results on every rank.
+
+mod common;
+
+use common::Job;
+use std::time::Duration;
+
+const EDGE_COUNTS: &str = "0,1,n-1,n+1,1000003";
+
+fn run(
+    n: usize,
+    counts: &str,
+    dtypes: &str,
+    ops: &str,
+    collectives: &str,
+    env: &[(&str, &str)],
+    timeout_s: u64,
+) {
+    let mut job = Job::start(n, &["correctness", counts, dtypes, ops, collectives], env);
+    let statuses = job.wait_all(Duration::from_secs(timeout_s));
+    let outputs = job.all_outputs();
+    for (rank, st) in statuses.iter().enumerate() {
+        assert!(st.success(), "rank {rank} failed: {st}\n{outputs}");
+        assert!(
+            job.output(rank).contains("OK checks="),
+            "rank {rank} did not report\n{outputs}"
+        );
+    }
+}
+
+macro_rules! every_dtype_op_and_collective {
+    ($($name:ident: $n:expr,)*) => {$(
+        #[test]
+        fn $name() {
+            run($n, EDGE_COUNTS, "all", "all", "all", &[], 600);
+        }
+    )*};
+}
+
+every_dtype_op_and_collective! {
+    world_of_1: 1,
+    world_of_2: 2,
+    world_of_3: 3,
+    world_of_4: 4,
+    world_of_5: 5,
+    world_of_6: 6,
+    world_of_7: 7,
+    world_of_8: 8,
+}
+
+#[test]
+fn sixty_four_mib_every_dtype_three_ranks() {
+    run(3, "64MiB", "all", "sum", "all_reduce", &[], 600);
+}
+
+#[test]
+fn sixty_four_mib_every_op_and_async_two_ranks() {
+    run(
+        2,
+        "64MiB",
+        "float",
+        "all",
+        "all_reduce,all_reduce_async,broadcast",
+        &[],
+        600,
+    );
+}
+
+#[test]
+fn sixty_four_mib_eight_ranks() {
+    run(
+        8,
+        "64MiB",
+        "float,bfloat16",
+        "sum,avg",
+        "all_reduce",
+        &[],
+        600,
+    );
+}
+
+#[test]
+fn many_small_chunks_pipeline_correctly() {
+    let env = [("RINGLET_CHUNK_BYTES", "4K")];
+    run(
+        3,
+        "1000003,4097",
+        "float,int64,half",
+        "sum,max",
+        "all",
+        &env,
+        600,
+    );
+}
+
+#[test]
+fn two_ranks_use_the_ring_when_the_exchange_is_disabled() {
+    let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "64")];
+    run(2, "0,1,2,3,1000", "all", "all", "all_reduce", &env, 600);
+}
