@@ -276,6 +276,7 @@ fn measure<T: Element>(
     if args.check != 0 {
         fill(&mut b);
         call(&mut b)?;
+        corrupt_for_test(&mut b.recv, rank);
         wrong[0] = check(args, &b, rank, n, count) as i64;
         comm.all_reduce(&mut wrong, ReduceOp::Sum)?;
     }
@@ -291,6 +292,19 @@ fn measure<T: Element>(
         busbw_gbps: algbw * factor,
         wrong: wrong[0] as u64,
     }))
+}
+
+/// Test hook: `RINGLET_BENCH_CORRUPT_RANK=R` makes rank R damage one element of its result
+/// before checking, so tests can prove that the check (and the exit status) catch it.
+fn corrupt_for_test<T: Element>(recv: &mut [T], rank: usize) {
+    let target = std::env::var("RINGLET_BENCH_CORRUPT_RANK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if target == Some(rank) {
+        if let Some(x) = recv.first_mut() {
+            *x = T::from_f64(x.to_f64() + 3.0);
+        }
+    }
 }
 
 fn check<T: Element>(args: &Args, b: &Buffers<T>, rank: usize, n: usize, count: usize) -> u64 {

@@ -71,6 +71,26 @@ impl<T> AllReduceHandle<T> {
     }
 }
 
+/// What the caller asked for; with the element type and a sequence number it becomes the
+/// [`CallSig`] every frame carries.
+struct Call {
+    collective: Collective,
+    op: ReduceOp,
+    root: usize,
+    count: usize,
+}
+
+impl Call {
+    fn new(collective: Collective, op: ReduceOp, root: usize, count: usize) -> Call {
+        Call {
+            collective,
+            op,
+            root,
+            count,
+        }
+    }
+}
+
 /// Runs at most one collective at a time, in ticket order; advancing the turn even if the
 /// collective panicked, so later callers are never stuck behind it.
 struct Turn<'a>(&'a Inner);
@@ -107,12 +127,9 @@ impl Inner {
     fn run<T: Element>(
         &self,
         ticket: u64,
-        collective: Collective,
-        op: ReduceOp,
-        root: usize,
-        count: usize,
+        call: Call,
         buf: &mut [T],
-        plan: impl FnOnce(&mut Ring) -> Schedule,
+        plan: impl FnOnce() -> Schedule,
     ) -> Result<()> {
         let (_turn, mut ring) = self.wait_turn(ticket);
         if let Some(why) = &ring.broken {
@@ -120,17 +137,17 @@ impl Inner {
         }
         ring.seq += 1;
         let sig = CallSig {
-            collective,
+            collective: call.collective,
             seq: ring.seq,
             dtype: T::DTYPE,
-            op,
-            count: count as u64,
-            root: root as u32,
+            op: call.op,
+            count: call.count as u64,
+            root: call.root as u32,
         };
         let Some(_) = ring.link else {
             return Ok(());
         };
-        let schedule = plan(&mut ring);
+        let schedule = plan();
         let Ring { link, scratch, .. } = &mut *ring;
         let words = (schedule.scratch_len() * std::mem::size_of::<T>()).div_ceil(8);
         if scratch.len() < words {
@@ -326,12 +343,9 @@ impl Communicator {
         );
         self.inner.run(
             ticket,
-            Collective::Broadcast,
-            ReduceOp::Sum,
-            root,
-            count,
+            Call::new(Collective::Broadcast, ReduceOp::Sum, root, count),
             buf,
-            |_| schedule::chain_broadcast(count, rank, n, chunk, root),
+            || schedule::chain_broadcast(count, rank, n, chunk, root),
         )
     }
 
@@ -352,12 +366,9 @@ impl Communicator {
         let chunk = self.chunk_elems::<T>();
         self.inner.run(
             ticket,
-            Collective::AllGather,
-            ReduceOp::Sum,
-            0,
-            m,
+            Call::new(Collective::AllGather, ReduceOp::Sum, 0, m),
             recv,
-            |_| schedule::ring_all_gather(n * m, rank, n, chunk),
+            || schedule::ring_all_gather(n * m, rank, n, chunk),
         )
     }
 
@@ -385,17 +396,11 @@ impl Communicator {
         let chunk = self.chunk_elems::<T>();
         self.inner.run(
             ticket,
-            Collective::ReduceScatter,
-            op,
-            0,
-            n * m,
+            Call::new(Collective::ReduceScatter, op, 0, n * m),
             &mut work,
-            |_| schedule::ring_reduce_scatter(n * m, rank, n, chunk, op),
+            || schedule::ring_reduce_scatter(n * m, rank, n, chunk, op),
         )?;
         recv.copy_from_slice(&work[rank * m..(rank + 1) * m]);
-        if n == 1 && op == ReduceOp::Avg {
-            T::divide_by(recv, 1);
-        }
         Ok(())
     }
 
@@ -406,12 +411,9 @@ impl Communicator {
         let (rank, n, chunk) = (self.rank, self.world_size, self.chunk_elems::<u8>());
         self.inner.run(
             ticket,
-            Collective::Barrier,
-            ReduceOp::Sum,
-            0,
-            1,
+            Call::new(Collective::Barrier, ReduceOp::Sum, 0, 1),
             &mut token,
-            |_| {
+            || {
                 if n == 2 {
                     schedule::exchange_all_reduce(1, chunk, ReduceOp::Sum)
                 } else {
@@ -438,14 +440,19 @@ fn all_reduce_on<T: Element>(
     op: ReduceOp,
 ) -> Result<()> {
     let count = buf.len();
-    let small = n == 2 && count * std::mem::size_of::<T>() <= inner.small_bytes;
-    inner.run(ticket, Collective::AllReduce, op, 0, count, buf, |_| {
-        if small {
-            schedule::exchange_all_reduce(count, chunk.max(count), op)
-        } else {
-            schedule::ring_all_reduce(count, rank, n, chunk, op)
-        }
-    })
+    let small = n == 2 && std::mem::size_of_val(buf) <= inner.small_bytes;
+    inner.run(
+        ticket,
+        Call::new(Collective::AllReduce, op, 0, count),
+        buf,
+        || {
+            if small {
+                schedule::exchange_all_reduce(count, chunk.max(count), op)
+            } else {
+                schedule::ring_all_reduce(count, rank, n, chunk, op)
+            }
+        },
+    )
 }
 
 impl Drop for Communicator {

@@ -345,9 +345,11 @@ mod tests {
                     .collect();
                 let out = simulate(&scheds, inputs(n, count));
                 for (r, b) in out.iter().enumerate() {
-                    for i in r * block..(r + 1) * block {
+                    let own = &b[r * block..(r + 1) * block];
+                    for (j, v) in own.iter().enumerate() {
+                        let i = r * block + j;
                         let sum: f64 = (0..n).map(|q| (q * 1000 + i) as f64).sum();
-                        assert_eq!(b[i], sum, "n={n} rank {r} elem {i}");
+                        assert_eq!(*v, sum, "n={n} rank {r} elem {i}");
                     }
                 }
             }
@@ -385,9 +387,9 @@ mod tests {
     fn exchange_matches_ring() {
         let scheds = vec![exchange_all_reduce(10, 4, ReduceOp::Sum); 2];
         let out = simulate(&scheds, inputs(2, 10));
-        for i in 0..10 {
-            assert_eq!(out[0][i], (i + 1000 + i) as f64);
-            assert_eq!(out[1][i], out[0][i]);
+        for (i, (a, b)) in out[0].iter().zip(&out[1]).enumerate() {
+            assert_eq!(*a, (i + 1000 + i) as f64);
+            assert_eq!(a, b);
         }
     }
 

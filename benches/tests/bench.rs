@@ -1,0 +1,205 @@
+//! `ringlet-bench` end to end: real rank processes on loopback, the table, the JSON file, and
+//! the exit status when an element is wrong.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_ringlet-bench");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `n` ranks of ringlet-bench with `args`; returns each rank's output.
+fn bench(n: usize, args: &[&str], env: &[(&str, &str)]) -> Vec<Output> {
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..n)
+        .map(|r| {
+            let mut c = Command::new(BENCH);
+            c.args(args)
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", n.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("RINGLET_JOB_TOKEN", "bench-test")
+                .env("RINGLET_TIMEOUT", "30")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            c.spawn().expect("start ringlet-bench")
+        })
+        .collect();
+    let start = Instant::now();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "bench took too long"
+    );
+    outs
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn rows(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn every_collective_prints_checked_rows_and_json() {
+    for coll in ["all_reduce", "broadcast", "all_gather", "reduce_scatter"] {
+        let dir =
+            std::env::temp_dir().join(format!("ringlet-bench-test-{}-{coll}", std::process::id()));
+        let json = dir.with_extension("json");
+        let outs = bench(
+            3,
+            &[
+                coll,
+                "-b",
+                "8",
+                "-e",
+                "1M",
+                "-f",
+                "4",
+                "-n",
+                "3",
+                "-w",
+                "1",
+                "-c",
+                "1",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            &[],
+        );
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "{coll} rank {r}: {}", text(o));
+        }
+        let out = text(&outs[0]);
+        let table = rows(&out);
+        // 8 B .. 1 MiB by 4: 8, 32, 128, 512, 2K, 8K, 32K, 128K, 512K (sizes too small for a
+        // per-rank block of all_gather/reduce_scatter are skipped).
+        assert!(table.len() >= 7, "{coll}: {out}");
+        for row in &table {
+            assert_eq!(row.len(), 9, "{coll} row {row:?}");
+            assert_eq!(row[8], "0", "{coll} #wrong in {row:?}");
+            let busbw: f64 = row[7].parse().unwrap();
+            assert!(busbw >= 0.0);
+        }
+        assert!(out.contains("# Avg bus bandwidth"), "{out}");
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let jrows = doc["rows"].as_array().unwrap();
+        assert_eq!(jrows.len(), table.len());
+        for key in [
+            "size_bytes",
+            "count",
+            "dtype",
+            "op",
+            "time_us",
+            "algbw_gbps",
+            "busbw_gbps",
+            "wrong",
+        ] {
+            assert!(
+                jrows[0].get(key).is_some(),
+                "json lacks {key}: {}",
+                jrows[0]
+            );
+        }
+        assert!(jrows.iter().all(|r| r["time_us"].as_f64().unwrap() > 0.0));
+        let _ = std::fs::remove_file(json);
+    }
+}
+
+#[test]
+fn every_dtype_and_op_checks_clean() {
+    for d in [
+        "float", "double", "half", "bfloat16", "int32", "int64", "uint8",
+    ] {
+        for o in ["sum", "prod", "min", "max", "avg"] {
+            let outs = bench(
+                2,
+                &[
+                    "all_reduce",
+                    "-b",
+                    "4",
+                    "-e",
+                    "256K",
+                    "-f",
+                    "8",
+                    "-n",
+                    "1",
+                    "-w",
+                    "0",
+                    "-d",
+                    d,
+                    "-o",
+                    o,
+                ],
+                &[],
+            );
+            for o2 in &outs {
+                assert!(o2.status.success(), "{d} {o}: {}", text(o2));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wrong_element_is_counted_and_fails_the_run() {
+    let outs = bench(
+        2,
+        &["all_reduce", "-b", "1K", "-e", "4K", "-n", "1"],
+        &[("RINGLET_BENCH_CORRUPT_RANK", "1")],
+    );
+    let out = text(&outs[0]);
+    assert!(
+        !outs[0].status.success() && !outs[1].status.success(),
+        "{out}"
+    );
+    for row in rows(&out) {
+        assert_eq!(
+            row[8], "1",
+            "each size has exactly the damaged element: {row:?}\n{out}"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    let o = Command::new(BENCH)
+        .args(["-d", "float128"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown datatype"));
+    let o = Command::new(BENCH)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("RANK is not set"),
+        "{}",
+        text(&o)
+    );
+}
