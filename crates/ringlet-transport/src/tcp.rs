@@ -193,15 +193,15 @@ impl Link for TcpLink {
     }
 
     fn wait(&mut self, want_recv: bool, want_send: bool, deadline: Instant) -> Result<Readiness> {
-        // Spinning briefly saves the sleep/wake-up of a blocking poll (about 10 µs a hop on
-        // loopback); it is only enabled when every local rank has a core to spin on.
+        // Polling briefly saves the sleep and wake-up of a blocking poll. Yield between polls:
+        // the kernel work that completes a loopback delivery needs a CPU too.
         if !self.busy_poll.is_zero() {
             let spin_until = (Instant::now() + self.busy_poll).min(deadline);
             while Instant::now() < spin_until {
                 if self.poll_once(want_recv, want_send, Duration::ZERO)? {
                     return Ok(Readiness::Ready);
                 }
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
         }
         loop {
