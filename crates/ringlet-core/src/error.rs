@@ -62,9 +62,14 @@ pub enum Error {
     #[error("collective mismatch with {peer}: {detail}")]
     Mismatch { peer: PeerId, detail: String },
 
-    /// Another rank failed and told the ring; `detail` is its own error.
+    /// Another rank failed and told the ring; `detail` is its own error, `blamed` the rank it
+    /// holds responsible (if any).
     #[error("aborted: {origin} reported: {detail}")]
-    Aborted { origin: PeerId, detail: String },
+    Aborted {
+        origin: PeerId,
+        blamed: Option<PeerId>,
+        detail: String,
+    },
 
     /// Bytes that are not Ringlet's protocol, or violate it.
     #[error("protocol error from {peer}: {detail}")]
@@ -117,7 +122,7 @@ impl Error {
             | Error::Mismatch { peer, .. }
             | Error::Protocol { peer, .. }
             | Error::Auth { peer, .. } => Some(peer),
-            Error::Aborted { origin, .. } => Some(origin),
+            Error::Aborted { origin, blamed, .. } => Some(blamed.as_ref().unwrap_or(origin)),
             _ => None,
         }
     }

@@ -8,16 +8,18 @@ use ringlet_core::auth::{accept_handshake, connect_handshake};
 use ringlet_core::error::PeerId;
 use ringlet_core::{msg, Error, JobToken, Result, Role};
 use ringlet_store::StoreClient;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a stranger gets to complete the handshake on our ring port.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in flight at once; more connections than this are closed unanswered.
-const MAX_PENDING_HANDSHAKES: usize = 64;
+/// How long a connection on our ring port gets to authenticate and say who it is. A real rank
+/// needs a round trip or two; a short window keeps silent strangers from holding slots.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Handshakes in flight at once; more connections than this are closed unanswered (the real
+/// predecessor retries until the deadline).
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Everything a rank needs to join a ring.
 #[derive(Clone, Debug)]
@@ -122,6 +124,9 @@ fn peer_addr(
     })
 }
 
+/// Connects to the next rank and proves ourselves, retrying until the deadline: the next rank's
+/// port may be busy with strangers, or a connection may break during the handshake. Only a
+/// token mismatch or an explicit refusal is final.
 fn connect_next(
     addr: &str,
     peer: &PeerId,
@@ -130,9 +135,10 @@ fn connect_next(
 ) -> Result<TcpStream> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(5);
-    let mut stream = loop {
-        let err = match TcpStream::connect(addr) {
-            Ok(s) => break s,
+    loop {
+        let err = match try_connect_next(addr, peer, token, opts) {
+            Ok(stream) => return Ok(stream),
+            Err(e @ (Error::Auth { .. } | Error::Config(_))) => return Err(e),
             Err(e) => e,
         };
         if Instant::now() + backoff >= opts.deadline {
@@ -144,7 +150,34 @@ fn connect_next(
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_millis(200));
-    };
+    }
+}
+
+fn try_connect_next(
+    addr: &str,
+    peer: &PeerId,
+    token: &JobToken,
+    opts: &RingOptions,
+) -> Result<TcpStream> {
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| {
+            Error::Config(format!(
+                "{peer} published an unusable address {addr:?}: {e}"
+            ))
+        })?
+        .next()
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{peer} published {addr:?}, which resolves to nothing"
+            ))
+        })?;
+    let left = opts
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let mut stream = TcpStream::connect_timeout(&target, left)
+        .map_err(|e| Error::io(format!("connecting to {peer}"), e))?;
     connect_handshake(&mut stream, token, Role::Ring, peer, opts.deadline)?;
     let hello = RingHello {
         comm: opts.comm.clone(),
@@ -165,7 +198,8 @@ fn connect_next(
 /// previous rank to `form_ring`, and refuses everything else for as long as the link lives.
 pub(crate) struct Acceptor {
     stop: Arc<AtomicBool>,
-    wake_addr: SocketAddr,
+    /// The listening socket (a duplicate of the thread's): shutting it down wakes `accept`.
+    listener: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -177,14 +211,9 @@ impl Acceptor {
         prev: usize,
         found_prev: mpsc::Sender<TcpStream>,
     ) -> Result<Acceptor> {
-        let local = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading our ring port", e))?;
-        let wake_ip = if local.ip().is_unspecified() {
-            IpAddr::from([127, 0, 0, 1])
-        } else {
-            local.ip()
-        };
+        let handle = listener
+            .try_clone()
+            .map_err(|e| Error::io("duplicating our ring port", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -193,7 +222,7 @@ impl Acceptor {
             .map_err(|e| Error::io("starting the ring acceptor thread", e))?;
         Ok(Acceptor {
             stop,
-            wake_addr: SocketAddr::new(wake_ip, local.port()),
+            listener: handle,
             thread: Some(thread),
         })
     }
@@ -202,8 +231,8 @@ impl Acceptor {
 impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // A blocking accept() wakes only for a connection: make one.
-        let _ = TcpStream::connect_timeout(&self.wake_addr, Duration::from_secs(1));
+        // On Linux, shutting a listening socket down makes a blocked accept() return an error.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -224,6 +253,7 @@ fn accept_loop(
     while !stop.load(Ordering::SeqCst) {
         let (stream, from) = match listener.accept() {
             Ok(c) => c,
+            Err(_) if stop.load(Ordering::SeqCst) => break,
             Err(e) => {
                 tracing::warn!(rank = opts.rank, "ring port accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));

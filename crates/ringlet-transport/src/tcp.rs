@@ -6,7 +6,7 @@ use crate::setup::Acceptor;
 use crate::{Link, Readiness};
 use ringlet_core::error::PeerId;
 use ringlet_core::{Error, Result};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -164,8 +164,11 @@ impl Link for TcpLink {
     }
 
     fn send(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize> {
+        // sendmsg with MSG_NOSIGNAL: writev to a reset connection would raise SIGPIPE, which kills
+        // a host process that has not ignored it (a C++ or Python embedding, say).
+        let socket = socket2::SockRef::from(&self.to_next);
         loop {
-            return match self.to_next.write_vectored(bufs) {
+            return match socket.send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL) {
                 Ok(n) => Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

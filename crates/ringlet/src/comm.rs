@@ -51,8 +51,10 @@ struct Order {
     running: u64,
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
 struct Worker {
-    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    jobs: mpsc::Sender<Job>,
     thread: JoinHandle<()>,
 }
 
@@ -65,9 +67,12 @@ pub struct AllReduceHandle<T> {
 impl<T> AllReduceHandle<T> {
     /// Blocks until the all-reduce finished (bounded by the communicator's timeout).
     pub fn wait(self) -> Result<Vec<T>> {
-        self.result
-            .recv()
-            .unwrap_or_else(|_| Err(Error::Broken("the communication thread stopped".into())))
+        self.result.recv().unwrap_or_else(|_| {
+            Err(Error::Broken(
+                "the all-reduce did not complete: it panicked, or the communication thread stopped"
+                    .into(),
+            ))
+        })
     }
 }
 
@@ -148,6 +153,8 @@ impl Inner {
             return Ok(());
         };
         let schedule = plan();
+        // Until the engine returns, the ring counts as broken: a panic on the way leaves it so.
+        ring.broken = Some(format!("{sig} panicked"));
         let Ring { link, scratch, .. } = &mut *ring;
         let words = (schedule.scratch_len() * std::mem::size_of::<T>()).div_ceil(8);
         if scratch.len() < words {
@@ -163,8 +170,14 @@ impl Inner {
             &mut scratch[..schedule.scratch_len()],
             self.deadlines,
         );
-        if let Err(e) = &result {
-            ring.broken = Some(e.to_string());
+        match &result {
+            Ok(()) => ring.broken = None,
+            Err(e) => {
+                ring.broken = Some(e.to_string());
+                // Close our connections: a neighbour still sending to us, or waiting on us, then
+                // fails at once instead of at its deadline.
+                ring.link = None;
+            }
         }
         result
     }
@@ -179,6 +192,22 @@ impl Communicator {
     /// Joins the job: serves the store (if asked), publishes our ring address, connects the ring
     /// and runs a first barrier, all within `config.timeout`.
     pub fn new(config: Config) -> Result<Communicator> {
+        if config.world_size == 0 || config.rank >= config.world_size {
+            return Err(Error::Config(format!(
+                "rank {} must be below world size {}",
+                config.rank, config.world_size
+            )));
+        }
+        if !(1..=crate::config::MAX_FRAME_BYTES).contains(&config.chunk_bytes)
+            || config.small_bytes > crate::config::MAX_FRAME_BYTES
+            || config.timeout.is_zero()
+            || config.timeout.as_secs_f64() > crate::config::MAX_TIMEOUT_SECS
+        {
+            return Err(Error::Config(format!(
+                "chunk_bytes {} (1..=1 GiB), small_bytes {} (<= 1 GiB) or timeout {:?} (0 < t <= 1 year) out of range",
+                config.chunk_bytes, config.small_bytes, config.timeout
+            )));
+        }
         let deadline = Instant::now() + config.timeout;
         let token = config.token.clone().unwrap_or_else(|| {
             tracing::warn!(
@@ -189,10 +218,10 @@ impl Communicator {
         });
         let store_sock = resolve(&config.store_addr)?;
         let store = if config.serve_store && config.world_size > 1 {
-            let bind_ip: IpAddr = if store_sock.ip().is_loopback() {
+            let bind_ip = if store_sock.ip().is_loopback() {
                 store_sock.ip()
             } else {
-                IpAddr::from([0, 0, 0, 0])
+                unspecified_like(store_sock.ip())
             };
             Some(StoreServer::bind(
                 SocketAddr::new(bind_ip, store_sock.port()),
@@ -211,7 +240,7 @@ impl Communicator {
                 bind_ip: if advertise.is_loopback() {
                     advertise
                 } else {
-                    IpAddr::from([0, 0, 0, 0])
+                    unspecified_like(advertise)
                 },
                 advertise_host: advertise.to_string(),
                 deadline,
@@ -286,41 +315,45 @@ impl Communicator {
         op: ReduceOp,
     ) -> AllReduceHandle<T> {
         let (tx, rx) = mpsc::channel();
-        let ticket = self.inner.ticket();
         let (inner, rank, n, chunk) = (
             self.inner.clone(),
             self.rank,
             self.world_size,
             self.chunk_elems::<T>(),
         );
-        let job = Box::new(move || {
+        self.submit(move |ticket| {
             let r = all_reduce_on(&inner, ticket, rank, n, chunk, &mut buf, op).map(|()| buf);
             let _ = tx.send(r);
         });
-        if let Err(job) = self.submit(job) {
-            // No worker thread: run here rather than lose the ticket (later calls wait on it).
-            job();
-        }
         AllReduceHandle { result: rx }
     }
 
-    fn submit(
-        &self,
-        job: Box<dyn FnOnce() + Send>,
-    ) -> std::result::Result<(), Box<dyn FnOnce() + Send>> {
+    /// Queues `job` with the next ticket. The ticket is taken under the worker's lock, so tickets
+    /// reach the single worker in order (two threads submitting at once cannot swap them).
+    fn submit(&self, job: impl FnOnce(u64) + Send + 'static) {
         let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = self.inner.ticket();
+        let job: Job = Box::new(move || job(ticket));
         if w.is_none() {
-            let (jobs, queue) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let (jobs, queue) = mpsc::channel::<Job>();
             let spawned = std::thread::Builder::new()
                 .name(format!("ringlet-comm-{}", self.rank))
-                .spawn(move || queue.into_iter().for_each(|job| job()));
+                .spawn(move || {
+                    for job in queue {
+                        // A panicking job must not take the queued ones (and their tickets)
+                        // down with it; its Turn guard has already advanced the order.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                });
             match spawned {
                 Ok(thread) => *w = Some(Worker { jobs, thread }),
-                Err(_) => return Err(job),
+                // No thread: run it here rather than lose the ticket later calls wait on.
+                Err(_) => return job(),
             }
         }
-        let worker = w.as_ref().expect("started above");
-        worker.jobs.send(job).map_err(|e| e.0)
+        if let Err(unsent) = w.as_ref().expect("started above").jobs.send(job) {
+            (unsent.0)();
+        }
     }
 
     /// Copies `buf` of rank `root` to every rank.
@@ -415,7 +448,7 @@ impl Communicator {
             &mut token,
             || {
                 if n == 2 {
-                    schedule::exchange_all_reduce(1, chunk, ReduceOp::Sum)
+                    schedule::exchange_all_reduce(1, rank, chunk, ReduceOp::Sum)
                 } else {
                     schedule::ring_all_reduce(1, rank, n, chunk, ReduceOp::Sum)
                 }
@@ -447,7 +480,7 @@ fn all_reduce_on<T: Element>(
         buf,
         || {
             if small {
-                schedule::exchange_all_reduce(count, chunk.max(count), op)
+                schedule::exchange_all_reduce(count, rank, chunk.max(count), op)
             } else {
                 schedule::ring_all_reduce(count, rank, n, chunk, op)
             }
@@ -467,6 +500,14 @@ impl Drop for Communicator {
             drop(jobs);
             let _ = thread.join();
         }
+    }
+}
+
+/// The wildcard address of `ip`'s family (listening on `0.0.0.0` does not accept IPv6 peers).
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u16; 8]),
     }
 }
 

@@ -43,6 +43,10 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+/// Chunks (and two-rank exchanges) are single frames, whose length field is 32 bits.
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+/// A year: larger values overflow deadline arithmetic.
+pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 86400.0;
 
 impl Config {
     pub fn new(rank: usize, world_size: usize, store_addr: impl Into<String>) -> Config {
@@ -95,20 +99,22 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(JobToken::new);
         if let Some(secs) = optional::<f64>(&get, "RINGLET_TIMEOUT")? {
-            if !(secs > 0.0 && secs.is_finite()) {
+            if !(secs > 0.0 && secs <= MAX_TIMEOUT_SECS) {
                 return Err(Error::Config(format!(
-                    "RINGLET_TIMEOUT={secs} must be a positive number of seconds"
+                    "RINGLET_TIMEOUT={secs} must be a positive number of seconds, at most {MAX_TIMEOUT_SECS}"
                 )));
             }
             c.timeout = Duration::from_secs_f64(secs);
         }
         if let Some(v) = get("RINGLET_CHUNK_BYTES") {
             c.chunk_bytes = parse_bytes(&v)
-                .ok_or_else(|| bad("RINGLET_CHUNK_BYTES", &v))?
-                .max(1);
+                .filter(|b| (1..=MAX_FRAME_BYTES).contains(b))
+                .ok_or_else(|| bad("RINGLET_CHUNK_BYTES", &v))?;
         }
         if let Some(v) = get("RINGLET_SMALL_BYTES") {
-            c.small_bytes = parse_bytes(&v).ok_or_else(|| bad("RINGLET_SMALL_BYTES", &v))?;
+            c.small_bytes = parse_bytes(&v)
+                .filter(|b| *b <= MAX_FRAME_BYTES)
+                .ok_or_else(|| bad("RINGLET_SMALL_BYTES", &v))?;
         }
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
             c.busy_poll = Some(Duration::from_micros(us));

@@ -43,6 +43,8 @@ struct Outgoing {
     header: [u8; HEADER_LEN],
     range: Range<usize>,
     sent: usize,
+    /// A stall notice: sending it is not progress of the collective.
+    notice: bool,
 }
 
 enum Target {
@@ -128,24 +130,22 @@ fn outgoing<T: Element>(sig: CallSig, x: &Xfer) -> Outgoing {
         header: header.encode(),
         range: x.range.clone(),
         sent: 0,
+        notice: false,
     }
 }
 
 /// Why the loop stopped; `fail` turns it into the caller's error and tells the ring.
+/// (Boxed: the loop returns it on the cold path only, and it is large.)
 enum Failure {
     /// We detected it: tell the next rank (unless it is the one at fault).
-    Local {
-        error: Error,
-        blamed: Option<PeerId>,
-    },
+    Local(Box<Error>),
     /// A neighbour told us: pass the notice on.
-    Relayed { notice: AbortNotice },
+    Relayed(Box<AbortNotice>),
 }
 
 impl From<Error> for Failure {
     fn from(error: Error) -> Failure {
-        let blamed = error.blamed_peer().cloned();
-        Failure::Local { error, blamed }
+        Failure::Local(Box::new(error))
     }
 }
 
@@ -168,7 +168,11 @@ struct Exec<'a, L: Link + ?Sized> {
 
 impl<L: Link + ?Sized> Exec<'_, L> {
     fn pinned(&self, range: &Range<usize>) -> bool {
-        !range.is_empty() && self.sends.iter().any(|o| overlaps(&o.range, range))
+        // The ring schedules never pin (a region is rewritten only after its send has been
+        // answered); skipping the scan keeps many-chunk calls linear.
+        self.schedule.may_pin
+            && !range.is_empty()
+            && self.sends.iter().any(|o| overlaps(&o.range, range))
     }
 
     fn done(&self) -> bool {
@@ -246,7 +250,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             if n == 0 {
                 break;
             }
-            progressed = true;
+            progressed |= !o.notice;
             o.sent += n;
             if o.sent == total {
                 self.sends.pop_front();
@@ -347,7 +351,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             }
             FrameKind::Abort => {
                 let notice = self.read_notice(&h, &prev)?;
-                Err(Failure::Relayed { notice })
+                Err(Failure::Relayed(Box::new(notice)))
             }
             FrameKind::Data => {
                 if h.sig != self.sig {
@@ -378,7 +382,12 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         }
     }
 
-    fn apply_ready<T: Element>(&mut self, buf: &mut [T], scratch: &[T], slot_len: usize) -> bool {
+    fn apply_ready<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        scratch: &mut [T],
+        slot_len: usize,
+    ) -> bool {
         let mut progressed = false;
         while let Some((i, _)) = self.ready.front() {
             let spec = &self.schedule.recvs[*i];
@@ -388,10 +397,14 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             let (_, target) = self.ready.pop_front().expect("front exists");
             let dst = &mut buf[spec.xfer.range.clone()];
             if let Target::Slot(s) = target {
-                let src = &scratch[s * slot_len..s * slot_len + dst.len()];
+                let src = &mut scratch[s * slot_len..s * slot_len + dst.len()];
                 match spec.apply {
                     Apply::Copy => dst.copy_from_slice(src),
                     Apply::Reduce => T::reduce_into(self.schedule.op, dst, src),
+                    Apply::ReducePeerFirst => {
+                        T::reduce_into(self.schedule.op, src, dst);
+                        dst.copy_from_slice(src);
+                    }
                 }
                 self.free_slots.push(s);
             }
@@ -439,8 +452,13 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             chunk: 0,
             payload_len: 0,
         };
-        let deadline = Instant::now() + self.deadlines.grace / 2;
-        let _ = send_all(self.link, &[&header.encode()], deadline);
+        // Queued like any frame, so a partial write of it can never be cut by the next one.
+        self.sends.push_front(Outgoing {
+            header: header.encode(),
+            range: 0..0,
+            sent: 0,
+            notice: true,
+        });
     }
 
     fn stall_verdict(&self, want_recv: bool, last_progress: Instant) -> Failure {
@@ -476,28 +494,36 @@ impl<L: Link + ?Sized> Exec<'_, L> {
     fn fail<T: Element>(&mut self, failure: Failure, buf: &[T]) -> Error {
         let me = self.link.rank();
         let (notice, error) = match failure {
-            Failure::Relayed { notice } => {
+            Failure::Relayed(notice) => {
                 let origin = PeerId::rank(notice.origin_rank as usize, notice.origin_addr.clone());
                 let error = Error::Aborted {
                     origin,
+                    blamed: notice
+                        .blamed
+                        .as_ref()
+                        .map(|(rank, addr)| PeerId::rank(*rank as usize, addr.clone())),
                     detail: notice.detail.clone(),
                 };
-                (notice, error)
+                (*notice, error)
             }
-            Failure::Local { error, blamed } => {
+            Failure::Local(error) => {
+                let error = *error;
                 let notice = AbortNotice {
                     origin_rank: me as u64,
                     origin_addr: self.link.local().addr.clone(),
-                    blamed: blamed
-                        .as_ref()
+                    blamed: error
+                        .blamed_peer()
                         .and_then(|p| p.rank.map(|r| (r as u64, p.addr.clone()))),
                     detail: error.to_string(),
                 };
                 (notice, error)
             }
         };
-        // The notice goes round the ring until it reaches the rank that started it.
-        if self.link.next().rank != Some(notice.origin_rank as usize) {
+        // The notice goes round the ring until it reaches the rank that started it, and is not
+        // sent to a next rank that is dead or not reading (the rank after it tells the others).
+        let next = self.link.next().rank;
+        let next_unreachable = matches!(&error, Error::PeerLost { peer, .. } | Error::Timeout { peer, .. } if peer.rank == next);
+        if next != Some(notice.origin_rank as usize) && !next_unreachable {
             self.send_notice(&notice, buf);
         }
         error

@@ -23,6 +23,9 @@ pub struct Xfer {
 pub enum Apply {
     /// `buf[range] = buf[range] (op) payload`.
     Reduce,
+    /// `buf[range] = payload (op) buf[range]`: the same result as `Reduce` for every op but in
+    /// the bits of NaN payloads and signed zeros, which depend on operand order.
+    ReducePeerFirst,
     /// `buf[range] = payload`.
     Copy,
 }
@@ -45,6 +48,9 @@ pub struct Schedule {
     pub recvs: Vec<RecvSpec>,
     /// The pairwise op for `Reduce` (`Avg` reduces as `Sum`).
     pub op: ReduceOp,
+    /// Whether a payload can arrive for a region still being sent (only then does the engine
+    /// look for overlaps).
+    pub may_pin: bool,
     /// Scratch chunks for payloads that cannot land in place yet, and their length in elements.
     pub slots: usize,
     pub slot_len: usize,
@@ -166,6 +172,7 @@ fn ring_steps(
         sends,
         recvs,
         op: op.pairwise(),
+        may_pin: false,
         slots: 2,
         slot_len: chunk
             .min(segs.iter().map(|s| s.len()).max().unwrap_or(0))
@@ -174,9 +181,9 @@ fn ring_steps(
 }
 
 /// Two ranks, small buffers: each sends its whole buffer once and reduces what it receives — one
-/// network hop instead of the ring's two. Both ranks compute `a (op) b` with the operands swapped,
-/// which is bitwise identical because every op is commutative.
-pub fn exchange_all_reduce(count: usize, chunk: usize, op: ReduceOp) -> Schedule {
+/// network hop instead of the ring's two. Both compute `rank 0's (op) rank 1's`, in that operand
+/// order, so even NaN payloads and signed zeros agree bit for bit.
+pub fn exchange_all_reduce(count: usize, rank: usize, chunk: usize, op: ReduceOp) -> Schedule {
     let seg = 0..count;
     let nch = count.div_ceil(chunk).max(1);
     let xfer = |c: usize| Xfer {
@@ -189,13 +196,18 @@ pub fn exchange_all_reduce(count: usize, chunk: usize, op: ReduceOp) -> Schedule
         recvs: (0..nch)
             .map(|c| RecvSpec {
                 xfer: xfer(c),
-                apply: Apply::Reduce,
+                apply: if rank == 0 {
+                    Apply::Reduce
+                } else {
+                    Apply::ReducePeerFirst
+                },
                 finish_avg: op == ReduceOp::Avg,
                 forward: None,
             })
             .collect(),
         op: op.pairwise(),
         // Every payload may arrive before our own send of that chunk has left.
+        may_pin: true,
         slots: nch,
         slot_len: chunk.min(count.max(1)),
     }
@@ -247,6 +259,7 @@ pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: 
         sends,
         recvs,
         op: ReduceOp::Sum,
+        may_pin: false,
         slots: 1,
         slot_len: chunk.min(count.max(1)),
     }
@@ -284,7 +297,9 @@ mod tests {
                     let dst = &mut bufs[r][spec.xfer.range.clone()];
                     match spec.apply {
                         Apply::Copy => dst.copy_from_slice(&data),
-                        Apply::Reduce => dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b),
+                        Apply::Reduce | Apply::ReducePeerFirst => {
+                            dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b)
+                        }
                     }
                     if spec.finish_avg {
                         dst.iter_mut().for_each(|x| *x /= n as f64);
@@ -395,7 +410,10 @@ mod tests {
 
     #[test]
     fn exchange_matches_ring() {
-        let scheds = vec![exchange_all_reduce(10, 4, ReduceOp::Sum); 2];
+        let scheds = vec![
+            exchange_all_reduce(10, 0, 4, ReduceOp::Sum),
+            exchange_all_reduce(10, 1, 4, ReduceOp::Sum),
+        ];
         let out = simulate(&scheds, inputs(2, 10));
         for (i, (a, b)) in out[0].iter().zip(&out[1]).enumerate() {
             assert_eq!(*a, (i + 1000 + i) as f64);
