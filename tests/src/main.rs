@@ -12,7 +12,10 @@
 //!   bitwise agreement across ranks;
 //! - `mismatch KIND`: rank 0 calls something different from the others (`count`, `collective`,
 //!   `dtype`, `op`, `root`);
-//! - `loop ITERS COUNT`: all-reduces in a loop, each checked (a victim for kill/stop tests).
+//! - `loop ITERS COUNT`: all-reduces in a loop, each checked (a victim for kill/stop tests);
+//! - `threads`: four threads issue asynchronous and synchronous all-reduces at once;
+//! - `bits`: signed zeros and NaN payloads, whose result bits depend on operand order, must
+//!   still come out identical on every rank.
 
 mod data;
 
@@ -52,6 +55,8 @@ fn main() {
         Some("correctness") if args.len() == 5 => correctness(&comm, &args[1..]),
         Some("mismatch") if args.len() == 2 => mismatch(&comm, &args[1]),
         Some("loop") if args.len() == 3 => looped(&comm, &args[1], &args[2]),
+        Some("threads") if args.len() == 1 => threads(&comm),
+        Some("bits") if args.len() == 1 => bits(&comm),
         _ => {
             eprintln!("usage: ringlet-testrank correctness COUNTS DTYPES OPS COLLECTIVES | mismatch KIND | loop ITERS COUNT");
             std::process::exit(2);
@@ -278,4 +283,89 @@ fn looped(comm: &Communicator, iters: &str, count: &str) -> Result<u64, Failure>
         return Err(Failure::Wrong(wrong));
     }
     Ok(iters as u64)
+}
+
+/// Four threads issue collectives concurrently. Tickets may pair different threads' calls across
+/// ranks, so every call has the same shape and the same per-rank input.
+fn threads(comm: &Communicator) -> Result<u64, Failure> {
+    let n = comm.world_size();
+    let wrong = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                scope.spawn(move || -> Result<u64, Error> {
+                    let input: Vec<f32> = (0..5000)
+                        .map(|i| f32::input(comm.rank(), i, ReduceOp::Max))
+                        .collect();
+                    let mut wrong = 0;
+                    for round in 0..25 {
+                        let out = if (round + t) % 2 == 0 {
+                            comm.all_reduce_async(input.clone(), ReduceOp::Max).wait()?
+                        } else {
+                            let mut b = input.clone();
+                            comm.all_reduce(&mut b, ReduceOp::Max)?;
+                            b
+                        };
+                        wrong += out
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, v)| **v != f32::expect(ReduceOp::Max, n, *i))
+                            .count() as u64;
+                    }
+                    Ok(wrong)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker thread"))
+            .sum::<Result<u64, Error>>()
+    })?;
+    if wrong > 0 {
+        return Err(Failure::Wrong(wrong));
+    }
+    Ok(100)
+}
+
+/// Signed zeros under min/max and NaNs with different payloads under sum: IEEE leaves the result
+/// bits to operand order, and replicas must not drift even there.
+fn bits(comm: &Communicator) -> Result<u64, Failure> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let mut mismatches = 0;
+    for count in [1usize, 7, 100_000] {
+        for op in [ReduceOp::Min, ReduceOp::Max, ReduceOp::Sum, ReduceOp::Prod] {
+            let mut buf: Vec<f32> = (0..count)
+                .map(|i| match i % 3 {
+                    0 => {
+                        if rank % 2 == 0 {
+                            0.0
+                        } else {
+                            -0.0
+                        }
+                    }
+                    1 => f32::from_bits(0x7fc0_0000 | (rank as u32 + 1)),
+                    _ => {
+                        if rank % 2 == 0 {
+                            -0.0
+                        } else {
+                            0.0
+                        }
+                    }
+                })
+                .collect();
+            comm.all_reduce(&mut buf, op)?;
+            let digest = fnv(bytemuck::cast_slice(&buf)) as i64;
+            let mut all = vec![0i64; n];
+            comm.all_gather(&[digest], &mut all)?;
+            if all.iter().any(|d| *d != digest) {
+                say(format!(
+                    "WRONG bits differ across ranks: op={op} count={count}"
+                ));
+                mismatches += 1;
+            }
+        }
+    }
+    if mismatches > 0 {
+        return Err(Failure::Wrong(mismatches));
+    }
+    Ok(12)
 }

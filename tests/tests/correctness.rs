@@ -100,3 +100,25 @@ fn two_ranks_use_the_ring_when_the_exchange_is_disabled() {
     let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "64")];
     run(2, "0,1,2,3,1000", "all", "all", "all_reduce", &env, 600);
 }
+
+fn scenario(n: usize, name: &str) {
+    let mut job = Job::start(n, &[name], &[]);
+    let statuses = job.wait_all(Duration::from_secs(120));
+    let outputs = job.all_outputs();
+    for (rank, st) in statuses.iter().enumerate() {
+        assert!(st.success(), "rank {rank} failed: {st}\n{outputs}");
+        assert!(job.output(rank).contains("OK checks="), "{outputs}");
+    }
+}
+
+#[test]
+fn collectives_issued_from_several_threads_at_once_complete_in_order() {
+    scenario(2, "threads");
+    scenario(3, "threads");
+}
+
+#[test]
+fn signed_zeros_and_nan_payloads_agree_bit_for_bit_on_every_rank() {
+    scenario(2, "bits");
+    scenario(3, "bits");
+}
