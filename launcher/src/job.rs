@@ -8,6 +8,17 @@ use std::ffi::OsString;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;
 
+/// CPU binding of local ranks (`--bind-to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BindTo {
+    /// One CPU per rank when there are at least as many CPUs as ranks, else no binding.
+    Auto,
+    /// Rank i on the i-th allowed CPU (wrapping round when there are more ranks than CPUs).
+    Core,
+    /// Leave placement to the scheduler.
+    None,
+}
+
 /// One job, fully decided: nothing in here is left for a rank to pick on its own.
 #[derive(Debug)]
 pub struct JobSpec {
@@ -19,6 +30,8 @@ pub struct JobSpec {
     pub timeout: Option<String>,
     /// How long a rank may take to stop after being asked before it is SIGKILLed.
     pub kill_grace: Duration,
+    /// Whether local ranks are pinned to CPUs.
+    pub bind_to: BindTo,
     /// As the user wrote it; each backend resolves it in its own world (PATH here, an image later).
     pub program: OsString,
     pub args: Vec<OsString>,
@@ -99,6 +112,7 @@ mod tests {
             token: JobToken::new("secret"),
             timeout: Some("2.5".into()),
             kill_grace: Duration::from_secs(5),
+            bind_to: BindTo::Auto,
             program: "prog".into(),
             args: vec![],
         }

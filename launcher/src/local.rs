@@ -3,7 +3,7 @@
 //! signal and piped output) and supervising them to the end: the first failure stops the others,
 //! forwarded signals, SIGKILL after the grace period, and reaping every child on every path.
 
-use crate::job::{JobSpec, Outcome};
+use crate::job::{BindTo, JobSpec, Outcome};
 use crate::output::{self, Target};
 use crate::signals::{self, Signals};
 use std::ffi::OsStr;
@@ -72,6 +72,30 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Outcome {
     let outcome = sup.supervise(signals);
     sup.await_all_output();
     outcome
+}
+
+/// The one-CPU set rank `rank` is pinned to, if any (see `--bind-to`).
+fn cpu_for(rank: usize, spec: &JobSpec) -> Option<libc::cpu_set_t> {
+    if spec.bind_to == BindTo::None {
+        return None;
+    }
+    // SAFETY: cpu_set_t is plain bits, valid when zeroed; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into it; CPU_ISSET/CPU_SET index within its fixed size.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) == -1 {
+            return None;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .collect();
+        if cpus.is_empty() || (spec.bind_to == BindTo::Auto && cpus.len() < spec.world_size) {
+            return None;
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[rank % cpus.len()], &mut one);
+        Some(one)
+    }
 }
 
 /// Like execvp, plus a fallback to ringrun's own directory so that binaries built next to it
@@ -179,13 +203,20 @@ impl<'a> Supervisor<'a> {
             // keeps the terminal's Ctrl-C from reaching ranks behind ringrun's back.
             .process_group(0);
         let parent = std::process::id() as libc::pid_t;
+        let cpu = cpu_for(rank, self.spec);
         // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
         // work is allowed (another thread may have held a lock, e.g. the allocator's, at fork
-        // time). It only makes the prctl and getppid system calls, which take no locks and do not
-        // allocate, and builds its errors with io::Error::last_os_error / from_raw_os_error,
-        // which do not allocate either.
+        // time). It only makes the prctl, getppid and sched_setaffinity system calls, which take
+        // no locks and do not allocate (the CPU set was built before the fork), and builds its
+        // errors with io::Error::last_os_error / from_raw_os_error, which do not allocate either.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(set) = &cpu {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) == -1
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 // Ranks die with ringrun even when it is SIGKILLed and cannot clean up.
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,

@@ -105,6 +105,12 @@ struct Cli {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_grace)]
     kill_grace: Duration,
 
+    /// Pin each rank to a CPU. `auto` pins rank i to the i-th CPU ringrun may use when there are
+    /// at least N of them (as Open MPI does): ranks that poll their sockets otherwise can share
+    /// one core while another idles (measured: 12.5 µs against 6.3 µs per small all-reduce).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
+    bind_to: job::BindTo,
+
     /// The program every rank runs, then its arguments. A name without '/' is looked up in
     /// PATH, then next to the ringrun executable (so binaries built alongside it run without
     /// being installed).
@@ -176,6 +182,7 @@ fn run(cli: Cli) -> Outcome {
         // f64's Display never uses exponent notation, so any rank can parse it back.
         timeout: cli.timeout.map(|t| t.to_string()),
         kill_grace: cli.kill_grace,
+        bind_to: cli.bind_to,
         program,
         args: command.collect(),
     };

@@ -223,3 +223,75 @@ fn usage_errors_exit_2() {
     cmd.args(["-n", "2", "--timeout", "0", "--", "true"]);
     assert_eq!(run(cmd, T).code(), Some(2));
 }
+
+/// The CPUs each rank may run on, from `/proc/self/status`, by rank.
+fn allowed_cpus(flags: &[&str], n: usize) -> BTreeMap<usize, String> {
+    let out = run(
+        ringrun_sh(
+            n,
+            flags,
+            "grep Cpus_allowed_list /proc/self/status | cut -f2",
+        ),
+        T,
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.stdout_lines()
+        .iter()
+        .map(|l| {
+            let (prefix, cpus) = l.split_once("] ").expect("prefixed line");
+            (
+                prefix.trim_start_matches('[').parse().unwrap(),
+                cpus.to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn own_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn ranks_are_pinned_to_one_cpu_each_when_there_are_enough() {
+    let cpus = own_cpus();
+    let n = cpus.len().min(4);
+    let pinned = allowed_cpus(&[], n);
+    for (rank, list) in &pinned {
+        assert_eq!(list, &cpus[*rank].to_string(), "rank {rank} of {n}");
+    }
+    let forced = allowed_cpus(&["--bind-to", "core"], cpus.len() + 1);
+    assert_eq!(
+        forced[&cpus.len()],
+        cpus[0].to_string(),
+        "--bind-to core wraps round"
+    );
+}
+
+#[test]
+fn ranks_are_not_pinned_when_outnumbering_cpus_or_asked_not_to() {
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    for list in allowed_cpus(&[], own_cpus().len() + 1).values() {
+        assert_eq!(list, &ours);
+    }
+    for list in allowed_cpus(&["--bind-to", "none"], 2).values() {
+        assert_eq!(list, &ours);
+    }
+}
