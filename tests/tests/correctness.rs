@@ -96,9 +96,32 @@ fn many_small_chunks_pipeline_correctly() {
 }
 
 #[test]
-fn two_ranks_use_the_ring_when_the_exchange_is_disabled() {
+fn small_buffers_use_the_ring_when_gathering_is_disabled() {
     let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "64")];
     run(2, "0,1,2,3,1000", "all", "all", "all_reduce", &env, 600);
+    run(
+        3,
+        "0,1,2,3,1000",
+        "float,int32,bfloat16",
+        "all",
+        "all_reduce",
+        &env,
+        600,
+    );
+}
+
+#[test]
+fn larger_buffers_are_gathered_when_the_threshold_allows() {
+    let env = [("RINGLET_SMALL_BYTES", "16M")];
+    run(
+        4,
+        "1000003",
+        "float,uint8",
+        "sum,avg,max",
+        "all_reduce,all_reduce_async",
+        &env,
+        600,
+    );
 }
 
 fn scenario(n: usize, name: &str) {

@@ -7,11 +7,11 @@
 
 use crate::config::Config;
 use crate::engine::{self, Deadlines};
-use crate::schedule::{self, Schedule};
+use crate::schedule::{self, Plan};
 use crate::wire::{CallSig, Collective};
 use ringlet_core::{Element, Error, JobToken, ReduceOp, Result};
 use ringlet_store::{StoreClient, StoreServer};
-use ringlet_transport::{form_ring, RingOptions, TcpLink};
+use ringlet_transport::{form_ring, Link, RingOptions, TcpLink};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -40,8 +40,10 @@ struct Inner {
 struct Ring {
     link: Option<TcpLink>,
     seq: u64,
-    /// Reused across calls (8-byte aligned, so any element type can view it).
+    /// Reused across calls (8-byte aligned, so any element type can view them): chunks waiting
+    /// to be reduced, and every rank's block of a small all-reduce.
     scratch: Vec<u64>,
+    staging: Vec<u64>,
     broken: Option<String>,
 }
 
@@ -134,7 +136,7 @@ impl Inner {
         ticket: u64,
         call: Call,
         buf: &mut [T],
-        plan: impl FnOnce() -> Schedule,
+        plan: impl FnOnce() -> Plan,
     ) -> Result<()> {
         let (_turn, mut ring) = self.wait_turn(ticket);
         if let Some(why) = &ring.broken {
@@ -152,24 +154,38 @@ impl Inner {
         let Some(_) = ring.link else {
             return Ok(());
         };
-        let schedule = plan();
+        let plan = plan();
         // Until the engine returns, the ring counts as broken: a panic on the way leaves it so.
         ring.broken = Some(format!("{sig} panicked"));
-        let Ring { link, scratch, .. } = &mut *ring;
-        let words = (schedule.scratch_len() * std::mem::size_of::<T>()).div_ceil(8);
-        if scratch.len() < words {
-            scratch.resize(words, 0);
-        }
-        let scratch: &mut [T] = bytemuck::cast_slice_mut(&mut scratch[..words]);
-        let link = link.as_mut().expect("checked above");
-        let result = engine::run(
+        let Ring {
             link,
-            sig,
-            &schedule,
-            buf,
-            &mut scratch[..schedule.scratch_len()],
-            self.deadlines,
-        );
+            scratch,
+            staging,
+            ..
+        } = &mut *ring;
+        let link = link.as_mut().expect("checked above");
+        let result = match plan {
+            Plan::InPlace(schedule) => {
+                let scratch = typed(scratch, schedule.scratch_len());
+                engine::run(link, sig, &schedule, buf, scratch, self.deadlines)
+            }
+            Plan::GatherReduce { gather, op } => {
+                let (rank, n, count) = (link.rank(), link.world_size(), buf.len());
+                let all = typed(staging, n * count);
+                all[rank * count..(rank + 1) * count].copy_from_slice(buf);
+                let scratch = typed(scratch, gather.scratch_len());
+                engine::run(link, sig, &gather, all, scratch, self.deadlines).map(|()| {
+                    // The same operations in the same order on every rank: identical bits.
+                    buf.copy_from_slice(&all[..count]);
+                    for block in all[count..].chunks_exact(count.max(1)) {
+                        T::reduce_into(op.pairwise(), buf, block);
+                    }
+                    if op == ReduceOp::Avg {
+                        T::divide_by(buf, n);
+                    }
+                })
+            }
+        };
         match &result {
             Ok(()) => ring.broken = None,
             Err(e) => {
@@ -259,6 +275,7 @@ impl Communicator {
                     link,
                     seq: 0,
                     scratch: Vec::new(),
+                    staging: Vec::new(),
                     broken: None,
                 }),
                 order: Mutex::new(Order::default()),
@@ -378,7 +395,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::Broadcast, ReduceOp::Sum, root, count),
             buf,
-            || schedule::chain_broadcast(count, rank, n, chunk, root),
+            || Plan::InPlace(schedule::chain_broadcast(count, rank, n, chunk, root)),
         )
     }
 
@@ -401,7 +418,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::AllGather, ReduceOp::Sum, 0, m),
             recv,
-            || schedule::ring_all_gather(n * m, rank, n, chunk),
+            || Plan::InPlace(schedule::ring_all_gather(n * m, rank, n, chunk)),
         )
     }
 
@@ -431,7 +448,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::ReduceScatter, op, 0, n * m),
             &mut work,
-            || schedule::ring_reduce_scatter(n * m, rank, n, chunk, op),
+            || Plan::InPlace(schedule::ring_reduce_scatter(n * m, rank, n, chunk, op)),
         )?;
         recv.copy_from_slice(&work[rank * m..(rank + 1) * m]);
         Ok(())
@@ -441,18 +458,12 @@ impl Communicator {
     pub fn barrier(&self) -> Result<()> {
         let ticket = self.inner.ticket();
         let mut token = [0u8; 1];
-        let (rank, n, chunk) = (self.rank, self.world_size, self.chunk_elems::<u8>());
+        let (rank, n) = (self.rank, self.world_size);
         self.inner.run(
             ticket,
             Call::new(Collective::Barrier, ReduceOp::Sum, 0, 1),
             &mut token,
-            || {
-                if n == 2 {
-                    schedule::exchange_all_reduce(1, rank, chunk, ReduceOp::Sum)
-                } else {
-                    schedule::ring_all_reduce(1, rank, n, chunk, ReduceOp::Sum)
-                }
-            },
+            || schedule::gather_reduce(1, rank, n, ReduceOp::Sum),
         )
     }
 
@@ -473,16 +484,18 @@ fn all_reduce_on<T: Element>(
     op: ReduceOp,
 ) -> Result<()> {
     let count = buf.len();
-    let small = n == 2 && std::mem::size_of_val(buf) <= inner.small_bytes;
+    // Gathering moves (n − 1) buffers through each rank where the ring moves about two, so the
+    // hop count it saves pays only for buffers this small.
+    let small = std::mem::size_of_val(buf) * (n - 1).max(1) <= inner.small_bytes;
     inner.run(
         ticket,
         Call::new(Collective::AllReduce, op, 0, count),
         buf,
         || {
             if small {
-                schedule::exchange_all_reduce(count, rank, chunk.max(count), op)
+                schedule::gather_reduce(count, rank, n, op)
             } else {
-                schedule::ring_all_reduce(count, rank, n, chunk, op)
+                Plan::InPlace(schedule::ring_all_reduce(count, rank, n, chunk, op))
             }
         },
     )
@@ -501,6 +514,16 @@ impl Drop for Communicator {
             let _ = thread.join();
         }
     }
+}
+
+/// The first `len` elements of a reusable 8-byte-aligned buffer, grown as needed.
+fn typed<T: Element>(words: &mut Vec<u64>, len: usize) -> &mut [T] {
+    let need = (len * std::mem::size_of::<T>()).div_ceil(8);
+    if words.len() < need {
+        words.resize(need, 0);
+    }
+    let all: &mut [T] = bytemuck::cast_slice_mut(&mut words[..need]);
+    &mut all[..len]
 }
 
 /// The wildcard address of `ip`'s family (listening on `0.0.0.0` does not accept IPv6 peers).

@@ -9,7 +9,7 @@
 //! | `RINGLET_JOB_TOKEN` | the job's shared secret (set by `ringrun`) | none: a warning, and only job identity is checked |
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M` suffixes) | 1M |
-//! | `RINGLET_SMALL_BYTES` | two-rank all-reduces up to this size use one exchange instead of the ring | 64K |
+//! | `RINGLET_SMALL_BYTES` | all-reduces of at most this / (n − 1) bytes gather every buffer and reduce locally instead of using the ring | 64K |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping | 50 |
 
 use ringlet_core::{Error, JobToken, Result, DEFAULT_TIMEOUT};
@@ -43,7 +43,8 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
-/// Chunks (and two-rank exchanges) are single frames, whose length field is 32 bits.
+/// Chunks (and the blocks of a gathered small all-reduce) are single frames, whose length field
+/// is 32 bits.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// A year: larger values overflow deadline arithmetic.
 pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 86400.0;

@@ -48,10 +48,11 @@ struct Outgoing {
 }
 
 enum Target {
-    /// Straight into the caller's buffer (copies).
+    /// Straight into the caller's buffer (copies). Safe because no schedule receives into a
+    /// region it is still sending: a region is rewritten only after its data has come back
+    /// round the ring.
     Direct,
-    /// Into a scratch slot, applied later (reductions, or a copy whose destination is still
-    /// being sent).
+    /// Into a scratch slot, reduced into the buffer once complete.
     Slot(usize),
 }
 
@@ -71,10 +72,6 @@ impl Incoming {
             got: 0,
         }
     }
-}
-
-fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
-    a.start < b.end && b.start < a.end
 }
 
 fn bytes<T: Element>(s: &[T]) -> &[u8] {
@@ -167,14 +164,6 @@ struct Exec<'a, L: Link + ?Sized> {
 }
 
 impl<L: Link + ?Sized> Exec<'_, L> {
-    fn pinned(&self, range: &Range<usize>) -> bool {
-        // The ring schedules never pin (a region is rewritten only after its send has been
-        // answered); skipping the scan keeps many-chunk calls linear.
-        self.schedule.may_pin
-            && !range.is_empty()
-            && self.sends.iter().any(|o| overlaps(&o.range, range))
-    }
-
     fn done(&self) -> bool {
         self.applied == self.schedule.recvs.len() && self.sends.is_empty()
     }
@@ -289,14 +278,13 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             }
             let spec = &self.schedule.recvs[self.received];
             if self.incoming.target.is_none() {
-                self.incoming.target =
-                    if spec.apply == Apply::Copy && !self.pinned(&spec.xfer.range) {
-                        Some(Target::Direct)
-                    } else if let Some(s) = self.free_slots.pop() {
-                        Some(Target::Slot(s))
-                    } else {
-                        break;
-                    };
+                self.incoming.target = if spec.apply == Apply::Copy {
+                    Some(Target::Direct)
+                } else if let Some(s) = self.free_slots.pop() {
+                    Some(Target::Slot(s))
+                } else {
+                    break;
+                };
             }
             let want = spec.xfer.range.len() * size;
             if self.incoming.got < want {
@@ -382,29 +370,16 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         }
     }
 
-    fn apply_ready<T: Element>(
-        &mut self,
-        buf: &mut [T],
-        scratch: &mut [T],
-        slot_len: usize,
-    ) -> bool {
+    fn apply_ready<T: Element>(&mut self, buf: &mut [T], scratch: &[T], slot_len: usize) -> bool {
         let mut progressed = false;
-        while let Some((i, _)) = self.ready.front() {
-            let spec = &self.schedule.recvs[*i];
-            if self.pinned(&spec.xfer.range) {
-                break;
-            }
-            let (_, target) = self.ready.pop_front().expect("front exists");
+        while let Some((i, target)) = self.ready.pop_front() {
+            let spec = &self.schedule.recvs[i];
             let dst = &mut buf[spec.xfer.range.clone()];
             if let Target::Slot(s) = target {
-                let src = &mut scratch[s * slot_len..s * slot_len + dst.len()];
+                let src = &scratch[s * slot_len..s * slot_len + dst.len()];
                 match spec.apply {
                     Apply::Copy => dst.copy_from_slice(src),
                     Apply::Reduce => T::reduce_into(self.schedule.op, dst, src),
-                    Apply::ReducePeerFirst => {
-                        T::reduce_into(self.schedule.op, src, dst);
-                        dst.copy_from_slice(src);
-                    }
                 }
                 self.free_slots.push(s);
             }

@@ -23,9 +23,6 @@ pub struct Xfer {
 pub enum Apply {
     /// `buf[range] = buf[range] (op) payload`.
     Reduce,
-    /// `buf[range] = payload (op) buf[range]`: the same result as `Reduce` for every op but in
-    /// the bits of NaN payloads and signed zeros, which depend on operand order.
-    ReducePeerFirst,
     /// `buf[range] = payload`.
     Copy,
 }
@@ -48,9 +45,6 @@ pub struct Schedule {
     pub recvs: Vec<RecvSpec>,
     /// The pairwise op for `Reduce` (`Avg` reduces as `Sum`).
     pub op: ReduceOp,
-    /// Whether a payload can arrive for a region still being sent (only then does the engine
-    /// look for overlaps).
-    pub may_pin: bool,
     /// Scratch chunks for payloads that cannot land in place yet, and their length in elements.
     pub slots: usize,
     pub slot_len: usize,
@@ -110,7 +104,16 @@ pub fn ring_all_reduce(
     chunk: usize,
     op: ReduceOp,
 ) -> Schedule {
-    ring_steps(&segments(count, n), rank, chunk, op, 0, 2 * (n - 1), n - 1)
+    let segs = segments(count, n);
+    ring_steps(
+        &segs,
+        rank,
+        pipelined(&segs, chunk),
+        op,
+        0,
+        2 * (n - 1),
+        n - 1,
+    )
 }
 
 /// Ring reduce-scatter in place over `n` equal blocks: afterwards block `rank` holds the
@@ -122,12 +125,46 @@ pub fn ring_reduce_scatter(
     chunk: usize,
     op: ReduceOp,
 ) -> Schedule {
-    ring_steps(&segments(count, n), rank, chunk, op, 1, n - 1, n - 1)
+    let segs = segments(count, n);
+    ring_steps(&segs, rank, pipelined(&segs, chunk), op, 1, n - 1, n - 1)
 }
 
 /// Ring all-gather in place: block `rank` is already there, the others arrive.
 pub fn ring_all_gather(count: usize, rank: usize, n: usize, chunk: usize) -> Schedule {
-    ring_steps(&segments(count, n), rank, chunk, ReduceOp::Sum, 0, n - 1, 0)
+    let segs = segments(count, n);
+    ring_steps(
+        &segs,
+        rank,
+        pipelined(&segs, chunk),
+        ReduceOp::Sum,
+        0,
+        n - 1,
+        0,
+    )
+}
+
+/// A small all-reduce: gather every rank's `count` elements (one frame per block and hop, n − 1
+/// hops instead of the ring's 2(n − 1)), then reduce locally in rank order — the same operations
+/// in the same order on every rank, so the same bits.
+pub fn gather_reduce(count: usize, rank: usize, n: usize, op: ReduceOp) -> Plan {
+    let segs = segments(n * count, n);
+    Plan::GatherReduce {
+        gather: ring_steps(&segs, rank, count.max(1), ReduceOp::Sum, 0, n - 1, 0),
+        op,
+    }
+}
+
+/// How a collective uses its schedule.
+pub enum Plan {
+    /// Run the schedule on the caller's buffer.
+    InPlace(Schedule),
+    /// Run the all-gather `gather` over every rank's copy of the buffer, then reduce the copies
+    /// with `op` in rank order.
+    GatherReduce { gather: Schedule, op: ReduceOp },
+}
+
+fn pipelined(segs: &[Range<usize>], max_chunk: usize) -> usize {
+    pipeline_chunk(segs.iter().map(|s| s.len()).max().unwrap_or(0), max_chunk)
 }
 
 /// The common ring: `steps` steps; at step `g` the rank sends segment `rank - g - shift` and
@@ -143,7 +180,6 @@ fn ring_steps(
     reduce_steps: usize,
 ) -> Schedule {
     let n = segs.len();
-    let chunk = pipeline_chunk(segs.iter().map(|s| s.len()).max().unwrap_or(0), chunk);
     let nch = chunks_per_segment(segs, chunk);
     let seg_at = |g: usize| &segs[md(rank as isize - (g + shift) as isize, n)];
     let xfer = |g: usize, c: usize, seg: &Range<usize>| Xfer {
@@ -172,44 +208,10 @@ fn ring_steps(
         sends,
         recvs,
         op: op.pairwise(),
-        may_pin: false,
         slots: 2,
         slot_len: chunk
             .min(segs.iter().map(|s| s.len()).max().unwrap_or(0))
             .max(1),
-    }
-}
-
-/// Two ranks, small buffers: each sends its whole buffer once and reduces what it receives — one
-/// network hop instead of the ring's two. Both compute `rank 0's (op) rank 1's`, in that operand
-/// order, so even NaN payloads and signed zeros agree bit for bit.
-pub fn exchange_all_reduce(count: usize, rank: usize, chunk: usize, op: ReduceOp) -> Schedule {
-    let seg = 0..count;
-    let nch = count.div_ceil(chunk).max(1);
-    let xfer = |c: usize| Xfer {
-        step: 0,
-        chunk: c as u32,
-        range: chunk_of(&seg, c, chunk),
-    };
-    Schedule {
-        sends: (0..nch).map(xfer).collect(),
-        recvs: (0..nch)
-            .map(|c| RecvSpec {
-                xfer: xfer(c),
-                apply: if rank == 0 {
-                    Apply::Reduce
-                } else {
-                    Apply::ReducePeerFirst
-                },
-                finish_avg: op == ReduceOp::Avg,
-                forward: None,
-            })
-            .collect(),
-        op: op.pairwise(),
-        // Every payload may arrive before our own send of that chunk has left.
-        may_pin: true,
-        slots: nch,
-        slot_len: chunk.min(count.max(1)),
     }
 }
 
@@ -259,7 +261,6 @@ pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: 
         sends,
         recvs,
         op: ReduceOp::Sum,
-        may_pin: false,
         slots: 1,
         slot_len: chunk.min(count.max(1)),
     }
@@ -297,9 +298,7 @@ mod tests {
                     let dst = &mut bufs[r][spec.xfer.range.clone()];
                     match spec.apply {
                         Apply::Copy => dst.copy_from_slice(&data),
-                        Apply::Reduce | Apply::ReducePeerFirst => {
-                            dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b)
-                        }
+                        Apply::Reduce => dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b),
                     }
                     if spec.finish_avg {
                         dst.iter_mut().for_each(|x| *x /= n as f64);
@@ -405,19 +404,6 @@ mod tests {
                     assert_eq!(b, vec![root as f64; 11]);
                 }
             }
-        }
-    }
-
-    #[test]
-    fn exchange_matches_ring() {
-        let scheds = vec![
-            exchange_all_reduce(10, 0, 4, ReduceOp::Sum),
-            exchange_all_reduce(10, 1, 4, ReduceOp::Sum),
-        ];
-        let out = simulate(&scheds, inputs(2, 10));
-        for (i, (a, b)) in out[0].iter().zip(&out[1]).enumerate() {
-            assert_eq!(*a, (i + 1000 + i) as f64);
-            assert_eq!(a, b);
         }
     }
 
