@@ -87,14 +87,14 @@ pub fn read_frame(
     Ok(body)
 }
 
-/// Decodes a frame body; on failure, says why in words fit for a log line or a refusal.
+/// Decodes a frame body (through `ringlet_core::msg`, which bounds what bincode may allocate);
+/// on failure, says why in words fit for a log line or a refusal.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    let config = bincode::config::standard().with_limit::<MAX_FRAME>();
-    match bincode::serde::decode_from_slice::<T, _>(body, config) {
-        Ok((v, used)) if used == body.len() => Ok(v),
-        Ok((_, used)) => Err(format!("{} trailing bytes", body.len() - used)),
-        Err(e) => Err(format!("undecodable message: {e}")),
-    }
+    let peer = ringlet_core::error::PeerId::addr("store peer");
+    ringlet_core::msg::decode(body, &peer).map_err(|e| match e {
+        ringlet_core::Error::Protocol { detail, .. } => detail,
+        other => other.to_string(),
+    })
 }
 
 /// Byte fields as one length-prefixed run (the same bytes bincode writes for a sequence of `u8`)
