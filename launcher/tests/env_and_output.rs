@@ -247,15 +247,20 @@ fn allowed_cpus(flags: &[&str], n: usize) -> BTreeMap<usize, String> {
         .collect()
 }
 
-fn own_cpus() -> Vec<usize> {
+/// This process's `Cpus_allowed_list` (e.g. `0-1`), which ranks inherit unless pinned.
+fn own_cpu_list() -> String {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .unwrap()
         .trim()
-        .to_owned();
-    list.split(',')
+        .to_owned()
+}
+
+fn own_cpus() -> Vec<usize> {
+    own_cpu_list()
+        .split(',')
         .flat_map(|part| match part.split_once('-') {
             Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
             None => vec![part.parse().unwrap()],
@@ -281,13 +286,7 @@ fn ranks_are_pinned_to_one_cpu_each_when_there_are_enough() {
 
 #[test]
 fn ranks_are_not_pinned_when_outnumbering_cpus_or_asked_not_to() {
-    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
-    let ours = ours
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let ours = own_cpu_list();
     for list in allowed_cpus(&[], own_cpus().len() + 1).values() {
         assert_eq!(list, &ours);
     }
