@@ -198,7 +198,7 @@ fn bad_arguments_are_refused_clearly() {
         .unwrap();
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("RANK is not set"),
+        String::from_utf8_lossy(&o.stderr).contains("set RANK and WORLD_SIZE"),
         "{}",
         text(&o)
     );

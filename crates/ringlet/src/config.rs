@@ -1,11 +1,12 @@
-//! What a rank needs to know to join a job, and reading it from the environment (the torchrun
-//! contract, plus Ringlet's own tuning variables).
+//! What a rank needs to know to join a job, and reading it from the environment: the launcher's
+//! variables (see [`bootstrap`](crate::bootstrap) for torchrun, Open MPI, PMI, Slurm and Volcano),
+//! plus Ringlet's own.
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `RANK`, `WORLD_SIZE` | this process's rank and the number of ranks | required |
-//! | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | rank and rank count on this host | `RANK`, `WORLD_SIZE` |
-//! | `MASTER_ADDR`, `MASTER_PORT` | where rank 0 serves the rendezvous store | required if `WORLD_SIZE` > 1; port 29500 |
+//! | `RANK`, `WORLD_SIZE` (or a launcher's own) | this process's rank and the number of ranks | required |
+//! | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (or a launcher's own) | rank and rank count on this host | the global ones |
+//! | `MASTER_ADDR`, `MASTER_PORT` | where rank 0 serves the rendezvous store | required if more than one rank, unless Slurm or Volcano names the hosts; port 29500 |
 //! | `RINGLET_JOB_TOKEN` | the job's shared secret (set by `ringrun`) | none: a warning, and only job identity is checked |
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M` suffixes) | 1M |
@@ -13,6 +14,7 @@
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping | 50 |
 
 use ringlet_core::{Error, JobToken, Result, DEFAULT_TIMEOUT};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// How a rank joins a job. Build it with [`Config::new`] or [`Config::from_env`], then adjust
@@ -69,33 +71,29 @@ impl Config {
 
     /// Reads the variables in the table above.
     pub fn from_env() -> Result<Config> {
-        Config::from_lookup(|k| std::env::var(k).ok())
+        Config::from_vars(&std::env::vars().collect())
     }
 
-    /// As [`from_env`](Self::from_env), reading variables through `get`.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        let rank: usize = required(&get, "RANK")?;
-        let world_size: usize = required(&get, "WORLD_SIZE")?;
-        if world_size == 0 || rank >= world_size {
-            return Err(Error::Config(format!(
-                "RANK={rank} must be below WORLD_SIZE={world_size}"
-            )));
-        }
-        let master_addr = match get("MASTER_ADDR").filter(|s| !s.is_empty()) {
+    /// As [`from_env`](Self::from_env), from the variables in `env`.
+    pub fn from_vars(env: &HashMap<String, String>) -> Result<Config> {
+        let get = |k: &str| env.get(k).cloned();
+        let placement = crate::bootstrap::detect(env)?;
+        let (rank, world_size) = (placement.rank, placement.world_size);
+        let store_host = match placement.store_host {
             Some(a) => a,
             None if world_size == 1 => "127.0.0.1".into(),
             None => {
-                return Err(Error::Config(
+                return Err(Error::Config(format!(
                     "MASTER_ADDR is not set: set it to the host of rank 0, where the rendezvous store runs \
-                     (ringrun and torchrun set it for you)"
-                        .into(),
-                ))
+                     (found {}; ringrun and torchrun set it for you, and Slurm's node list is used when present)",
+                    placement.launcher.name()
+                )))
             }
         };
         let port: u16 = optional(&get, "MASTER_PORT")?.unwrap_or(DEFAULT_MASTER_PORT);
-        let mut c = Config::new(rank, world_size, join_host_port(&master_addr, port));
-        c.local_rank = optional(&get, "LOCAL_RANK")?.unwrap_or(rank);
-        c.local_world_size = optional(&get, "LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
+        let mut c = Config::new(rank, world_size, join_host_port(&store_host, port));
+        c.local_rank = placement.local_rank;
+        c.local_world_size = placement.local_world_size;
         c.token = get(JobToken::ENV)
             .filter(|s| !s.is_empty())
             .map(JobToken::new);
@@ -137,14 +135,6 @@ fn bad(var: &str, value: &str) -> Error {
     Error::Config(format!("{var}={value:?} is not valid"))
 }
 
-fn required<T: std::str::FromStr>(get: &impl Fn(&str) -> Option<String>, var: &str) -> Result<T> {
-    optional(get, var)?.ok_or_else(|| {
-        Error::Config(format!(
-            "{var} is not set: launch with ringrun, torchrun or another launcher that sets RANK and WORLD_SIZE"
-        ))
-    })
-}
-
 fn optional<T: std::str::FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     var: &str,
@@ -179,14 +169,14 @@ pub fn parse_bytes(s: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Config::from_lookup(|k| m.get(k).cloned())
+        Config::from_vars(
+            &vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -215,7 +205,7 @@ mod tests {
     #[test]
     fn missing_or_bad_variables_say_which() {
         let e = cfg(&[("WORLD_SIZE", "2")]).unwrap_err().to_string();
-        assert!(e.contains("RANK is not set"), "{e}");
+        assert!(e.contains("set RANK and WORLD_SIZE"), "{e}");
         let e = cfg(&[("RANK", "0"), ("WORLD_SIZE", "2")])
             .unwrap_err()
             .to_string();
@@ -223,7 +213,7 @@ mod tests {
         let e = cfg(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("below WORLD_SIZE"), "{e}");
+        assert!(e.contains("below world size"), "{e}");
         let e = cfg(&[("RANK", "x"), ("WORLD_SIZE", "2")])
             .unwrap_err()
             .to_string();

@@ -19,6 +19,7 @@
 //! # Ok::<(), ringlet::Error>(())
 //! ```
 
+pub mod bootstrap;
 pub mod comm;
 pub mod config;
 pub mod engine;

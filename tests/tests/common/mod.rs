@@ -56,6 +56,35 @@ impl Job {
         job
     }
 
+    /// Starts `n` ranks of `ringlet-testrank ARGS` whose placement comes from `env_of(rank)`
+    /// alone (no torchrun variables): for testing the other launchers' conventions.
+    pub fn start_custom(
+        n: usize,
+        args: &[&str],
+        env_of: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Job {
+        let port = free_port();
+        let mut job = Job {
+            port,
+            token: format!("test-token-{port}"),
+            children: Vec::new(),
+            output: Vec::new(),
+            statuses: vec![None; n],
+        };
+        for rank in 0..n {
+            let mut cmd = Command::new(TESTRANK);
+            cmd.args(args)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("MASTER_PORT", port.to_string())
+                .env("RINGLET_JOB_TOKEN", &job.token)
+                .env("RINGLET_TIMEOUT", "60")
+                .envs(env_of(rank));
+            job.spawn_rank(cmd);
+        }
+        job
+    }
+
     /// Starts one more process from a prepared command (it shares the output bookkeeping).
     pub fn spawn_rank(&mut self, mut cmd: Command) {
         let mut child = cmd
