@@ -231,7 +231,7 @@ pub fn tasks_per_node(spec: &str) -> Option<Vec<usize>> {
 pub fn expand_hostlist(list: &str) -> Result<Vec<String>> {
     let bad = |why: &str| Error::Config(format!("host list {list:?}: {why}"));
     let mut hosts = Vec::new();
-    for item in split_top_level(list).map_err(|e| bad(e))? {
+    for item in split_top_level(list).map_err(&bad)? {
         let mut names = vec![String::new()];
         let mut rest = item;
         while !rest.is_empty() {
