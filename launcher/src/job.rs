@@ -11,7 +11,8 @@ use std::time::Duration;
 /// CPU binding of local ranks (`--bind-to`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BindTo {
-    /// One CPU per rank when there are at least as many CPUs as ranks, else no binding.
+    /// When there are at least as many CPUs as ranks, each rank gets its own equal block of
+    /// them (CPUs / N, contiguous); otherwise no binding.
     Auto,
     /// Rank i on the i-th allowed CPU (wrapping round when there are more ranks than CPUs).
     Core,

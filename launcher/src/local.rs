@@ -74,7 +74,7 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Outcome {
     outcome
 }
 
-/// The one-CPU set rank `rank` is pinned to, if any (see `--bind-to`).
+/// The CPUs rank `rank` is pinned to, if any (see `--bind-to`).
 fn cpu_for(rank: usize, spec: &JobSpec) -> Option<libc::cpu_set_t> {
     if spec.bind_to == BindTo::None {
         return None;
@@ -89,12 +89,19 @@ fn cpu_for(rank: usize, spec: &JobSpec) -> Option<libc::cpu_set_t> {
         let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
             .filter(|&c| libc::CPU_ISSET(c, &allowed))
             .collect();
-        if cpus.is_empty() || (spec.bind_to == BindTo::Auto && cpus.len() < spec.world_size) {
-            return None;
+        let block = match spec.bind_to {
+            _ if cpus.is_empty() => return None,
+            BindTo::Auto if cpus.len() < spec.world_size => return None,
+            // An equal share each, so a rank's own thread pools keep their cores.
+            BindTo::Auto => cpus.len() / spec.world_size,
+            _ => 1,
+        };
+        let first = (rank * block) % cpus.len();
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in &cpus[first..first + block] {
+            libc::CPU_SET(cpu, &mut set);
         }
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus[rank % cpus.len()], &mut one);
-        Some(one)
+        Some(set)
     }
 }
 
@@ -211,11 +218,9 @@ impl<'a> Supervisor<'a> {
         // errors with io::Error::last_os_error / from_raw_os_error, which do not allocate either.
         unsafe {
             cmd.pre_exec(move || {
+                // Binding is a hint: if the CPU set changed meanwhile, run unbound.
                 if let Some(set) = &cpu {
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) == -1
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set);
                 }
                 // Ranks die with ringrun even when it is SIGKILLed and cannot clean up.
                 if libc::prctl(

@@ -105,9 +105,10 @@ struct Cli {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_grace)]
     kill_grace: Duration,
 
-    /// Pin each rank to a CPU. `auto` pins rank i to the i-th CPU ringrun may use when there are
-    /// at least N of them (as Open MPI does): ranks that poll their sockets otherwise can share
-    /// one core while another idles (measured: 12.5 µs against 6.3 µs per small all-reduce).
+    /// Pin ranks to CPUs. `auto`: when ringrun may use at least N CPUs, rank i gets the i-th
+    /// block of CPUs/N of them (ranks that poll their sockets otherwise sometimes share one core
+    /// while another idles: measured 12.5 µs against 6.3 µs per small all-reduce); `core`: one CPU
+    /// each, wrapping round; `none`: leave it to the scheduler (e.g. for several jobs at once).
     #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
     bind_to: job::BindTo,
 

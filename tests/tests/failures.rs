@@ -59,9 +59,13 @@ fn different_dtypes_ops_and_roots_are_reported() {
 }
 
 fn victim_job(n: usize, timeout: &str) -> Job {
+    victim_job_of(n, timeout, "50000")
+}
+
+fn victim_job_of(n: usize, timeout: &str, count: &str) -> Job {
     let job = Job::start(
         n,
-        &["loop", "1000000", "50000"],
+        &["loop", "1000000", count],
         &[("RINGLET_TIMEOUT", timeout)],
     );
     for r in 0..n {
@@ -76,8 +80,17 @@ fn victim_job(n: usize, timeout: &str) -> Job {
 
 #[test]
 fn a_killed_rank_is_named_by_every_survivor_within_a_second() {
-    for (n, victim) in [(2, 1), (4, 2), (5, 0)] {
-        let mut job = victim_job(n, "60");
+    // Large buffers too: then a survivor next to the dead rank closes its connections while its
+    // predecessor is still sending, and that predecessor must still blame the dead rank.
+    let cases = [
+        (2, 1, "50000"),
+        (4, 2, "50000"),
+        (5, 0, "50000"),
+        (4, 2, "4000000"),
+        (4, 3, "4000000"),
+    ];
+    for (n, victim, count) in cases {
+        let mut job = victim_job_of(n, "60", count);
         let t = Instant::now();
         job.signal(victim, libc::SIGKILL);
         let survivors: Vec<usize> = (0..n).filter(|&r| r != victim).collect();

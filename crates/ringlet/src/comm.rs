@@ -486,7 +486,7 @@ fn all_reduce_on<T: Element>(
     let count = buf.len();
     // Gathering moves (n − 1) buffers through each rank where the ring moves about two, so the
     // hop count it saves pays only for buffers this small.
-    let small = std::mem::size_of_val(buf) * (n - 1).max(1) <= inner.small_bytes;
+    let small = std::mem::size_of_val(buf).saturating_mul((n - 1).max(1)) <= inner.small_bytes;
     inner.run(
         ticket,
         Call::new(Collective::AllReduce, op, 0, count),

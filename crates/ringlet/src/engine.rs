@@ -319,8 +319,10 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         let h = Header::decode(&self.incoming.header).map_err(|why| Error::protocol(&prev, why))?;
         match h.kind {
             FrameKind::Stalled => {
-                // A notice left over from an earlier collective that did complete means nothing.
+                // From an earlier collective: our predecessor is still in it, so it is alive and
+                // waiting on its own predecessor.
                 if h.sig.seq < self.sig.seq {
+                    self.prev_stalled = true;
                     return Ok(false);
                 }
                 // Everyone waiting on everyone: the ranks called different things.
@@ -483,6 +485,9 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             }
             Failure::Local(error) => {
                 let error = *error;
+                if let Some(notice) = self.explanation_of(&error) {
+                    return self.fail(Failure::Relayed(Box::new(notice)), buf);
+                }
                 let notice = AbortNotice {
                     origin_rank: me as u64,
                     origin_addr: self.link.local().addr.clone(),
@@ -497,11 +502,60 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         // The notice goes round the ring until it reaches the rank that started it, and is not
         // sent to a next rank that is dead or not reading (the rank after it tells the others).
         let next = self.link.next().rank;
+        // (A relayed notice goes on even to the rank it blames: a mismatched rank is alive and
+        // must hear why its peers stopped.)
         let next_unreachable = matches!(&error, Error::PeerLost { peer, .. } | Error::Timeout { peer, .. } if peer.rank == next);
         if next != Some(notice.origin_rank as usize) && !next_unreachable {
             self.send_notice(&notice, buf);
         }
         error
+    }
+
+    /// When the next rank's connection broke, that rank may only have been closing after a
+    /// failure further round the ring, whose abort notice is then on its way to us from the
+    /// previous rank. Reads (and discards) what the previous rank sent, briefly, looking for it.
+    fn explanation_of(&mut self, error: &Error) -> Option<AbortNotice> {
+        let next = self.link.next().rank;
+        if !matches!(error, Error::PeerLost { peer, .. } if peer.rank == next) {
+            return None;
+        }
+        let deadline = Instant::now() + self.deadlines.grace.min(Duration::from_millis(250));
+        let mut header = self.incoming.header;
+        let mut have = self.incoming.header_len;
+        let mut skip = 0;
+        if have == HEADER_LEN {
+            // Mid-payload: finish skipping this frame, then read headers afresh.
+            let h = Header::decode(&header).ok()?;
+            skip = (h.payload_len as usize).saturating_sub(self.incoming.got);
+            have = 0;
+        }
+        let mut junk = [0u8; 16 << 10];
+        loop {
+            let n = if skip > 0 {
+                let take = skip.min(junk.len());
+                let n = self.link.recv(&mut junk[..take]).ok()?;
+                skip -= n;
+                n
+            } else if have < HEADER_LEN {
+                let n = self.link.recv(&mut header[have..]).ok()?;
+                have += n;
+                n
+            } else {
+                let h = Header::decode(&header).ok()?;
+                match h.kind {
+                    FrameKind::Abort => {
+                        return self.read_notice(&h, &self.link.prev().clone()).ok()
+                    }
+                    FrameKind::Data => skip = h.payload_len as usize,
+                    FrameKind::Stalled => {}
+                }
+                have = 0;
+                continue;
+            };
+            if n == 0 && self.link.wait(true, false, deadline).ok()? == Readiness::TimedOut {
+                return None;
+            }
+        }
     }
 
     /// Best effort, bounded: finish the frame in flight (a notice cannot cut into it), then send
