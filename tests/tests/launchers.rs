@@ -152,3 +152,31 @@ fn ranks_started_by_mpirun_form_a_ring() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("OK checks=").count(), 3, "{text}");
 }
+
+#[test]
+fn ring_traffic_follows_the_socket_ifname_setting() {
+    let mut job = Job::start(
+        3,
+        &CHECKS,
+        &[("RINGLET_SOCKET_IFNAME", "=lo"), ("RINGLET_LOG", "info")],
+    );
+    let statuses = job.wait_all(Duration::from_secs(120));
+    let all = job.all_outputs();
+    for (rank, st) in statuses.iter().enumerate() {
+        assert!(st.success(), "rank {rank}: {all}");
+        let out = job.output(rank);
+        assert!(
+            out.contains("interface=\"lo\"") || out.contains("interface=lo"),
+            "chosen interface not logged: {out}"
+        );
+    }
+    let mut job = Job::start(2, &CHECKS, &[("RINGLET_SOCKET_IFNAME", "=no-such-nic0")]);
+    for (rank, st) in job.wait_all(Duration::from_secs(30)).iter().enumerate() {
+        assert_eq!(st.code(), Some(3));
+        let out = job.output(rank);
+        assert!(
+            out.contains("RINGLET_SOCKET_IFNAME") && out.contains("lo"),
+            "rank {rank}: {out}"
+        );
+    }
+}

@@ -4,9 +4,11 @@
 //! bytes to the next rank and from the previous one, plus a bounded wait. This crate owns the TCP
 //! implementation ([`TcpLink`]) and how a ring of them is formed ([`form_ring`]): each rank
 //! listens, publishes its address in the rendezvous store, connects to its successor and accepts
-//! its predecessor, every connection authenticated with the job token. Framing, validation and
+//! its predecessor, every connection authenticated with the job token; and which interface it
+//! uses ([`iface`], `RINGLET_SOCKET_IFNAME`). Framing, validation and
 //! what the bytes mean belong to the algorithms, not here.
 
+pub mod iface;
 mod setup;
 mod tcp;
 

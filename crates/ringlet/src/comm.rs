@@ -248,16 +248,12 @@ impl Communicator {
         };
         let link = if config.world_size > 1 {
             let mut client = StoreClient::connect(&config.store_addr, &token, deadline)?;
-            let advertise = route_to(store_sock)?;
+            let (advertise, bind_ip) = ring_address(&config, store_sock)?;
             let opts = RingOptions {
                 rank: config.rank,
                 world_size: config.world_size,
                 comm: config.name.clone(),
-                bind_ip: if advertise.is_loopback() {
-                    advertise
-                } else {
-                    unspecified_like(advertise)
-                },
+                bind_ip,
                 advertise_host: advertise.to_string(),
                 deadline,
                 busy_poll: config.effective_busy_poll(),
@@ -524,6 +520,42 @@ fn typed<T: Element>(words: &mut Vec<u64>, len: usize) -> &mut [T] {
     }
     let all: &mut [T] = bytemuck::cast_slice_mut(&mut words[..need]);
     &mut all[..len]
+}
+
+/// The address peers reach us on, and the one to listen on: from `RINGLET_SOCKET_IFNAME` when
+/// set, else the local address that routes to the store. Logs the interface chosen.
+fn ring_address(config: &Config, store: SocketAddr) -> Result<(IpAddr, IpAddr)> {
+    use ringlet_transport::iface::{interface_addrs, select, IfaceFilter};
+    let addrs = interface_addrs()?;
+    let (ip, bind) = match &config.socket_ifname {
+        Some(spec) => {
+            let chosen = select(&IfaceFilter::parse(spec)?, &addrs).ok_or_else(|| {
+                let names: std::collections::BTreeSet<&str> = addrs.iter().map(|a| a.name.as_str()).collect();
+                Error::Config(format!(
+                    "RINGLET_SOCKET_IFNAME={spec:?} matches no interface with a usable address (interfaces: {})",
+                    names.into_iter().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            (chosen.ip, chosen.ip)
+        }
+        None => {
+            let ip = route_to(store)?;
+            (
+                ip,
+                if ip.is_loopback() {
+                    ip
+                } else {
+                    unspecified_like(ip)
+                },
+            )
+        }
+    };
+    let name = addrs
+        .iter()
+        .find(|a| a.ip == ip)
+        .map_or("?", |a| a.name.as_str());
+    tracing::info!(rank = config.rank, interface = name, %ip, "ring traffic uses this interface");
+    Ok((ip, bind))
 }
 
 /// The wildcard address of `ip`'s family (listening on `0.0.0.0` does not accept IPv6 peers).

@@ -11,6 +11,7 @@
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M` suffixes) | 1M |
 //! | `RINGLET_SMALL_BYTES` | all-reduces of at most this / (n − 1) bytes gather every buffer and reduce locally instead of using the ring | 64K |
+//! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping | 50 |
 
 use ringlet_core::{Error, JobToken, Result, DEFAULT_TIMEOUT};
@@ -39,6 +40,9 @@ pub struct Config {
     pub busy_poll: Option<Duration>,
     /// Prefix of this communicator's store keys.
     pub name: String,
+    /// Interfaces to use for ring traffic, NCCL syntax (`eth0`, `^docker,lo`, `=eth0`); `None`:
+    /// the one that routes to the store.
+    pub socket_ifname: Option<String>,
 }
 
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
@@ -66,6 +70,7 @@ impl Config {
             small_bytes: DEFAULT_SMALL_BYTES,
             busy_poll: None,
             name: "world".into(),
+            socket_ifname: None,
         }
     }
 
@@ -115,6 +120,7 @@ impl Config {
                 .filter(|b| *b <= MAX_FRAME_BYTES)
                 .ok_or_else(|| bad("RINGLET_SMALL_BYTES", &v))?;
         }
+        c.socket_ifname = get("RINGLET_SOCKET_IFNAME").filter(|s| !s.trim().is_empty());
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
             c.busy_poll = Some(Duration::from_micros(us));
         }
