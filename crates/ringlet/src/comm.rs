@@ -247,8 +247,9 @@ impl Communicator {
             None
         };
         let link = if config.world_size > 1 {
-            let mut client = StoreClient::connect(&config.store_addr, &token, deadline)?;
+            // Local choices first: a bad setting fails at once, not after waiting on the store.
             let (advertise, bind_ip) = ring_address(&config, store_sock)?;
+            let mut client = StoreClient::connect(&config.store_addr, &token, deadline)?;
             let opts = RingOptions {
                 rank: config.rank,
                 world_size: config.world_size,

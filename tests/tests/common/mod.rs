@@ -26,17 +26,22 @@ pub struct Job {
 }
 
 impl Job {
-    /// Starts `n` ranks of `ringlet-testrank ARGS` with `env` added to the contract.
-    pub fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
+    /// A job of `n` ranks yet to be started, with its own store port and token.
+    fn empty(n: usize) -> Job {
         let port = free_port();
-        let token = format!("test-token-{port}");
-        let mut job = Job {
+        Job {
             port,
-            token: token.clone(),
+            token: format!("test-token-{port}"),
             children: Vec::new(),
             output: Vec::new(),
             statuses: vec![None; n],
-        };
+        }
+    }
+
+    /// Starts `n` ranks of `ringlet-testrank ARGS` with `env` added to the contract.
+    pub fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
+        let mut job = Job::empty(n);
+        let (port, token) = (job.port, job.token.clone());
         for rank in 0..n {
             let mut cmd = Command::new(TESTRANK);
             cmd.args(args)
@@ -63,14 +68,8 @@ impl Job {
         args: &[&str],
         env_of: impl Fn(usize) -> Vec<(String, String)>,
     ) -> Job {
-        let port = free_port();
-        let mut job = Job {
-            port,
-            token: format!("test-token-{port}"),
-            children: Vec::new(),
-            output: Vec::new(),
-            statuses: vec![None; n],
-        };
+        let mut job = Job::empty(n);
+        let port = job.port;
         for rank in 0..n {
             let mut cmd = Command::new(TESTRANK);
             cmd.args(args)
