@@ -1,8 +1,10 @@
 //! `ringlet-bench`: the nccl-tests sweep for Ringlet's collectives. Run one process per rank
 //! (`ringrun -n 4 -- ringlet-bench all_reduce -b 8 -e 128M`); rank 0 prints the table.
 
+mod backend;
 mod pattern;
 
+use backend::{Backend, BackendKind, Buffers};
 use clap::{Parser, ValueEnum};
 use ringlet::{Communicator, DType, Element, Error, ReduceOp};
 use ringlet_core::with_dtype;
@@ -23,6 +25,10 @@ enum Op {
 /// busbw = algbw x (2(n-1)/n for all_reduce, (n-1)/n for all_gather and reduce_scatter, 1 for
 /// broadcast), #wrong (elements differing from the exact expected result, all ranks, with -c 1).
 /// Exits non-zero if any element is wrong or a collective fails.
+///
+/// Built with `--features mpi` and started by mpirun, ranks bootstrap over MPI (no MASTER_ADDR),
+/// and `--backend mpi` (or `tcp,mpi`) measures the MPI library's collectives on the same
+/// buffers, size by size, beside Ringlet's ring.
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -61,6 +67,10 @@ struct Args {
     /// algbw_gbps, busbw_gbps, wrong}, ...]} (rank 0 only).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// What to measure, comma-separated, each size in turn: tcp (Ringlet's ring), mpi (the MPI
+    /// library; needs the `mpi` feature, no half/bfloat16, no avg).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
+    backend: Vec<BackendKind>,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -80,6 +90,7 @@ fn parse_op(s: &str) -> Result<ReduceOp, String> {
 
 #[derive(serde::Serialize)]
 struct Row {
+    backend: String,
     size_bytes: usize,
     count: usize,
     dtype: String,
@@ -119,23 +130,81 @@ fn run(args: &Args) -> Result<u64, Error> {
             "need -f >= 2, -b <= -e and -n >= 1".into(),
         ));
     }
-    let comm = Communicator::from_env()?;
-    let n = comm.world_size();
+    let wants = |k| args.backend.contains(&k);
+    #[cfg(feature = "mpi")]
+    let universe =
+        if wants(BackendKind::Mpi) || ringlet::mpi_boot::launched_by_mpi() {
+            Some(ringlet::mpi::initialize().ok_or_else(|| {
+                Error::Config("MPI was already initialised in this process".into())
+            })?)
+        } else {
+            None
+        };
+    #[cfg(not(feature = "mpi"))]
+    if wants(BackendKind::Mpi) {
+        return Err(Error::Config(
+            "--backend mpi needs a build with the mpi feature: cargo build --release -p ringlet-bench --features mpi (Open MPI and libclang-dev installed)".into(),
+        ));
+    }
+    let tcp = if wants(BackendKind::Tcp) {
+        #[cfg(feature = "mpi")]
+        let comm = match &universe {
+            Some(u) => Communicator::from_mpi(&u.world())?,
+            None => Communicator::from_env()?,
+        };
+        #[cfg(not(feature = "mpi"))]
+        let comm = Communicator::from_env()?;
+        Some(comm)
+    } else {
+        None
+    };
+    #[cfg(feature = "mpi")]
+    let mpi = universe
+        .as_ref()
+        .filter(|_| wants(BackendKind::Mpi))
+        .map(|u| backend::MpiBackend { world: u.world() });
+    let (rank, n) = match (&tcp, args.backend.first()) {
+        (Some(c), _) => (c.rank(), c.world_size()),
+        #[cfg(feature = "mpi")]
+        (None, _) => {
+            let m = mpi.as_ref().expect("mpi backend requested");
+            (m.rank(), m.world_size())
+        }
+        #[cfg(not(feature = "mpi"))]
+        (None, _) => unreachable!("tcp is the only backend without the mpi feature"),
+    };
     if args.root >= n {
         return Err(Error::InvalidArgument(format!(
             "root {} is not below world size {n}",
             args.root
         )));
     }
-    let lead = comm.rank() == 0;
+    let lead = rank == 0;
+    let several = args.backend.len() > 1;
     if lead {
+        let names: Vec<String> = args
+            .backend
+            .iter()
+            .map(|b| format!("{b:?}").to_lowercase())
+            .collect();
         println!(
-            "# ringlet-bench {:?}: {n} ranks, {} {}, iters {} warmup {} check {}",
-            args.collective, args.dtype, args.op, args.iters, args.warmup, args.check
+            "# ringlet-bench {:?}: {n} ranks, {} {}, iters {} warmup {} check {}, backend {}",
+            args.collective,
+            args.dtype,
+            args.op,
+            args.iters,
+            args.warmup,
+            args.check,
+            names.join(",")
         );
         println!("#");
+        let extra = if several {
+            format!(" {:>7}", "backend")
+        } else {
+            String::new()
+        };
         println!(
-            "# {:>10} {:>12} {:>8} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
+            "# {:>10} {:>12} {:>8} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{extra}",
             "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong"
         );
         println!(
@@ -146,10 +215,30 @@ fn run(args: &Args) -> Result<u64, Error> {
     let mut rows = Vec::new();
     let mut size = args.min_bytes;
     while size <= args.max_bytes {
-        if let Some(row) = with_dtype!(args.dtype, T => measure::<T>(&comm, args, size)?) {
+        for kind in &args.backend {
+            let row = match kind {
+                BackendKind::Tcp => {
+                    let c = tcp.as_ref().expect("tcp backend started");
+                    with_dtype!(args.dtype, T => measure::<T>(c, args, size)?)
+                }
+                #[cfg(feature = "mpi")]
+                BackendKind::Mpi => {
+                    let m = mpi.as_ref().expect("mpi backend started");
+                    with_dtype!(args.dtype, T => measure::<T>(m, args, size)?)
+                }
+                #[cfg(not(feature = "mpi"))]
+                BackendKind::Mpi => unreachable!("refused above"),
+            };
+            let Some(mut row) = row else { continue };
+            row.backend = format!("{kind:?}").to_lowercase();
             if lead {
+                let extra = if several {
+                    format!(" {:>7}", row.backend)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  {:>10} {:>12} {:>8} {:>6} {:>5} {:>10.2} {:>8.3} {:>8.3} {:>7}",
+                    "  {:>10} {:>12} {:>8} {:>6} {:>5} {:>10.2} {:>8.3} {:>8.3} {:>7}{extra}",
                     row.size_bytes,
                     row.count,
                     row.dtype,
@@ -190,7 +279,7 @@ fn run(args: &Args) -> Result<u64, Error> {
         }
     }
     if let Some(rss) = peak_rss_mib() {
-        println!("# rank {} peak RSS: {rss:.1} MiB", comm.rank());
+        println!("# rank {rank} peak RSS: {rss:.1} MiB");
     }
     Ok(wrong)
 }
@@ -203,16 +292,10 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Buffers for one size of one collective: what each call works on, and how to check it.
-struct Buffers<T> {
-    send: Vec<T>,
-    recv: Vec<T>,
-}
-
 /// Runs warm-up, timed iterations and the check for one size. `None` if the size holds no
 /// element for this collective.
 fn measure<T: Element>(
-    comm: &Communicator,
+    comm: &impl Backend,
     args: &Args,
     size: usize,
 ) -> Result<Option<Row>, Error> {
@@ -236,7 +319,16 @@ fn measure<T: Element>(
         send: Vec::new(),
         recv: Vec::new(),
     };
+    let out_of_place = comm.out_of_place();
     let fill = |b: &mut Buffers<T>| match args.collective {
+        Op::AllReduce | Op::Broadcast if out_of_place => {
+            b.send.resize(count, T::zeroed());
+            pattern::fill(&mut b.send, rank, 0);
+            b.recv.resize(count, T::zeroed());
+            if args.collective == Op::Broadcast {
+                b.recv.copy_from_slice(&b.send);
+            }
+        }
         Op::AllReduce | Op::Broadcast => {
             b.recv.resize(count, T::zeroed());
             pattern::fill(&mut b.recv, rank, 0);
@@ -253,10 +345,10 @@ fn measure<T: Element>(
         }
     };
     let call = |b: &mut Buffers<T>| match args.collective {
-        Op::AllReduce => comm.all_reduce(&mut b.recv, args.op),
-        Op::Broadcast => comm.broadcast(&mut b.recv, args.root),
-        Op::AllGather => comm.all_gather(&b.send, &mut b.recv),
-        Op::ReduceScatter => comm.reduce_scatter(&b.send, &mut b.recv, args.op),
+        Op::AllReduce => comm.all_reduce(b, args.op),
+        Op::Broadcast => comm.broadcast(b, args.root),
+        Op::AllGather => comm.all_gather(b),
+        Op::ReduceScatter => comm.reduce_scatter(b, args.op),
     };
     fill(&mut b);
     comm.barrier()?;
@@ -270,20 +362,19 @@ fn measure<T: Element>(
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let mut median = [times[times.len() / 2]];
     // Report the slowest rank's median: a collective is as fast as its slowest member.
-    comm.all_reduce(&mut median, ReduceOp::Max)?;
+    let median = [comm.max_f64(times[times.len() / 2])?];
     let mut wrong = [0i64];
     if args.check != 0 {
         fill(&mut b);
         call(&mut b)?;
         corrupt_for_test(&mut b.recv, rank);
-        wrong[0] = check(args, &b, rank, n, count) as i64;
-        comm.all_reduce(&mut wrong, ReduceOp::Sum)?;
+        wrong[0] = comm.sum_i64(check(args, &b, rank, n, count) as i64)?;
     }
     let bytes = total * esize;
     let algbw = bytes as f64 / median[0] / 1e9;
     Ok(Some(Row {
+        backend: String::new(),
         size_bytes: bytes,
         count: total,
         dtype: T::DTYPE.name().into(),

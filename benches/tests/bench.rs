@@ -203,3 +203,17 @@ fn bad_arguments_are_refused_clearly() {
         text(&o)
     );
 }
+
+/// The default build has no MPI inside: asking for it says how to get it.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn the_mpi_backend_without_the_feature_says_how_to_build_it() {
+    let o = Command::new(BENCH)
+        .args(["--backend", "tcp,mpi"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--features mpi"), "{}", text(&o));
+}

@@ -208,30 +208,8 @@ impl Communicator {
     /// Joins the job: serves the store (if asked), publishes our ring address, connects the ring
     /// and runs a first barrier, all within `config.timeout`.
     pub fn new(config: Config) -> Result<Communicator> {
-        if config.world_size == 0 || config.rank >= config.world_size {
-            return Err(Error::Config(format!(
-                "rank {} must be below world size {}",
-                config.rank, config.world_size
-            )));
-        }
-        if !(1..=crate::config::MAX_FRAME_BYTES).contains(&config.chunk_bytes)
-            || config.small_bytes > crate::config::MAX_FRAME_BYTES
-            || config.timeout.is_zero()
-            || config.timeout.as_secs_f64() > crate::config::MAX_TIMEOUT_SECS
-        {
-            return Err(Error::Config(format!(
-                "chunk_bytes {} (1..=1 GiB), small_bytes {} (<= 1 GiB) or timeout {:?} (0 < t <= 1 year) out of range",
-                config.chunk_bytes, config.small_bytes, config.timeout
-            )));
-        }
-        let deadline = Instant::now() + config.timeout;
-        let token = config.token.clone().unwrap_or_else(|| {
-            tracing::warn!(
-                "{} is not set: ring connections are not authenticated (use ringrun, or export a shared secret)",
-                JobToken::ENV
-            );
-            JobToken::new(format!("ringlet-unauthenticated/{}", config.store_addr))
-        });
+        check_config(&config)?;
+        let token = effective_token(&config);
         let store_sock = resolve(&config.store_addr)?;
         let store = if config.serve_store && config.world_size > 1 {
             let bind_ip = if store_sock.ip().is_loopback() {
@@ -246,6 +224,18 @@ impl Communicator {
         } else {
             None
         };
+        Communicator::join(config, token, store_sock, store)
+    }
+
+    /// Connects the ring through the store at `store_sock` (served by `store` when this process
+    /// holds it), then runs the first barrier.
+    pub(crate) fn join(
+        config: Config,
+        token: JobToken,
+        store_sock: SocketAddr,
+        store: Option<StoreServer>,
+    ) -> Result<Communicator> {
+        let deadline = Instant::now() + config.timeout;
         let link = if config.world_size > 1 {
             // Local choices first: a bad setting fails at once, not after waiting on the store.
             let (advertise, bind_ip) = ring_address(&config, store_sock)?;
@@ -560,14 +550,44 @@ fn ring_address(config: &Config, store: SocketAddr) -> Result<(IpAddr, IpAddr)> 
 }
 
 /// The wildcard address of `ip`'s family (listening on `0.0.0.0` does not accept IPv6 peers).
-fn unspecified_like(ip: IpAddr) -> IpAddr {
+pub(crate) fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::from([0u8; 4]),
         IpAddr::V6(_) => IpAddr::from([0u16; 8]),
     }
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr> {
+pub(crate) fn check_config(config: &Config) -> Result<()> {
+    if config.world_size == 0 || config.rank >= config.world_size {
+        return Err(Error::Config(format!(
+            "rank {} must be below world size {}",
+            config.rank, config.world_size
+        )));
+    }
+    if !(1..=crate::config::MAX_FRAME_BYTES).contains(&config.chunk_bytes)
+        || config.small_bytes > crate::config::MAX_FRAME_BYTES
+        || config.timeout.is_zero()
+        || config.timeout.as_secs_f64() > crate::config::MAX_TIMEOUT_SECS
+    {
+        return Err(Error::Config(format!(
+            "chunk_bytes {} (1..=1 GiB), small_bytes {} (<= 1 GiB) or timeout {:?} (0 < t <= 1 year) out of range",
+            config.chunk_bytes, config.small_bytes, config.timeout
+        )));
+    }
+    Ok(())
+}
+
+fn effective_token(config: &Config) -> JobToken {
+    config.token.clone().unwrap_or_else(|| {
+        tracing::warn!(
+            "{} is not set: ring connections are not authenticated (use ringrun, or export a shared secret)",
+            JobToken::ENV
+        );
+        JobToken::new(format!("ringlet-unauthenticated/{}", config.store_addr))
+    })
+}
+
+pub(crate) fn resolve(addr: &str) -> Result<SocketAddr> {
     addr.to_socket_addrs()
         .map_err(|e| Error::Config(format!("cannot resolve the store address {addr}: {e}")))?
         .next()

@@ -99,6 +99,15 @@ impl Config {
         let mut c = Config::new(rank, world_size, join_host_port(&store_host, port));
         c.local_rank = placement.local_rank;
         c.local_world_size = placement.local_world_size;
+        c.read_settings(env)?;
+        Ok(c)
+    }
+
+    /// Reads Ringlet's own variables (token, timeout, chunk, ...) from `env` into `self`, leaving
+    /// placement (rank, sizes, store address) alone.
+    pub fn read_settings(&mut self, env: &HashMap<String, String>) -> Result<()> {
+        let get = |k: &str| env.get(k).cloned();
+        let c = self;
         c.token = get(JobToken::ENV)
             .filter(|s| !s.is_empty())
             .map(JobToken::new);
@@ -124,7 +133,7 @@ impl Config {
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
             c.busy_poll = Some(Duration::from_micros(us));
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Polling the sockets for a while before sleeping saves the wake-up of a blocking poll

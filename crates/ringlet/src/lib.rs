@@ -9,7 +9,8 @@
 //! - [`schedule`]: each algorithm as data (which chunk goes where at which step);
 //! - [`engine`]: executes a schedule over a [`ringlet_transport::Link`], checks every frame,
 //!   enforces deadlines and spreads failures around the ring;
-//! - [`wire`]: the frame header.
+//! - [`wire`]: the frame header;
+//! - `mpi_boot` (the `mpi` feature): `Communicator::from_mpi`, bootstrap under `mpirun`.
 //!
 //! ```no_run
 //! use ringlet::{Communicator, ReduceOp};
@@ -23,10 +24,15 @@ pub mod bootstrap;
 pub mod comm;
 pub mod config;
 pub mod engine;
+#[cfg(feature = "mpi")]
+pub mod mpi_boot;
 pub mod schedule;
 pub mod wire;
 
 pub use comm::{AllReduceHandle, Communicator};
 pub use config::Config;
+/// The MPI bindings `Communicator::from_mpi` takes (the `mpi` feature).
+#[cfg(feature = "mpi")]
+pub use mpi;
 pub use ringlet_core::half_types::{bf16, f16};
 pub use ringlet_core::{DType, Element, Error, JobToken, ReduceOp, Result};

@@ -194,3 +194,74 @@ impl Drop for Job {
 pub fn error_line(out: &str) -> Option<&str> {
     out.lines().find(|l| l.starts_with("ERROR"))
 }
+
+/// Whether `program` runs (`program --version` or `ARGS`). Outside CI a missing tool skips the
+/// calling test with a printed reason; in CI (`CI` set) it fails the test: `.ci/run` installs
+/// everything the tests need.
+pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
+    let ok = Command::new(program)
+        .args(if args.is_empty() {
+            &["--version"][..]
+        } else {
+            args
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing in CI ({install}): .ci/run must install it"
+        );
+        println!("SKIPPED: {program} is not available here ({install})");
+    }
+    ok
+}
+
+/// `cmd`'s exit status and its stdout + stderr, killed (SIGKILL to its process group) if it runs
+/// past `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<ExitStatus>, String) {
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = Arc::new(Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|pipe| {
+        let out = Arc::clone(&out);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(|l| l.ok()) {
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group we created; no memory is involved.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let text = out.lock().unwrap().clone();
+    (status, text)
+}
