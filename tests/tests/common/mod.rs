@@ -3,6 +3,8 @@
 //! SIGKILLs whatever is left when dropped, so a failing test never leaves processes behind.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,7 @@ pub struct Job {
 
 impl Job {
     /// A job of `n` ranks yet to be started, with its own store port and token.
-    fn empty(n: usize) -> Job {
+    pub fn empty(n: usize) -> Job {
         let port = free_port();
         Job {
             port,
