@@ -229,3 +229,69 @@ fn a_store_that_cannot_start_fails_every_rank_with_the_reason() {
     );
     drop(taken);
 }
+
+/// mpirun across namespace hosts (its daemons started through `scripts/netns-rsh.sh`): rank 0
+/// picks an interface other hosts can reach for the store (not loopback), says so over MPI, and
+/// each rank's ring runs on its own host's address.
+#[test]
+fn mpirun_across_namespace_hosts_bootstraps_over_mpi() {
+    if !mpi_tools_present() || !common::netns::available() {
+        return;
+    }
+    let hosts = common::netns::NetHosts::up(3, None);
+    let list: Vec<String> = (0..3).map(|i| hosts.ip(i)).collect();
+    let net = format!("{}0/24", hosts.subnet);
+    let agent = common::netns::script().with_file_name("netns-rsh.sh");
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "-np", "3", "--host", &list.join(",")])
+        .arg("--mca")
+        .arg("plm_rsh_agent")
+        .arg(&agent)
+        .args(["--mca", "oob_tcp_if_include", &net])
+        .args([
+            "--mca",
+            "btl",
+            "self,tcp",
+            "--mca",
+            "btl_tcp_if_include",
+            &net,
+        ])
+        .args(["-x", "RINGLET_TIMEOUT=60", "-x", "RINGLET_LOG=info"])
+        .arg(mpi_bench())
+        .args([
+            "all_reduce",
+            "-b",
+            "8",
+            "-e",
+            "1M",
+            "-f",
+            "32",
+            "-n",
+            "2",
+            "-w",
+            "1",
+        ])
+        .args(["--backend", "tcp,mpi"]);
+    for var in [
+        "RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RINGLET_JOB_TOKEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    let (status, out) = run_bounded(&mut cmd, Duration::from_secs(180));
+    assert!(status.is_some_and(|s| s.success()), "{out}");
+    assert!(out.contains("Out of bounds values : 0 OK"), "{out}");
+    assert!(
+        out.contains(&format!("store={}:", hosts.ip(0))),
+        "the store is on host 0's own address: {out}"
+    );
+    for ip in &list {
+        assert!(
+            out.contains(&format!("interface=\"eth0\" ip={ip}")),
+            "a rank rings from {ip}: {out}"
+        );
+    }
+}
