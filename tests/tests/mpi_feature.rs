@@ -45,26 +45,16 @@ fn mpi_bench() -> &'static PathBuf {
     })
 }
 
-/// `mpirun -np N` of the feature binary with `args`, without any torchrun variable.
-fn mpirun(n: usize, env: &[&str], args: &[&str]) -> (bool, String) {
+/// `mpirun PLACEMENT... -x VARS... BENCH ARGS...`, without any torchrun variable or store
+/// address in the environment; whether it succeeded, and its output.
+fn mpirun_bench(placement: &[&str], env: &[&str], args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new("mpirun");
-    cmd.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        &n.to_string(),
-    ])
-    // One host: keep Open MPI's own TCP off other interfaces (a down docker0, test bridges),
-    // where its connection attempts can stall start-up.
-    .args([
-        "--mca",
-        "btl_tcp_if_include",
-        "lo",
-        "--mca",
-        "oob_tcp_if_include",
-        "lo",
-    ])
-    .args(["-x", "RINGLET_TIMEOUT=60", "-x", "RINGLET_LOG=info"]);
+    cmd.arg("--allow-run-as-root").args(placement).args([
+        "-x",
+        "RINGLET_TIMEOUT=60",
+        "-x",
+        "RINGLET_LOG=info",
+    ]);
     for e in env {
         cmd.args(["-x", e]);
     }
@@ -80,6 +70,25 @@ fn mpirun(n: usize, env: &[&str], args: &[&str]) -> (bool, String) {
     }
     let (status, out) = run_bounded(&mut cmd, Duration::from_secs(180));
     (status.is_some_and(|s| s.success()), out)
+}
+
+/// `mpirun -np N` on this host.
+fn mpirun(n: usize, env: &[&str], args: &[&str]) -> (bool, String) {
+    let n = n.to_string();
+    // One host: keep Open MPI's own TCP off other interfaces (a down docker0, test bridges),
+    // where its connection attempts can stall start-up.
+    let placement = [
+        "--oversubscribe",
+        "-np",
+        &n,
+        "--mca",
+        "btl_tcp_if_include",
+        "lo",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+    ];
+    mpirun_bench(&placement, env, args)
 }
 
 fn table_rows(out: &str) -> Vec<Vec<&str>> {
@@ -242,23 +251,29 @@ fn mpirun_across_namespace_hosts_bootstraps_over_mpi() {
     let list: Vec<String> = (0..3).map(|i| hosts.ip(i)).collect();
     let net = format!("{}0/24", hosts.subnet);
     let agent = common::netns::script().with_file_name("netns-rsh.sh");
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "-np", "3", "--host", &list.join(",")])
-        .arg("--mca")
-        .arg("plm_rsh_agent")
-        .arg(&agent)
-        .args(["--mca", "oob_tcp_if_include", &net])
-        .args([
-            "--mca",
-            "btl",
-            "self,tcp",
-            "--mca",
-            "btl_tcp_if_include",
-            &net,
-        ])
-        .args(["-x", "RINGLET_TIMEOUT=60", "-x", "RINGLET_LOG=info"])
-        .arg(mpi_bench())
-        .args([
+    let (hosts_arg, agent) = (list.join(","), agent.to_string_lossy().into_owned());
+    let placement = [
+        "-np",
+        "3",
+        "--host",
+        &hosts_arg,
+        "--mca",
+        "plm_rsh_agent",
+        &agent,
+        "--mca",
+        "oob_tcp_if_include",
+        &net,
+        "--mca",
+        "btl",
+        "self,tcp",
+        "--mca",
+        "btl_tcp_if_include",
+        &net,
+    ];
+    let (ok, out) = mpirun_bench(
+        &placement,
+        &[],
+        &[
             "all_reduce",
             "-b",
             "8",
@@ -270,19 +285,11 @@ fn mpirun_across_namespace_hosts_bootstraps_over_mpi() {
             "2",
             "-w",
             "1",
-        ])
-        .args(["--backend", "tcp,mpi"]);
-    for var in [
-        "RANK",
-        "WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "RINGLET_JOB_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    let (status, out) = run_bounded(&mut cmd, Duration::from_secs(180));
-    assert!(status.is_some_and(|s| s.success()), "{out}");
+            "--backend",
+            "tcp,mpi",
+        ],
+    );
+    assert!(ok, "{out}");
     assert!(out.contains("Out of bounds values : 0 OK"), "{out}");
     assert!(
         out.contains(&format!("store={}:", hosts.ip(0))),
