@@ -1,0 +1,20 @@
+//! CUDA for Ringlet, without needing CUDA to build or run: every library is loaded at run time
+//! (cudarc's `dynamic-loading`), and its absence is a typed [`CudaError::NoCuda`], never a panic.
+//!
+//! Layers, bottom up (cudarc's `sys` → `result` → `safe` split):
+//! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl` — the system's search path,
+//!   `RINGLET_{CUDA,NVRTC,NCCL}_LIB`, CUDA installs and pip wheels (`nvidia-*-cu12`) — before
+//!   cudarc asks for them by name;
+//! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
+//! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
+//!   PTX cached on disk;
+//! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
+
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod libs;
+pub mod reference;
+
+pub use device::{devices, DeviceInfo};
+pub use error::CudaError;
