@@ -146,7 +146,10 @@ fn run(args: &Args) -> Result<u64, Error> {
             "--backend mpi needs a build with the mpi feature: cargo build --release -p ringlet-bench --features mpi (Open MPI and libclang-dev installed)".into(),
         ));
     }
-    let tcp = if wants(BackendKind::Tcp) {
+    let ring_needed = [BackendKind::Tcp, BackendKind::Auto, BackendKind::Nccl]
+        .iter()
+        .any(|k| wants(*k));
+    let tcp = if ring_needed {
         #[cfg(feature = "mpi")]
         let comm = match &universe {
             Some(u) => Communicator::from_mpi(&u.world())?,
@@ -163,6 +166,7 @@ fn run(args: &Args) -> Result<u64, Error> {
         .as_ref()
         .filter(|_| wants(BackendKind::Mpi))
         .map(|u| backend::MpiBackend { world: u.world() });
+    let backends = resolve_backends(&args.backend, tcp.as_ref())?;
     let (rank, n) = match (&tcp, args.backend.first()) {
         (Some(c), _) => (c.rank(), c.world_size()),
         #[cfg(feature = "mpi")]
@@ -180,10 +184,9 @@ fn run(args: &Args) -> Result<u64, Error> {
         )));
     }
     let lead = rank == 0;
-    let several = args.backend.len() > 1;
+    let several = backends.len() > 1;
     if lead {
-        let names: Vec<String> = args
-            .backend
+        let names: Vec<String> = backends
             .iter()
             .map(|b| format!("{b:?}").to_lowercase())
             .collect();
@@ -215,7 +218,7 @@ fn run(args: &Args) -> Result<u64, Error> {
     let mut rows = Vec::new();
     let mut size = args.min_bytes;
     while size <= args.max_bytes {
-        for kind in &args.backend {
+        for kind in &backends {
             let row = match kind {
                 BackendKind::Tcp => {
                     let c = tcp.as_ref().expect("tcp backend started");
@@ -228,6 +231,7 @@ fn run(args: &Args) -> Result<u64, Error> {
                 }
                 #[cfg(not(feature = "mpi"))]
                 BackendKind::Mpi => unreachable!("refused above"),
+                BackendKind::Auto | BackendKind::Nccl => unreachable!("resolved above"),
             };
             let Some(mut row) = row else { continue };
             row.backend = format!("{kind:?}").to_lowercase();
@@ -282,6 +286,39 @@ fn run(args: &Args) -> Result<u64, Error> {
         println!("# rank {rank} peak RSS: {rss:.1} MiB");
     }
     Ok(wrong)
+}
+
+/// `auto` and `nccl` become what the job can run, decided once by rank 0 for every rank
+/// (`RINGLET_DEBUG=1` prints the device table).
+fn resolve_backends(
+    asked: &[BackendKind],
+    ring: Option<&Communicator>,
+) -> Result<Vec<BackendKind>, Error> {
+    use ringlet::topology::{Backend, BackendChoice};
+    let mut out = Vec::new();
+    for kind in asked {
+        let choice = match kind {
+            BackendKind::Auto => BackendChoice::Auto,
+            BackendKind::Nccl => BackendChoice::Nccl,
+            other => {
+                out.push(*other);
+                continue;
+            }
+        };
+        let comm = ring.expect("the ring is started for auto and nccl");
+        let topology = comm.topology(choice)?;
+        match topology.backend {
+            Backend::Tcp => out.push(BackendKind::Tcp),
+            Backend::Nccl => {
+                return Err(Error::Config(format!(
+                    "every rank can use NCCL ({}), but this build has no NCCL collectives yet; use --backend tcp",
+                    topology.reason
+                )))
+            }
+        }
+    }
+    out.dedup();
+    Ok(out)
 }
 
 /// The largest resident set this process reached (`VmHWM`), in MiB.

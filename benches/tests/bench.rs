@@ -217,3 +217,35 @@ fn the_mpi_backend_without_the_feature_says_how_to_build_it() {
     assert!(!o.status.success());
     assert!(text(&o).contains("--features mpi"), "{}", text(&o));
 }
+
+/// Where there is no CUDA: `--backend nccl` fails on every rank naming each rank and what it
+/// lacks; `auto` settles on the TCP ring, and RINGLET_DEBUG=1 prints the device table.
+#[test]
+fn without_cuda_nccl_is_refused_and_auto_picks_tcp() {
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        println!("SKIPPED: this machine has an NVIDIA driver");
+        return;
+    }
+    let outs = bench(2, &["-b", "1K", "-e", "1K", "--backend", "nccl"], &[]);
+    for o in &outs {
+        let t = text(o);
+        assert!(!o.status.success(), "{t}");
+        assert!(
+            t.contains("the NCCL backend was asked for, but 2 of 2 ranks cannot use it")
+                && t.contains("rank 0 (")
+                && t.contains("rank 1 (")
+                && t.contains("no libcuda.so.1"),
+            "{t}"
+        );
+    }
+    let outs = bench(
+        2,
+        &["-b", "1K", "-e", "4K", "-n", "2", "--backend", "auto"],
+        &[("RINGLET_DEBUG", "1")],
+    );
+    let t = text(&outs[0]);
+    assert!(outs.iter().all(|o| o.status.success()), "{t}");
+    assert!(t.contains("backend tcp") && t.contains("Out of bounds values : 0 OK"), "{t}");
+    assert!(t.contains("ringlet: backend Tcp (NCCL cannot serve every rank (2 of 2)"), "{t}");
+    assert_eq!(t.matches(" none ").count(), 2, "one table line per rank: {t}");
+}

@@ -10,6 +10,7 @@
 //! - [`engine`]: executes a schedule over a [`ringlet_transport::Link`], checks every frame,
 //!   enforces deadlines and spreads failures around the ring;
 //! - [`wire`]: the frame header;
+//! - [`topology`]: every rank's devices, and the backend chosen once for all;
 //! - `mpi_boot` (the `mpi` feature): `Communicator::from_mpi`, bootstrap under `mpirun`.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@ pub mod engine;
 #[cfg(feature = "mpi")]
 pub mod mpi_boot;
 pub mod schedule;
+pub mod topology;
 pub mod wire;
 
 pub use comm::{AllReduceHandle, Communicator};
