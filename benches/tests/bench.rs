@@ -245,7 +245,17 @@ fn without_cuda_nccl_is_refused_and_auto_picks_tcp() {
     );
     let t = text(&outs[0]);
     assert!(outs.iter().all(|o| o.status.success()), "{t}");
-    assert!(t.contains("backend tcp") && t.contains("Out of bounds values : 0 OK"), "{t}");
-    assert!(t.contains("ringlet: backend Tcp (NCCL cannot serve every rank (2 of 2)"), "{t}");
-    assert_eq!(t.matches(" none ").count(), 2, "one table line per rank: {t}");
+    assert!(
+        t.contains("backend tcp") && t.contains("Out of bounds values : 0 OK"),
+        "{t}"
+    );
+    assert!(
+        t.contains("ringlet: backend Tcp (NCCL cannot serve every rank (2 of 2)"),
+        "{t}"
+    );
+    assert_eq!(
+        t.matches(" none ").count(),
+        2,
+        "one table line per rank: {t}"
+    );
 }

@@ -8,12 +8,14 @@
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
 //! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
 //!   PTX cached on disk;
+//! - [`nccl`]: NCCL's entry points from the library found, typed results;
 //! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
 
 pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod libs;
+pub mod nccl;
 pub mod reference;
 
 pub use device::{devices, DeviceInfo};

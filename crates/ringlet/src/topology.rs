@@ -97,9 +97,14 @@ pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
         }
         Err(e) => (None, 0, Some(short(e))),
     };
-    let nccl = libs::load(CudaLib::Nccl)
-        .map(|p| p.display().to_string())
-        .map_err(short);
+    // NCCL counts only if every entry point we call resolves and it answers its version.
+    let nccl = ringlet_cuda::nccl::Api::load()
+        .map_err(short)
+        .and_then(|api| {
+            let (major, minor, patch) = api.version().map_err(|e| e.to_string())?;
+            let path = libs::load(CudaLib::Nccl).map_err(short)?;
+            Ok(format!("NCCL {major}.{minor}.{patch} ({})", path.display()))
+        });
     RankInfo {
         rank,
         host,
