@@ -8,12 +8,14 @@
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
 //! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
 //!   PTX cached on disk;
+//! - [`launch`]: the kernels loaded on a device and launched on its stream;
 //! - [`nccl`]: NCCL's entry points from the library found, typed results;
 //! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
 
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod launch;
 pub mod libs;
 pub mod nccl;
 pub mod reference;

@@ -1,0 +1,219 @@
+//! `ringlet-gpu-check`: the kernels of `kernels/` on this machine's first GPU against their CPU
+//! references (fresh random data, every bit compared), and the reduction kernel's bandwidth
+//! against a device-to-device copy. Exits 1 on any difference, 2 without CUDA.
+//! `scripts/gpu-check.sh` runs it with the other GPU checks.
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use ringlet_core::{Element, ReduceOp};
+use ringlet_cuda::launch::{suffix, Kernels};
+use ringlet_cuda::reference::{AdamW, Sgd};
+use ringlet_cuda::CudaError;
+use std::time::Instant;
+
+struct Rng(u64);
+
+impl Rng {
+    /// Uniform in [-2, 2) (xorshift64*).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        x as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+    }
+    fn vec<T: Element>(&mut self, n: usize, scale: f64) -> Vec<T> {
+        (0..n).map(|_| T::from_f64(self.next() * scale)).collect()
+    }
+}
+
+fn driver(e: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+fn bits<T: Element>(v: &[T]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// Elements whose bits differ between the GPU result and the CPU reference.
+fn differing<T: Element>(gpu: &[T], cpu: &[T]) -> usize {
+    let size = std::mem::size_of::<T>();
+    bits(gpu)
+        .chunks_exact(size)
+        .zip(bits(cpu).chunks_exact(size))
+        .filter(|(a, b)| a != b)
+        .count()
+}
+
+fn check_reduce<T: Element + DeviceRepr>(
+    k: &Kernels,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<usize, CudaError> {
+    let mut wrong = 0;
+    let scale = if matches!(T::DTYPE, ringlet_core::DType::U8) {
+        60.0
+    } else {
+        1000.0
+    };
+    for op in [
+        ReduceOp::Sum,
+        ReduceOp::Prod,
+        ReduceOp::Min,
+        ReduceOp::Max,
+        ReduceOp::Avg,
+    ] {
+        let (a, b): (Vec<T>, Vec<T>) = (rng.vec(n, scale), rng.vec(n, scale));
+        let mut acc: CudaSlice<T> = k.stream.clone_htod(&a).map_err(driver)?;
+        let src: CudaSlice<T> = k.stream.clone_htod(&b).map_err(driver)?;
+        k.reduce(op, &mut acc, &src)?;
+        let mut cpu = a.clone();
+        T::reduce_into(op, &mut cpu, &b);
+        if op == ReduceOp::Avg {
+            k.divide(&mut acc, 3)?;
+            T::divide_by(&mut cpu, 3);
+        }
+        let gpu = k.stream.clone_dtoh(&acc).map_err(driver)?;
+        let diff = differing(&gpu, &cpu);
+        println!(
+            "  {:<6} {:<5} {:>9} elements {:>7} differ",
+            suffix::<T>(),
+            op.name(),
+            n,
+            diff
+        );
+        wrong += diff;
+    }
+    Ok(wrong)
+}
+
+fn check_optimizers(k: &Kernels, rng: &mut Rng, n: usize) -> Result<usize, CudaError> {
+    let sgd = Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+    };
+    let adamw = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let (p0, g): (Vec<f32>, Vec<f32>) = (rng.vec(n, 1.0), rng.vec(n, 10.0));
+    let mut wrong = 0;
+    // SGD, three steps.
+    let (mut p, mut v) = (p0.clone(), vec![0f32; n]);
+    let mut dp = k.stream.clone_htod(&p0).map_err(driver)?;
+    let dg = k.stream.clone_htod(&g).map_err(driver)?;
+    let mut dv = k.stream.clone_htod(&v).map_err(driver)?;
+    for _ in 0..3 {
+        sgd.step(&mut p, &g, &mut v, 0.125);
+        k.sgd(&sgd, &mut dp, &dg, &mut dv, 0.125)?;
+    }
+    let diff = differing(&k.stream.clone_dtoh(&dp).map_err(driver)?, &p);
+    println!("  sgd_momentum_f32 3 steps {n:>9} params {diff:>7} differ");
+    wrong += diff;
+    // AdamW, three steps.
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+    let mut dp = k.stream.clone_htod(&p0).map_err(driver)?;
+    let mut dm = k.stream.clone_htod(&m).map_err(driver)?;
+    let mut dv = k.stream.clone_htod(&v).map_err(driver)?;
+    for t in 1..=3 {
+        adamw.step(&mut p, &g, &mut m, &mut v, 0.125, t);
+        k.adamw(&adamw, &mut dp, &dg, &mut dm, &mut dv, 0.125, t)?;
+    }
+    let diff = differing(&k.stream.clone_dtoh(&dp).map_err(driver)?, &p);
+    println!("  adamw_f32        3 steps {n:>9} params {diff:>7} differ");
+    Ok(wrong + diff)
+}
+
+/// Median GB/s of `f` moving `bytes` per call.
+fn rate(
+    k: &Kernels,
+    bytes: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    f()?;
+    k.stream.synchronize().map_err(driver)?;
+    let mut times: Vec<f64> = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            k.stream.synchronize().map_err(driver)?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_, CudaError>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(bytes as f64 / times[times.len() / 2] / 1e9)
+}
+
+fn bandwidth(k: &Kernels) -> Result<(), CudaError> {
+    let n = 64 << 20; // 256 MiB of f32
+    let mut a: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
+    let b: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
+    let mut c: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
+    // A copy reads and writes n elements; the reduction reads two and writes one.
+    let copy = rate(k, 2 * 4 * n, || {
+        k.stream.memcpy_dtod(&b, &mut c).map_err(driver)
+    })?;
+    let sum = rate(k, 3 * 4 * n, || k.reduce(ReduceOp::Sum, &mut a, &b))?;
+    println!(
+        "  sum_f32 over 256 MiB: {sum:.0} GB/s; device-to-device copy: {copy:.0} GB/s; ratio {:.2} (target >= 0.85)",
+        sum / copy
+    );
+    Ok(())
+}
+
+fn run() -> Result<usize, CudaError> {
+    let list = ringlet_cuda::devices()?;
+    for d in &list {
+        println!(
+            "device {}: {} sm_{} {:.1} GiB pci {}",
+            d.ordinal,
+            d.name,
+            d.arch(),
+            d.total_memory as f64 / (1u64 << 30) as f64,
+            d.pci_bus_id
+        );
+    }
+    let t = Instant::now();
+    let k = Kernels::new(0)?;
+    println!(
+        "kernels for sm_{} ready in {:.2} s (NVRTC or the PTX cache)",
+        k.arch,
+        t.elapsed().as_secs_f64()
+    );
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64);
+    let n = (1 << 22) + 3; // not a multiple of any block size
+    println!("reductions vs ringlet-core's host reducers (bits):");
+    let mut wrong = check_reduce::<f32>(&k, &mut rng, n)?;
+    wrong += check_reduce::<half::f16>(&k, &mut rng, n)?;
+    wrong += check_reduce::<half::bf16>(&k, &mut rng, n)?;
+    wrong += check_reduce::<f64>(&k, &mut rng, n)?;
+    wrong += check_reduce::<i32>(&k, &mut rng, n)?;
+    wrong += check_reduce::<i64>(&k, &mut rng, n)?;
+    wrong += check_reduce::<u8>(&k, &mut rng, n)?;
+    println!("optimizers vs ringlet_cuda::reference (bits):");
+    wrong += check_optimizers(&k, &mut rng, n)?;
+    println!("bandwidth:");
+    bandwidth(&k)?;
+    Ok(wrong)
+}
+
+fn main() {
+    match run() {
+        Ok(0) => println!("ringlet-gpu-check: every kernel matches its CPU reference"),
+        Ok(wrong) => {
+            println!("ringlet-gpu-check: {wrong} elements differ");
+            std::process::exit(1);
+        }
+        Err(e @ CudaError::NoCuda { .. }) => {
+            eprintln!("ringlet-gpu-check: {e}");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            eprintln!("ringlet-gpu-check: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The kernels of `kernels/` on a device: compiled for its architecture (through the PTX cache),
+//! loaded once, launched on one stream.
+
+use crate::kernels::{self, OPTIM, REDUCE};
+use crate::reference::{AdamW, Sgd};
+use crate::{device, CudaError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use ringlet_core::{Element, ReduceOp};
+use std::sync::Arc;
+
+fn driver(e: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+/// One device's context, stream and loaded kernels.
+pub struct Kernels {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    reduce: Arc<CudaModule>,
+    optim: Arc<CudaModule>,
+    pub arch: u32,
+}
+
+impl Kernels {
+    /// Compiles (or finds in the cache) and loads every kernel on device `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Kernels, CudaError> {
+        let info = device::devices()?
+            .into_iter()
+            .nth(ordinal)
+            .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
+        let arch = info.arch();
+        let cache = kernels::cache_dir();
+        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        let load = |source| -> Result<Arc<CudaModule>, CudaError> {
+            let ptx = kernels::ptx(source, arch, Some(&cache))?;
+            ctx.load_module(Ptx::from_src(ptx)).map_err(driver)
+        };
+        Ok(Kernels {
+            reduce: load(&REDUCE)?,
+            optim: load(&OPTIM)?,
+            stream: ctx.default_stream(),
+            ctx,
+            arch,
+        })
+    }
+
+    fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, CudaError> {
+        module.load_function(name).map_err(driver)
+    }
+
+    /// `acc = op(acc, src)` element-wise on the device (`Avg` sums; see [`divide`](Self::divide)).
+    pub fn reduce<T: Element + DeviceRepr>(
+        &self,
+        op: ReduceOp,
+        acc: &mut CudaSlice<T>,
+        src: &CudaSlice<T>,
+    ) -> Result<(), CudaError> {
+        let n = acc.len().min(src.len()) as u64;
+        let name = match op {
+            ReduceOp::Sum | ReduceOp::Avg => "sum",
+            ReduceOp::Prod => "prod",
+            ReduceOp::Min => "min",
+            ReduceOp::Max => "max",
+        };
+        let f = Self::function(&self.reduce, &format!("{name}_{}", suffix::<T>()))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(acc).arg(src).arg(&n);
+        // SAFETY: the kernel takes (T*, const T*, u64) and touches the first n elements of both
+        // buffers, which hold at least n elements each.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `x /= divisor` element-wise (an average's last step), as the host ring divides.
+    pub fn divide<T: Element + DeviceRepr>(
+        &self,
+        x: &mut CudaSlice<T>,
+        divisor: usize,
+    ) -> Result<(), CudaError> {
+        let (n, d) = (x.len() as u64, divisor as i64);
+        let f = Self::function(&self.reduce, &format!("divide_{}", suffix::<T>()))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&n).arg(&d);
+        // SAFETY: the kernel takes (T*, u64, i64) and touches the first n elements of x.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// One SGD-with-momentum step, as [`Sgd::step`].
+    pub fn sgd(
+        &self,
+        opt: &Sgd,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        grad_scale: f32,
+    ) -> Result<(), CudaError> {
+        let n = p.len() as u64;
+        assert!(
+            g.len() as u64 >= n && v.len() as u64 >= n,
+            "sgd: buffers shorter than p"
+        );
+        let f = Self::function(&self.optim, "sgd_momentum_f32")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(p).arg(g).arg(v).arg(&n);
+        launch
+            .arg(&opt.lr)
+            .arg(&opt.momentum)
+            .arg(&opt.weight_decay)
+            .arg(&grad_scale);
+        // SAFETY: matches optim.cu's signature; every buffer holds at least n elements.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// One AdamW step (`t` from 1), as [`AdamW::step`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        opt: &AdamW,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        grad_scale: f32,
+        t: u32,
+    ) -> Result<(), CudaError> {
+        let n = p.len() as u64;
+        assert!(
+            g.len() as u64 >= n && m.len() as u64 >= n && v.len() as u64 >= n,
+            "adamw: buffers shorter than p"
+        );
+        let (bias1, bias2) = opt.bias_corrections(t);
+        let f = Self::function(&self.optim, "adamw_f32")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(p).arg(g).arg(m).arg(v).arg(&n);
+        launch
+            .arg(&opt.lr)
+            .arg(&opt.beta1)
+            .arg(&opt.beta2)
+            .arg(&opt.eps);
+        launch
+            .arg(&opt.weight_decay)
+            .arg(&grad_scale)
+            .arg(&bias1)
+            .arg(&bias2);
+        // SAFETY: matches optim.cu's signature; every buffer holds at least n elements.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+}
+
+/// The kernels' type suffix for `T`.
+pub fn suffix<T: Element>() -> &'static str {
+    use ringlet_core::DType;
+    match T::DTYPE {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+    }
+}
+
+/// A grid-stride launch: 256 threads a block, enough blocks to fill the device without one
+/// block per element for huge buffers.
+fn config(n: u64) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535 * 4) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
