@@ -9,7 +9,9 @@
 //! Scenarios:
 //! - `correctness COUNTS DTYPES OPS COLLECTIVES`: comma lists (`all` for every dtype, op or
 //!   collective); every collective on every combination, checked element by element and for
-//!   bitwise agreement across ranks;
+//!   bitwise agreement across ranks. Also accepted by name (not in `all`): `all_reduce_device`
+//!   (`_lagging`: its copies complete a few polls late) and `broadcast_device`, device buffers of
+//!   `HostDevice` staged through host blocks;
 //! - `mismatch KIND`: rank 0 calls something different from the others (`count`, `collective`,
 //!   `dtype`, `op`, `root`);
 //! - `loop ITERS COUNT`: all-reduces in a loop, each checked (a victim for kill/stop tests);
@@ -20,6 +22,7 @@
 mod data;
 
 use data::TestElem;
+use ringlet::staged::HostDevice;
 use ringlet::{Communicator, DType, Error, ReduceOp};
 use ringlet_core::with_dtype;
 use std::io::Write;
@@ -201,6 +204,25 @@ fn run_case<T: TestElem>(
             w += count_wrong(&z, &|i| T::expect(op, n, i));
             w += count_wrong(&sync, &|i| T::expect(op, n, i));
             (z, w)
+        }
+        // Device buffers staged through host blocks (the TCP fallback's logic on a host "device"):
+        // the same frames as the host path, so the same bits.
+        "all_reduce_device" | "all_reduce_device_lagging" => {
+            let lag = if coll.ends_with("lagging") { 3 } else { 0 };
+            let mut buf = inputs(rank, count);
+            comm.all_reduce_device(&HostDevice { lag }, &mut buf[..], op)?;
+            let mut host = inputs(rank, count);
+            comm.all_reduce(&mut host, op)?;
+            let mut w = count_wrong(&buf, &|i| T::expect(op, n, i));
+            w += u64::from(bytemuck_bytes(&buf) != bytemuck_bytes(&host));
+            (buf, w)
+        }
+        "broadcast_device" => {
+            let root = (count + 1) % n;
+            let mut buf = inputs(rank, count);
+            comm.broadcast_device(&HostDevice { lag: 2 }, &mut buf[..], root)?;
+            let w = count_wrong(&buf, &|i| T::input(root, i, op));
+            (buf, w)
         }
         "broadcast" => {
             let root = count % n;

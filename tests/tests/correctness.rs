@@ -145,3 +145,29 @@ fn signed_zeros_and_nan_payloads_agree_bit_for_bit_on_every_rank() {
     scenario(2, "bits");
     scenario(3, "bits");
 }
+
+/// Device buffers through the staged TCP fallback, on `HostDevice` (host memory behind the
+/// device interface): every dtype and op, edge counts and several pipeline chunks (small chunks
+/// make the few staging blocks run out, so back-pressure is exercised), and a rank mixing in
+/// host calls. Results must be exact and bit-identical to the host path's.
+#[test]
+fn device_buffers_staged_through_host_blocks() {
+    run(
+        3,
+        "0,1,n+1,1000003",
+        "all",
+        "all",
+        "all_reduce_device,broadcast_device",
+        &[],
+        600,
+    );
+    run(
+        4,
+        "1000003,4097",
+        "float,half,int64",
+        "sum,avg,max",
+        "all_reduce_device,all_reduce_device_lagging,broadcast_device,all_reduce",
+        &[("RINGLET_CHUNK_BYTES", "4K"), ("RINGLET_SMALL_BYTES", "0")],
+        600,
+    );
+}

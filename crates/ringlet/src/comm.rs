@@ -22,19 +22,19 @@ pub struct Communicator {
     rank: usize,
     world_size: usize,
     local_rank: usize,
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     worker: Mutex<Option<Worker>>,
     // Dropped last: other ranks may still be finishing their rendezvous.
     _store: Option<StoreServer>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     ring: Mutex<Ring>,
     order: Mutex<Order>,
     turn: Condvar,
     chunk_bytes: usize,
-    small_bytes: usize,
-    deadlines: Deadlines,
+    pub(crate) small_bytes: usize,
+    pub(crate) deadlines: Deadlines,
 }
 
 struct Ring {
@@ -80,7 +80,7 @@ impl<T> AllReduceHandle<T> {
 
 /// What the caller asked for; with the element type and a sequence number it becomes the
 /// [`CallSig`] every frame carries.
-struct Call {
+pub(crate) struct Call {
     collective: Collective,
     op: ReduceOp,
     root: usize,
@@ -88,7 +88,7 @@ struct Call {
 }
 
 impl Call {
-    fn new(collective: Collective, op: ReduceOp, root: usize, count: usize) -> Call {
+    pub(crate) fn new(collective: Collective, op: ReduceOp, root: usize, count: usize) -> Call {
         Call {
             collective,
             op,
@@ -111,7 +111,7 @@ impl Drop for Turn<'_> {
 }
 
 impl Inner {
-    fn ticket(&self) -> u64 {
+    pub(crate) fn ticket(&self) -> u64 {
         let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
         o.issued += 1;
         o.issued - 1
@@ -129,14 +129,29 @@ impl Inner {
         )
     }
 
-    /// Runs one collective: numbers it, checks the communicator is usable, and marks it broken on
-    /// failure (the ring's byte streams are out of step after an error).
+    /// Runs one collective on host memory.
     fn run<T: Element>(
         &self,
         ticket: u64,
         call: Call,
         buf: &mut [T],
         plan: impl FnOnce() -> Plan,
+    ) -> Result<()> {
+        let deadlines = self.deadlines;
+        self.run_with::<T>(ticket, call, plan, |link, sig, plan, scratch, staging| {
+            run_on_host(link, sig, plan, buf, scratch, staging, deadlines)
+        })
+    }
+
+    /// Runs one collective: numbers it, checks the communicator is usable, hands the link and
+    /// plan to `exec`, and marks the communicator broken on failure (the ring's byte streams are
+    /// out of step after an error).
+    pub(crate) fn run_with<T: Element>(
+        &self,
+        ticket: u64,
+        call: Call,
+        plan: impl FnOnce() -> Plan,
+        exec: impl FnOnce(&mut TcpLink, CallSig, Plan, &mut Vec<u64>, &mut Vec<u64>) -> Result<()>,
     ) -> Result<()> {
         let (_turn, mut ring) = self.wait_turn(ticket);
         if let Some(why) = &ring.broken {
@@ -164,28 +179,7 @@ impl Inner {
             ..
         } = &mut *ring;
         let link = link.as_mut().expect("checked above");
-        let result = match plan {
-            Plan::InPlace(schedule) => {
-                let scratch = typed(scratch, schedule.scratch_len());
-                engine::run(link, sig, &schedule, buf, scratch, self.deadlines)
-            }
-            Plan::GatherReduce { gather, op } => {
-                let (rank, n, count) = (link.rank(), link.world_size(), buf.len());
-                let all = typed(staging, n * count);
-                all[rank * count..(rank + 1) * count].copy_from_slice(buf);
-                let scratch = typed(scratch, gather.scratch_len());
-                engine::run(link, sig, &gather, all, scratch, self.deadlines).map(|()| {
-                    // The same operations in the same order on every rank: identical bits.
-                    buf.copy_from_slice(&all[..count]);
-                    for block in all[count..].chunks_exact(count.max(1)) {
-                        T::reduce_into(op.pairwise(), buf, block);
-                    }
-                    if op == ReduceOp::Avg {
-                        T::divide_by(buf, n);
-                    }
-                })
-            }
-        };
+        let result = exec(link, sig, plan, scratch, staging);
         match &result {
             Ok(()) => ring.broken = None,
             Err(e) => {
@@ -196,6 +190,40 @@ impl Inner {
             }
         }
         result
+    }
+}
+
+/// Executes `plan` on a host buffer.
+pub(crate) fn run_on_host<T: Element>(
+    link: &mut TcpLink,
+    sig: CallSig,
+    plan: Plan,
+    buf: &mut [T],
+    scratch: &mut Vec<u64>,
+    staging: &mut Vec<u64>,
+    deadlines: Deadlines,
+) -> Result<()> {
+    match plan {
+        Plan::InPlace(schedule) => {
+            let scratch = typed(scratch, schedule.scratch_len());
+            engine::run(link, sig, &schedule, buf, scratch, deadlines)
+        }
+        Plan::GatherReduce { gather, op } => {
+            let (rank, n, count) = (link.rank(), link.world_size(), buf.len());
+            let all = typed(staging, n * count);
+            all[rank * count..(rank + 1) * count].copy_from_slice(buf);
+            let scratch = typed(scratch, gather.scratch_len());
+            engine::run(link, sig, &gather, all, scratch, deadlines).map(|()| {
+                // The same operations in the same order on every rank: identical bits.
+                buf.copy_from_slice(&all[..count]);
+                for block in all[count..].chunks_exact(count.max(1)) {
+                    T::reduce_into(op.pairwise(), buf, block);
+                }
+                if op == ReduceOp::Avg {
+                    T::divide_by(buf, n);
+                }
+            })
+        }
     }
 }
 
@@ -292,7 +320,7 @@ impl Communicator {
         self.local_rank
     }
 
-    fn chunk_elems<T>(&self) -> usize {
+    pub(crate) fn chunk_elems<T>(&self) -> usize {
         (self.inner.chunk_bytes / std::mem::size_of::<T>()).max(1)
     }
 
@@ -455,7 +483,7 @@ impl Communicator {
     }
 
     /// Consumes a ticket without running anything, so later calls are not stuck behind it.
-    fn refuse(&self, ticket: u64, why: String) -> Result<()> {
+    pub(crate) fn refuse(&self, ticket: u64, why: String) -> Result<()> {
         let _turn = self.inner.wait_turn(ticket);
         Err(Error::InvalidArgument(why))
     }

@@ -11,7 +11,8 @@
 //!   its predecessor) and waits a short grace period. The first rank whose predecessor made no
 //!   such announcement blames that predecessor, and its verdict travels the ring.
 
-use crate::schedule::{Apply, RecvSpec, Schedule, Xfer};
+use crate::memory::{HostMemory, Memory};
+use crate::schedule::{RecvSpec, Schedule, Xfer};
 use crate::wire::{AbortNotice, CallSig, FrameKind, Header, HEADER_LEN, MAX_CONTROL_PAYLOAD};
 use ringlet_core::error::PeerId;
 use ringlet_core::{Element, Error, Result};
@@ -39,32 +40,25 @@ impl Deadlines {
     }
 }
 
-struct Outgoing {
+struct Outgoing<O> {
     header: [u8; HEADER_LEN],
     range: Range<usize>,
+    /// The memory's handle on the bytes, once it has started preparing them.
+    stage: Option<O>,
     sent: usize,
-    /// A stall notice: sending it is not progress of the collective.
+    /// A stall notice (no payload): sending it is not progress of the collective.
     notice: bool,
 }
 
-enum Target {
-    /// Straight into the caller's buffer (copies). Safe because no schedule receives into a
-    /// region it is still sending: a region is rewritten only after its data has come back
-    /// round the ring.
-    Direct,
-    /// Into a scratch slot, reduced into the buffer once complete.
-    Slot(usize),
-}
-
-struct Incoming {
+struct Incoming<I> {
     header: [u8; HEADER_LEN],
     header_len: usize,
-    target: Option<Target>,
+    target: Option<I>,
     got: usize,
 }
 
-impl Incoming {
-    fn new() -> Incoming {
+impl<I> Incoming<I> {
+    fn new() -> Incoming<I> {
         Incoming {
             header: [0; HEADER_LEN],
             header_len: 0,
@@ -72,14 +66,6 @@ impl Incoming {
             got: 0,
         }
     }
-}
-
-fn bytes<T: Element>(s: &[T]) -> &[u8] {
-    bytemuck::cast_slice(s)
-}
-
-fn bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
-    bytemuck::cast_slice_mut(s)
 }
 
 /// Executes `schedule` for the call `sig` on `buf`, with `scratch` holding `schedule.slots`
@@ -92,44 +78,70 @@ pub fn run<T: Element, L: Link + ?Sized>(
     scratch: &mut [T],
     deadlines: Deadlines,
 ) -> Result<()> {
+    let mut mem = HostMemory::new(buf, scratch, schedule.slots, schedule.slot_len);
+    run_on(
+        link,
+        sig,
+        schedule,
+        &mut mem,
+        std::mem::size_of::<T>(),
+        deadlines,
+    )
+}
+
+/// As [`run`], on any [`Memory`] holding elements of `elem_size` bytes.
+pub fn run_on<L: Link + ?Sized, M: Memory>(
+    link: &mut L,
+    sig: CallSig,
+    schedule: &Schedule,
+    mem: &mut M,
+    elem_size: usize,
+    deadlines: Deadlines,
+) -> Result<()> {
     let mut exec = Exec {
         link,
+        mem,
+        elem_size,
         sig,
         schedule,
         deadlines,
         sends: schedule
             .sends
             .iter()
-            .map(|x| outgoing::<T>(sig, x))
+            .map(|x| outgoing(sig, x, elem_size))
             .collect(),
         incoming: Incoming::new(),
         received: 0,
         ready: VecDeque::new(),
         applied: 0,
-        free_slots: (0..schedule.slots).rev().collect(),
         prev_stalled: false,
     };
-    match exec.drive(buf, scratch) {
+    match exec.drive() {
         Ok(()) => Ok(()),
-        Err(failure) => Err(exec.fail(failure, buf)),
+        Err(failure) => Err(exec.fail(failure)),
     }
 }
 
-fn outgoing<T: Element>(sig: CallSig, x: &Xfer) -> Outgoing {
+fn outgoing<O>(sig: CallSig, x: &Xfer, elem_size: usize) -> Outgoing<O> {
     let header = Header {
         kind: FrameKind::Data,
         sig,
         step: x.step,
         chunk: x.chunk,
-        payload_len: (x.range.len() * std::mem::size_of::<T>()) as u32,
+        payload_len: (x.range.len() * elem_size) as u32,
     };
     Outgoing {
         header: header.encode(),
         range: x.range.clone(),
+        stage: None,
         sent: 0,
         notice: false,
     }
 }
+
+/// How many queued sends the memory may prepare ahead of the one on the wire: copies of the
+/// next chunks overlap with sending this one.
+const STAGE_AHEAD: usize = 3;
 
 /// Why the loop stopped; `fail` turns it into the caller's error and tells the ring.
 /// (Boxed: the loop returns it on the cold path only, and it is large.)
@@ -146,37 +158,39 @@ impl From<Error> for Failure {
     }
 }
 
-struct Exec<'a, L: Link + ?Sized> {
+struct Exec<'a, L: Link + ?Sized, M: Memory> {
     link: &'a mut L,
+    mem: &'a mut M,
+    elem_size: usize,
     sig: CallSig,
     schedule: &'a Schedule,
     deadlines: Deadlines,
-    sends: VecDeque<Outgoing>,
-    incoming: Incoming,
+    sends: VecDeque<Outgoing<M::Out>>,
+    incoming: Incoming<M::In>,
     /// Frames fully received so far (indexes `schedule.recvs`).
     received: usize,
-    /// Received frames not yet applied: (index into recvs, where the payload is).
-    ready: VecDeque<(usize, Target)>,
+    /// Received frames not yet applied: (index into recvs, where the payload landed).
+    ready: VecDeque<(usize, M::In)>,
     applied: usize,
-    free_slots: Vec<usize>,
     /// Our predecessor announced a stall during this collective: it is alive and waiting.
     prev_stalled: bool,
 }
 
-impl<L: Link + ?Sized> Exec<'_, L> {
-    fn done(&self) -> bool {
-        self.applied == self.schedule.recvs.len() && self.sends.is_empty()
+impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
+    fn done(&mut self) -> Result<bool> {
+        Ok(self.applied == self.schedule.recvs.len()
+            && self.sends.is_empty()
+            && !self.mem.busy()?)
     }
 
-    fn drive<T: Element>(&mut self, buf: &mut [T], scratch: &mut [T]) -> Result<(), Failure> {
-        let slot_len = self.schedule.slot_len;
+    fn drive(&mut self) -> Result<(), Failure> {
         let mut last_progress = Instant::now();
         let mut stalled_since: Option<Instant> = None;
         loop {
-            let mut progressed = self.pump_sends(buf)?;
-            progressed |= self.pump_recvs(buf, scratch, slot_len)?;
-            progressed |= self.apply_ready(buf, scratch, slot_len);
-            if self.done() {
+            let mut progressed = self.pump_sends()?;
+            progressed |= self.pump_recvs()?;
+            progressed |= self.apply_ready()?;
+            if self.done()? {
                 return Ok(());
             }
             if progressed {
@@ -184,9 +198,28 @@ impl<L: Link + ?Sized> Exec<'_, L> {
                 stalled_since = None;
                 continue;
             }
+            if self.mem.busy()? {
+                // Copies or kernels in flight: poll them, and the sockets, without sleeping long.
+                if last_progress.elapsed() >= self.deadlines.timeout {
+                    return Err(Error::Deadline {
+                        waiting_for: format!("the device's copies and reductions in {}", self.sig),
+                        after: last_progress.elapsed(),
+                    }
+                    .into());
+                }
+                let soon = Instant::now() + Duration::from_micros(20);
+                self.link
+                    .wait(self.can_receive(), !self.sends.is_empty(), soon)?;
+                continue;
+            }
+            // Asked only once the device is idle: landing places free up as its copies finish.
             let want_send = !self.sends.is_empty();
             let want_recv = self.can_receive();
             if !want_send && !want_recv {
+                // The device may have caught up since `done` last looked.
+                if self.done()? {
+                    return Ok(());
+                }
                 return Err(Error::Broken(format!(
                     "internal scheduling error in {}: nothing to send or receive but not done",
                     self.sig
@@ -217,17 +250,41 @@ impl<L: Link + ?Sized> Exec<'_, L> {
     }
 
     fn can_receive(&self) -> bool {
-        if self.received == self.schedule.recvs.len() {
+        let Some(spec) = self.schedule.recvs.get(self.received) else {
             return false;
-        }
+        };
         let i = &self.incoming;
-        i.header_len < HEADER_LEN || i.target.is_some() || !self.free_slots.is_empty()
+        i.header_len < HEADER_LEN || i.target.is_some() || self.mem.can_land(spec.apply)
     }
 
-    fn pump_sends<T: Element>(&mut self, buf: &[T]) -> Result<bool> {
+    /// Asks the memory to prepare the first few queued sends.
+    fn stage_ahead(&mut self) -> Result<()> {
+        for o in self.sends.iter_mut().take(STAGE_AHEAD) {
+            if o.stage.is_none() && !o.notice {
+                match self.mem.stage(o.range.clone())? {
+                    Some(stage) => o.stage = Some(stage),
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pump_sends(&mut self) -> Result<bool> {
         let mut progressed = false;
-        while let Some(o) = self.sends.front_mut() {
-            let payload = bytes(&buf[o.range.clone()]);
+        loop {
+            self.stage_ahead()?;
+            let Some(o) = self.sends.front_mut() else {
+                break;
+            };
+            let payload: &[u8] = match (o.notice, o.stage) {
+                (true, _) => &[],
+                (false, Some(stage)) => match self.mem.staged_bytes(stage)? {
+                    Some(bytes) => bytes,
+                    None => break,
+                },
+                (false, None) => break,
+            };
             let total = HEADER_LEN + payload.len();
             let n = if o.sent < HEADER_LEN {
                 self.link
@@ -242,19 +299,17 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             progressed |= !o.notice;
             o.sent += n;
             if o.sent == total {
+                if let Some(stage) = o.stage {
+                    self.mem.release(stage);
+                }
                 self.sends.pop_front();
             }
         }
         Ok(progressed)
     }
 
-    fn pump_recvs<T: Element>(
-        &mut self,
-        buf: &mut [T],
-        scratch: &mut [T],
-        slot_len: usize,
-    ) -> Result<bool, Failure> {
-        let size = std::mem::size_of::<T>();
+    fn pump_recvs(&mut self) -> Result<bool, Failure> {
+        let size = self.elem_size;
         let mut progressed = false;
         while self.received < self.schedule.recvs.len() {
             if self.incoming.header_len < HEADER_LEN {
@@ -278,23 +333,15 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             }
             let spec = &self.schedule.recvs[self.received];
             if self.incoming.target.is_none() {
-                self.incoming.target = if spec.apply == Apply::Copy {
-                    Some(Target::Direct)
-                } else if let Some(s) = self.free_slots.pop() {
-                    Some(Target::Slot(s))
-                } else {
-                    break;
-                };
+                match self.mem.land(spec.xfer.range.clone(), spec.apply) {
+                    Some(landing) => self.incoming.target = Some(landing),
+                    None => break,
+                }
             }
             let want = spec.xfer.range.len() * size;
             if self.incoming.got < want {
-                let dst = match self.incoming.target {
-                    Some(Target::Direct) => bytes_mut(&mut buf[spec.xfer.range.clone()]),
-                    Some(Target::Slot(s)) => {
-                        bytes_mut(&mut scratch[s * slot_len..s * slot_len + spec.xfer.range.len()])
-                    }
-                    None => unreachable!("target chosen above"),
-                };
+                let landing = self.incoming.target.expect("target chosen above");
+                let dst = self.mem.landing_bytes(landing);
                 let n = self.link.recv(&mut dst[self.incoming.got..])?;
                 if n == 0 {
                     break;
@@ -372,29 +419,22 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         }
     }
 
-    fn apply_ready<T: Element>(&mut self, buf: &mut [T], scratch: &[T], slot_len: usize) -> bool {
+    fn apply_ready(&mut self) -> Result<bool> {
         let mut progressed = false;
-        while let Some((i, target)) = self.ready.pop_front() {
+        while let Some((i, landing)) = self.ready.pop_front() {
             let spec = &self.schedule.recvs[i];
-            let dst = &mut buf[spec.xfer.range.clone()];
-            if let Target::Slot(s) = target {
-                let src = &scratch[s * slot_len..s * slot_len + dst.len()];
-                match spec.apply {
-                    Apply::Copy => dst.copy_from_slice(src),
-                    Apply::Reduce => T::reduce_into(self.schedule.op, dst, src),
-                }
-                self.free_slots.push(s);
-            }
-            if spec.finish_avg {
-                T::divide_by(dst, self.link.world_size());
-            }
+            let divide = spec.finish_avg.then(|| self.link.world_size());
+            self.mem
+                .apply(landing, self.schedule.op, spec.apply, divide)?;
+            // Staged after the apply, so a device copies the chunk out once it is reduced.
             if let Some(fwd) = &spec.forward {
-                self.sends.push_back(outgoing::<T>(self.sig, fwd));
+                self.sends
+                    .push_back(outgoing(self.sig, fwd, self.elem_size));
             }
             self.applied += 1;
             progressed = true;
         }
-        progressed
+        Ok(progressed)
     }
 
     /// Reads an abort notice's payload (bounded size, short deadline).
@@ -433,6 +473,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         self.sends.push_front(Outgoing {
             header: header.encode(),
             range: 0..0,
+            stage: None,
             sent: 0,
             notice: true,
         });
@@ -468,7 +509,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
 
     /// Turns a failure into the caller's error after telling the next rank, so the whole ring
     /// fails with one explanation.
-    fn fail<T: Element>(&mut self, failure: Failure, buf: &[T]) -> Error {
+    fn fail(&mut self, failure: Failure) -> Error {
         let me = self.link.rank();
         let (notice, error) = match failure {
             Failure::Relayed(notice) => {
@@ -486,7 +527,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
             Failure::Local(error) => {
                 let error = *error;
                 if let Some(notice) = self.explanation_of(&error) {
-                    return self.fail(Failure::Relayed(Box::new(notice)), buf);
+                    return self.fail(Failure::Relayed(Box::new(notice)));
                 }
                 let notice = AbortNotice {
                     origin_rank: me as u64,
@@ -506,7 +547,7 @@ impl<L: Link + ?Sized> Exec<'_, L> {
         // must hear why its peers stopped.)
         let next_unreachable = matches!(&error, Error::PeerLost { peer, .. } | Error::Timeout { peer, .. } if peer.rank == next);
         if next != Some(notice.origin_rank as usize) && !next_unreachable {
-            self.send_notice(&notice, buf);
+            self.send_notice(&notice);
         }
         error
     }
@@ -560,11 +601,18 @@ impl<L: Link + ?Sized> Exec<'_, L> {
 
     /// Best effort, bounded: finish the frame in flight (a notice cannot cut into it), then send
     /// the abort notice. A dead or stopped next rank makes this fail fast or at the short deadline.
-    fn send_notice<T: Element>(&mut self, notice: &AbortNotice, buf: &[T]) {
+    fn send_notice(&mut self, notice: &AbortNotice) {
         let deadline = Instant::now() + self.deadlines.grace.min(Duration::from_secs(2));
         if let Some(o) = self.sends.front() {
             if o.sent > 0 {
-                let payload = bytes(&buf[o.range.clone()]);
+                // A frame under way has its bytes staged: they stay until released.
+                let payload: &[u8] = match (o.notice, o.stage) {
+                    (false, Some(stage)) => match self.mem.staged_bytes(stage) {
+                        Ok(Some(bytes)) => bytes,
+                        _ => return,
+                    },
+                    _ => &[],
+                };
                 let frame = [&o.header[..], payload];
                 let (head, tail) = (o.sent.min(HEADER_LEN), o.sent.saturating_sub(HEADER_LEN));
                 if send_all(self.link, &[&frame[0][head..], &frame[1][tail..]], deadline).is_err() {

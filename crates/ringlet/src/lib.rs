@@ -10,6 +10,8 @@
 //! - [`engine`]: executes a schedule over a [`ringlet_transport::Link`], checks every frame,
 //!   enforces deadlines and spreads failures around the ring;
 //! - [`wire`]: the frame header;
+//! - [`memory`], [`staged`]: the buffer as the engine sees it — a host slice, or a device buffer
+//!   staged through host blocks (the TCP fallback for device buffers);
 //! - [`topology`]: every rank's devices, and the backend chosen once for all;
 //! - `mpi_boot` (the `mpi` feature): `Communicator::from_mpi`, bootstrap under `mpirun`.
 //!
@@ -25,9 +27,11 @@ pub mod bootstrap;
 pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod memory;
 #[cfg(feature = "mpi")]
 pub mod mpi_boot;
 pub mod schedule;
+pub mod staged;
 pub mod topology;
 pub mod wire;
 

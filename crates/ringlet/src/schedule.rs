@@ -54,6 +54,13 @@ impl Schedule {
     pub fn scratch_len(&self) -> usize {
         self.slots * self.slot_len
     }
+
+    /// The most elements any one frame carries.
+    pub fn longest_transfer(&self) -> usize {
+        let sends = self.sends.iter().map(|x| x.range.len());
+        let recvs = self.recvs.iter().map(|r| r.xfer.range.len());
+        sends.chain(recvs).max().unwrap_or(0)
+    }
 }
 
 /// `count` elements cut into `n` near-equal contiguous segments (the first `count % n` one longer).

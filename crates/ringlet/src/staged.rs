@@ -1,0 +1,373 @@
+//! Collectives on device buffers over the TCP ring: chunks are copied out to host blocks to be
+//! sent, and received chunks are copied in and reduced on the device — the same schedules and
+//! wire frames as host buffers, with copies overlapping the network (several blocks each way).
+//!
+//! The staging logic is written against [`Device`]; [`HostDevice`] implements it with host
+//! memory, so the logic is tested across processes without a GPU. A CUDA device implements the
+//! same trait with pinned blocks, one stream, events and the kernels of `kernels/`.
+
+use crate::comm::{run_on_host, Call};
+use crate::engine;
+use crate::memory::Memory;
+use crate::schedule::{self, Apply, Plan};
+use crate::wire::Collective;
+use crate::Communicator;
+use ringlet_core::{Element, ReduceOp, Result};
+use std::ops::Range;
+
+/// What staging needs from a device. Operations are issued in order on one queue (a CUDA
+/// stream) and may complete later; an [`Event`](Self::Event) marks everything issued before it.
+/// Callers keep a host block untouched until the event after its last use has completed.
+pub trait Device<T: Element> {
+    /// The collective's buffer in device memory.
+    type Buffer: ?Sized;
+    /// One chunk of device memory, where received chunks are copied before being reduced.
+    type Scratch;
+    /// One chunk of host memory the network reads and writes (pinned, for a GPU).
+    type Block: AsRef<[T]> + AsMut<[T]>;
+    type Event;
+
+    fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Called for every collective: a GPU implementation should hand out pinned blocks from a
+    /// pool rather than allocate them each time.
+    fn block(&self, len: usize) -> Result<Self::Block>;
+    fn scratch(&self, len: usize) -> Result<Self::Scratch>;
+    /// `block[..range.len()] = buf[range]`.
+    fn download(
+        &self,
+        buf: &Self::Buffer,
+        range: Range<usize>,
+        block: &mut Self::Block,
+    ) -> Result<()>;
+    /// `buf[range] = block[..]`, or with `reduce`: `buf[range] = op(buf[range], block[..])`
+    /// (through `scratch`).
+    fn upload(
+        &self,
+        block: &Self::Block,
+        buf: &mut Self::Buffer,
+        range: Range<usize>,
+        scratch: &mut Self::Scratch,
+        reduce: Option<ReduceOp>,
+    ) -> Result<()>;
+    /// `buf[range] /= n` (an average's last step).
+    fn divide(&self, buf: &mut Self::Buffer, range: Range<usize>, n: usize) -> Result<()>;
+    /// Marks everything issued so far.
+    fn record(&self) -> Result<Self::Event>;
+    fn complete(&self, event: &Self::Event) -> Result<bool>;
+}
+
+/// Host blocks each way: while one block's bytes are on the wire the next ones are being copied.
+pub const BLOCKS: usize = 3;
+
+struct OutBlock<D: Device<T>, T: Element> {
+    block: D::Block,
+    len: usize,
+    /// Set while staged or sending; the event marks the download.
+    busy: Option<D::Event>,
+}
+
+struct InBlock<D: Device<T>, T: Element> {
+    block: D::Block,
+    scratch: D::Scratch,
+    range: Range<usize>,
+    /// Landing in progress.
+    landing: bool,
+    /// The upload reading this block, until it completes.
+    uploading: Option<D::Event>,
+}
+
+/// A device buffer as the engine's [`Memory`].
+pub struct Staged<'a, T: Element, D: Device<T>> {
+    dev: &'a D,
+    buf: &'a mut D::Buffer,
+    outs: Vec<OutBlock<D, T>>,
+    ins: Vec<InBlock<D, T>>,
+}
+
+impl<'a, T: Element, D: Device<T>> Staged<'a, T, D> {
+    /// Blocks of `chunk` elements (the longest transfer of the schedule).
+    pub fn new(dev: &'a D, buf: &'a mut D::Buffer, chunk: usize) -> Result<Self> {
+        let outs = (0..BLOCKS)
+            .map(|_| {
+                Ok(OutBlock {
+                    block: dev.block(chunk)?,
+                    len: 0,
+                    busy: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ins = (0..BLOCKS)
+            .map(|_| {
+                Ok(InBlock {
+                    block: dev.block(chunk)?,
+                    scratch: dev.scratch(chunk)?,
+                    range: 0..0,
+                    landing: false,
+                    uploading: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Staged {
+            dev,
+            buf,
+            outs,
+            ins,
+        })
+    }
+
+    fn free_in(&self) -> Option<usize> {
+        self.ins.iter().position(|b| {
+            !b.landing
+                && b.uploading
+                    .as_ref()
+                    .is_none_or(|e| self.dev.complete(e).unwrap_or(false))
+        })
+    }
+}
+
+impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
+    type Out = usize;
+    type In = usize;
+
+    fn stage(&mut self, range: Range<usize>) -> Result<Option<usize>> {
+        let Some(i) = self.outs.iter().position(|b| b.busy.is_none()) else {
+            return Ok(None);
+        };
+        let b = &mut self.outs[i];
+        b.len = range.len();
+        self.dev.download(self.buf, range, &mut b.block)?;
+        b.busy = Some(self.dev.record()?);
+        Ok(Some(i))
+    }
+
+    fn staged_bytes(&mut self, i: usize) -> Result<Option<&[u8]>> {
+        let b = &self.outs[i];
+        let ready = match &b.busy {
+            Some(e) => self.dev.complete(e)?,
+            None => false,
+        };
+        Ok(ready.then(|| bytemuck::cast_slice(&b.block.as_ref()[..b.len])))
+    }
+
+    fn release(&mut self, i: usize) {
+        self.outs[i].busy = None;
+    }
+
+    fn can_land(&self, _apply: Apply) -> bool {
+        self.free_in().is_some()
+    }
+
+    fn land(&mut self, range: Range<usize>, _apply: Apply) -> Option<usize> {
+        let i = self.free_in()?;
+        let b = &mut self.ins[i];
+        b.range = range;
+        b.landing = true;
+        b.uploading = None;
+        Some(i)
+    }
+
+    fn landing_bytes(&mut self, i: usize) -> &mut [u8] {
+        let b = &mut self.ins[i];
+        bytemuck::cast_slice_mut(&mut b.block.as_mut()[..b.range.len()])
+    }
+
+    fn apply(&mut self, i: usize, op: ReduceOp, apply: Apply, divide: Option<usize>) -> Result<()> {
+        let b = &mut self.ins[i];
+        let reduce = (apply == Apply::Reduce).then_some(op);
+        self.dev
+            .upload(&b.block, self.buf, b.range.clone(), &mut b.scratch, reduce)?;
+        if let Some(n) = divide {
+            self.dev.divide(self.buf, b.range.clone(), n)?;
+        }
+        b.landing = false;
+        b.uploading = Some(self.dev.record()?);
+        Ok(())
+    }
+
+    fn busy(&mut self) -> Result<bool> {
+        for e in self.ins.iter().filter_map(|b| b.uploading.as_ref()) {
+            if !self.dev.complete(e)? {
+                return Ok(true);
+            }
+        }
+        for e in self.outs.iter().filter_map(|b| b.busy.as_ref()) {
+            if !self.dev.complete(e)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+impl Communicator {
+    /// [`all_reduce`](Communicator::all_reduce) of a device buffer over the TCP ring: the same
+    /// frames (and bits) as a host buffer's, each chunk reduced on the device. Small buffers
+    /// (gathered whole, see `RINGLET_SMALL_BYTES`) go through one host copy and are reduced on
+    /// the host, as a host buffer's are.
+    pub fn all_reduce_device<T: Element, D: Device<T>>(
+        &self,
+        dev: &D,
+        buf: &mut D::Buffer,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let ticket = self.inner.ticket();
+        let (rank, n, count) = (self.rank(), self.world_size(), dev.len(buf));
+        let chunk = self.chunk_elems::<T>();
+        let small = (count * std::mem::size_of::<T>()).saturating_mul((n - 1).max(1))
+            <= self.inner.small_bytes;
+        let plan = || {
+            if small {
+                schedule::gather_reduce(count, rank, n, op)
+            } else {
+                Plan::InPlace(schedule::ring_all_reduce(count, rank, n, chunk, op))
+            }
+        };
+        self.run_device(
+            ticket,
+            Call::new(Collective::AllReduce, op, 0, count),
+            dev,
+            buf,
+            plan,
+        )
+    }
+
+    /// [`broadcast`](Communicator::broadcast) of a device buffer over the TCP ring.
+    pub fn broadcast_device<T: Element, D: Device<T>>(
+        &self,
+        dev: &D,
+        buf: &mut D::Buffer,
+        root: usize,
+    ) -> Result<()> {
+        let ticket = self.inner.ticket();
+        let (rank, n, count) = (self.rank(), self.world_size(), dev.len(buf));
+        if root >= n {
+            return self.refuse(
+                ticket,
+                format!("broadcast root {root} is not below world size {n}"),
+            );
+        }
+        let chunk = self.chunk_elems::<T>();
+        let plan = || Plan::InPlace(schedule::chain_broadcast(count, rank, n, chunk, root));
+        self.run_device(
+            ticket,
+            Call::new(Collective::Broadcast, ReduceOp::Sum, root, count),
+            dev,
+            buf,
+            plan,
+        )
+    }
+
+    fn run_device<T: Element, D: Device<T>>(
+        &self,
+        ticket: u64,
+        call: Call,
+        dev: &D,
+        buf: &mut D::Buffer,
+        plan: impl FnOnce() -> Plan,
+    ) -> Result<()> {
+        let deadlines = self.inner.deadlines;
+        self.inner.run_with::<T>(
+            ticket,
+            call,
+            plan,
+            |link, sig, plan, scratch, staging| match plan {
+                Plan::InPlace(schedule) => {
+                    let mut mem = Staged::new(dev, buf, schedule.longest_transfer().max(1))?;
+                    engine::run_on(
+                        link,
+                        sig,
+                        &schedule,
+                        &mut mem,
+                        std::mem::size_of::<T>(),
+                        deadlines,
+                    )
+                }
+                small => {
+                    let count = dev.len(buf);
+                    let mut block = dev.block(count)?;
+                    dev.download(buf, 0..count, &mut block)?;
+                    settle(dev)?;
+                    run_on_host(
+                        link,
+                        sig,
+                        small,
+                        &mut block.as_mut()[..count],
+                        scratch,
+                        staging,
+                        deadlines,
+                    )?;
+                    let mut scratch = dev.scratch(count)?;
+                    dev.upload(&block, buf, 0..count, &mut scratch, None)?;
+                    settle(dev)
+                }
+            },
+        )
+    }
+}
+
+/// Waits for everything issued on `dev` (a short copy of a small buffer).
+fn settle<T: Element, D: Device<T>>(dev: &D) -> Result<()> {
+    let event = dev.record()?;
+    while !dev.complete(&event)? {
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
+/// A [`Device`] made of host memory: copies are `memcpy`, reductions the host reducers. It runs
+/// the staging logic for real, without a GPU. With `lag` > 0 an event reports completion only
+/// after being polled that many times, as a GPU's copies finish after the call that issued them,
+/// so the engine's waiting on copies is exercised too.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostDevice {
+    pub lag: u32,
+}
+
+impl<T: Element> Device<T> for HostDevice {
+    type Buffer = [T];
+    type Scratch = Vec<T>;
+    type Block = Vec<T>;
+    type Event = std::cell::Cell<u32>;
+
+    fn len(&self, buf: &[T]) -> usize {
+        buf.len()
+    }
+    fn block(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zeroed(); len])
+    }
+    fn scratch(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zeroed(); len])
+    }
+    fn download(&self, buf: &[T], range: Range<usize>, block: &mut Vec<T>) -> Result<()> {
+        block[..range.len()].copy_from_slice(&buf[range]);
+        Ok(())
+    }
+    fn upload(
+        &self,
+        block: &Vec<T>,
+        buf: &mut [T],
+        range: Range<usize>,
+        scratch: &mut Vec<T>,
+        reduce: Option<ReduceOp>,
+    ) -> Result<()> {
+        let n = range.len();
+        scratch[..n].copy_from_slice(&block[..n]);
+        match reduce {
+            Some(op) => T::reduce_into(op, &mut buf[range], &scratch[..n]),
+            None => buf[range].copy_from_slice(&scratch[..n]),
+        }
+        Ok(())
+    }
+    fn divide(&self, buf: &mut [T], range: Range<usize>, n: usize) -> Result<()> {
+        T::divide_by(&mut buf[range], n);
+        Ok(())
+    }
+    fn record(&self) -> Result<std::cell::Cell<u32>> {
+        Ok(std::cell::Cell::new(self.lag))
+    }
+    fn complete(&self, polls_left: &std::cell::Cell<u32>) -> Result<bool> {
+        let left = polls_left.get();
+        polls_left.set(left.saturating_sub(1));
+        Ok(left == 0)
+    }
+}
