@@ -7,11 +7,12 @@ use ringlet::{Communicator, Element, Error, ReduceOp};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     /// NCCL when every rank has a CUDA device and NCCL, else Ringlet's TCP ring (decided by
-    /// rank 0 for all).
+    /// rank 0 for all; RINGLET_DEBUG=1 prints the device table).
     Auto,
     /// Ringlet's pipelined TCP ring.
     Tcp,
-    /// NCCL on device buffers; fails, naming each rank that lacks a device or NCCL.
+    /// NCCL on device buffers. Not in this build yet: fails, naming each rank that lacks a
+    /// device or NCCL, or saying the collectives are missing where every rank has both.
     Nccl,
     /// MPI_Allreduce, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block (needs the `mpi`
     /// feature and an MPI launcher).

@@ -63,12 +63,12 @@ struct Args {
     /// Root rank of broadcast.
     #[arg(short = 'r', long = "root", default_value_t = 0)]
     root: usize,
-    /// Also write the rows as JSON: {"rows": [{size_bytes, count, dtype, op, time_us,
+    /// Also write the rows as JSON: {"rows": [{backend, size_bytes, count, dtype, op, time_us,
     /// algbw_gbps, busbw_gbps, wrong}, ...]} (rank 0 only).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// What to measure, comma-separated, each size in turn: tcp (Ringlet's ring), mpi (the MPI
-    /// library; needs the `mpi` feature, no half/bfloat16, no avg).
+    /// What to measure, comma-separated, each size in turn (a `backend` column is added when
+    /// there are several).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
     backend: Vec<BackendKind>,
 }
