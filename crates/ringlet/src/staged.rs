@@ -286,7 +286,7 @@ impl Communicator {
                     let count = dev.len(buf);
                     let mut block = dev.block(count)?;
                     dev.download(buf, 0..count, &mut block)?;
-                    settle(dev)?;
+                    settle(dev, deadlines.timeout)?;
                     run_on_host(
                         link,
                         sig,
@@ -298,17 +298,24 @@ impl Communicator {
                     )?;
                     let mut scratch = dev.scratch(count)?;
                     dev.upload(&block, buf, 0..count, &mut scratch, None)?;
-                    settle(dev)
+                    settle(dev, deadlines.timeout)
                 }
             },
         )
     }
 }
 
-/// Waits for everything issued on `dev` (a short copy of a small buffer).
-fn settle<T: Element, D: Device<T>>(dev: &D) -> Result<()> {
+/// Waits, at most `timeout`, for everything issued on `dev` (a short copy of a small buffer).
+fn settle<T: Element, D: Device<T>>(dev: &D, timeout: std::time::Duration) -> Result<()> {
+    let start = std::time::Instant::now();
     let event = dev.record()?;
     while !dev.complete(&event)? {
+        if start.elapsed() > timeout {
+            return Err(ringlet_core::Error::Deadline {
+                waiting_for: "the device to copy a small buffer".into(),
+                after: start.elapsed(),
+            });
+        }
         std::thread::yield_now();
     }
     Ok(())
