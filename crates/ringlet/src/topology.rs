@@ -79,6 +79,9 @@ pub struct Topology {
     pub reason: String,
 }
 
+/// Bound on the encoded table rank 0 sends (a thousand ranks take about 200 KiB).
+const MAX_TABLE_BYTES: i64 = 16 << 20;
+
 /// This process's description.
 pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
     let host = hostname();
@@ -214,6 +217,12 @@ impl Communicator {
         };
         let mut len = [verdict.len() as i64];
         self.broadcast(&mut len, 0)?;
+        if !(0..=MAX_TABLE_BYTES).contains(&len[0]) {
+            return Err(Error::Config(format!(
+                "rank 0 announced a device table of {} bytes (at most {MAX_TABLE_BYTES})",
+                len[0]
+            )));
+        }
         let mut verdict = if self.rank() == 0 {
             verdict
         } else {
