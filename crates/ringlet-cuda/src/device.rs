@@ -30,15 +30,10 @@ fn driver(e: result::DriverError) -> CudaError {
 
 /// Loads the driver and initialises it: [`CudaError::NoCuda`] where there is none.
 pub fn init_driver() -> Result<(), CudaError> {
-    libs::load(CudaLib::Driver)?;
-    // SAFETY: only asks whether cudarc can open the library (loaded above); no CUDA call.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(CudaError::NoCuda {
-            library: "libcuda.so.1",
-            searched: "cudarc's library names".into(),
-            env: CudaLib::Driver.env(),
-        });
-    }
+    // SAFETY: is_culib_present only asks whether cudarc can open the library; no CUDA call.
+    libs::require(CudaLib::Driver, || unsafe {
+        cudarc::driver::sys::is_culib_present()
+    })?;
     result::init().map_err(driver)
 }
 

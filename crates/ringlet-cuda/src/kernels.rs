@@ -47,15 +47,10 @@ const OPTIONS: [&str; 2] = ["--fmad=false", "--std=c++17"];
 
 /// Loads NVRTC: [`CudaError::NoCuda`] where there is none.
 pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
-    libs::load(CudaLib::Nvrtc)?;
-    // SAFETY: only asks whether cudarc can open the library (loaded above); no NVRTC call.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(CudaError::NoCuda {
-            library: "libnvrtc.so.12",
-            searched: "cudarc's library names".into(),
-            env: CudaLib::Nvrtc.env(),
-        });
-    }
+    // SAFETY: is_culib_present only asks whether cudarc can open the library; no NVRTC call.
+    libs::require(CudaLib::Nvrtc, || unsafe {
+        cudarc::nvrtc::sys::is_culib_present()
+    })?;
     let (mut major, mut minor) = (0, 0);
     // SAFETY: nvrtcVersion writes two ints through valid pointers to our locals.
     let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };

@@ -73,6 +73,22 @@ pub fn load(lib: CudaLib) -> Result<PathBuf, CudaError> {
         })
 }
 
+/// Loads `lib`, then confirms cudarc can open it by its own names too (`cudarc_sees`: that
+/// library's `is_culib_present`); cudarc panics on a library it cannot open, so every CUDA call
+/// goes through here first.
+pub fn require(lib: CudaLib, cudarc_sees: impl FnOnce() -> bool) -> Result<(), CudaError> {
+    load(lib)?;
+    if cudarc_sees() {
+        Ok(())
+    } else {
+        Err(CudaError::NoCuda {
+            library: lib.file_names()[0],
+            searched: "cudarc's library names".into(),
+            env: lib.env(),
+        })
+    }
+}
+
 /// Whether `lib` can be loaded here.
 pub fn present(lib: CudaLib) -> bool {
     load(lib).is_ok()

@@ -185,12 +185,9 @@ impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
     }
 
     fn busy(&mut self) -> Result<bool> {
-        for e in self.ins.iter().filter_map(|b| b.uploading.as_ref()) {
-            if !self.dev.complete(e)? {
-                return Ok(true);
-            }
-        }
-        for e in self.outs.iter().filter_map(|b| b.busy.as_ref()) {
+        let uploads = self.ins.iter().filter_map(|b| b.uploading.as_ref());
+        let downloads = self.outs.iter().filter_map(|b| b.busy.as_ref());
+        for e in uploads.chain(downloads) {
             if !self.dev.complete(e)? {
                 return Ok(true);
             }
