@@ -11,8 +11,8 @@ pub enum BackendKind {
     Auto,
     /// Ringlet's pipelined TCP ring.
     Tcp,
-    /// NCCL on device buffers. Not in this build yet: fails, naming each rank that lacks a
-    /// device or NCCL, or saying the collectives are missing where every rank has both.
+    /// NCCL on device buffers (one GPU per rank; ranks on one host share its GPUs). Fails,
+    /// naming each rank that lacks a device or NCCL, where any does.
     Nccl,
     /// MPI_Allreduce, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block (needs the `mpi`
     /// feature and an MPI launcher).
@@ -32,6 +32,15 @@ pub trait Backend {
     fn world_size(&self) -> usize;
     /// Whether all_reduce and broadcast read `send` (out of place) rather than `recv`.
     fn out_of_place(&self) -> bool;
+    /// Copies the filled buffers to where the collectives run (the GPU, for device backends),
+    /// outside the timed calls.
+    fn upload<T: Element>(&self, _b: &Buffers<T>) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Copies the result back to `b.recv` for the check.
+    fn download<T: Element>(&self, _b: &mut Buffers<T>) -> Result<(), Error> {
+        Ok(())
+    }
     fn all_reduce<T: Element>(&self, b: &mut Buffers<T>, op: ReduceOp) -> Result<(), Error>;
     fn broadcast<T: Element>(&self, b: &mut Buffers<T>, root: usize) -> Result<(), Error>;
     fn all_gather<T: Element>(&self, b: &mut Buffers<T>) -> Result<(), Error>;

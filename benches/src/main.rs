@@ -2,6 +2,7 @@
 //! (`ringrun -n 4 -- ringlet-bench all_reduce -b 8 -e 128M`); rank 0 prints the table.
 
 mod backend;
+mod gpu_backend;
 mod pattern;
 
 use backend::{Backend, BackendKind, Buffers};
@@ -71,6 +72,10 @@ struct Args {
     /// there are several).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
     backend: Vec<BackendKind>,
+    /// Run `tcp` on device buffers: each chunk staged through pinned host blocks and reduced on
+    /// the GPU (Ringlet's fallback where NCCL cannot serve). `nccl` always uses device buffers.
+    #[arg(long)]
+    device: bool,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -215,13 +220,44 @@ fn run(args: &Args) -> Result<u64, Error> {
             "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", ""
         );
     }
+    let gpu = match &tcp {
+        Some(ring) if args.device || backends.contains(&BackendKind::Nccl) => {
+            Some(gpu_backend::open_gpu(ring)?)
+        }
+        _ => None,
+    };
+    let nccl = match (&tcp, &gpu) {
+        (Some(ring), Some(g)) if backends.contains(&BackendKind::Nccl) => {
+            Some(gpu_backend::GpuBackend::new(
+                ring,
+                g.clone(),
+                gpu_backend::Engine::Nccl(ring.nccl(g.clone())?),
+            ))
+        }
+        _ => None,
+    };
+    let staged = match (&tcp, &gpu) {
+        (Some(ring), Some(g)) if args.device => Some(gpu_backend::GpuBackend::new(
+            ring,
+            g.clone(),
+            gpu_backend::Engine::Staged,
+        )),
+        _ => None,
+    };
     let mut rows = Vec::new();
     let mut size = args.min_bytes;
     while size <= args.max_bytes {
         for kind in &backends {
             let row = match kind {
-                BackendKind::Tcp => {
-                    let c = tcp.as_ref().expect("tcp backend started");
+                BackendKind::Tcp => match &staged {
+                    Some(s) => with_dtype!(args.dtype, T => measure::<T>(s, args, size)?),
+                    None => {
+                        let c = tcp.as_ref().expect("tcp backend started");
+                        with_dtype!(args.dtype, T => measure::<T>(c, args, size)?)
+                    }
+                },
+                BackendKind::Nccl => {
+                    let c = nccl.as_ref().expect("nccl backend started");
                     with_dtype!(args.dtype, T => measure::<T>(c, args, size)?)
                 }
                 #[cfg(feature = "mpi")]
@@ -231,7 +267,7 @@ fn run(args: &Args) -> Result<u64, Error> {
                 }
                 #[cfg(not(feature = "mpi"))]
                 BackendKind::Mpi => unreachable!("refused above"),
-                BackendKind::Auto | BackendKind::Nccl => unreachable!("resolved above"),
+                BackendKind::Auto => unreachable!("resolved above"),
             };
             let Some(mut row) = row else { continue };
             row.backend = format!("{kind:?}").to_lowercase();
@@ -309,12 +345,7 @@ fn resolve_backends(
         let topology = comm.topology(choice)?;
         match topology.backend {
             Backend::Tcp => out.push(BackendKind::Tcp),
-            Backend::Nccl => {
-                return Err(Error::Config(format!(
-                    "every rank can use NCCL ({}), but this build has no NCCL collectives yet; use --backend tcp",
-                    topology.reason
-                )))
-            }
+            Backend::Nccl => out.push(BackendKind::Nccl),
         }
     }
     out.dedup();
@@ -388,6 +419,7 @@ fn measure<T: Element>(
         Op::ReduceScatter => comm.reduce_scatter(b, args.op),
     };
     fill(&mut b);
+    comm.upload(&b)?;
     comm.barrier()?;
     for _ in 0..args.warmup {
         call(&mut b)?;
@@ -404,7 +436,9 @@ fn measure<T: Element>(
     let mut wrong = [0i64];
     if args.check != 0 {
         fill(&mut b);
+        comm.upload(&b)?;
         call(&mut b)?;
+        comm.download(&mut b)?;
         corrupt_for_test(&mut b.recv, rank);
         wrong[0] = comm.sum_i64(check(args, &b, rank, n, count) as i64)?;
     }

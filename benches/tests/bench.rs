@@ -219,7 +219,8 @@ fn the_mpi_backend_without_the_feature_says_how_to_build_it() {
 }
 
 /// Where there is no CUDA: `--backend nccl` fails on every rank naming each rank and what it
-/// lacks; `auto` settles on the TCP ring, and RINGLET_DEBUG=1 prints the device table.
+/// lacks; `auto` settles on the TCP ring, and RINGLET_DEBUG=1 prints the device table; `--device`
+/// (device buffers on the TCP ring) says CUDA is missing.
 #[test]
 fn without_cuda_nccl_is_refused_and_auto_picks_tcp() {
     if std::path::Path::new("/dev/nvidiactl").exists() {
@@ -258,4 +259,11 @@ fn without_cuda_nccl_is_refused_and_auto_picks_tcp() {
         2,
         "one table line per rank: {t}"
     );
+    // Device buffers on the TCP ring need a GPU too: each rank says what is missing.
+    let outs = bench(2, &["-b", "1K", "-e", "1K", "--device"], &[]);
+    for o in &outs {
+        let t = text(o);
+        assert!(!o.status.success(), "{t}");
+        assert!(t.contains("no CUDA: libcuda.so.1 was not found"), "{t}");
+    }
 }

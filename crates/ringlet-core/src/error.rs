@@ -87,6 +87,10 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
 
+    /// A GPU, its driver or NCCL failed (or did not finish in time).
+    #[error("device: {0}")]
+    Device(String),
+
     /// The communicator is unusable after an earlier failure.
     #[error("communicator is broken by an earlier error: {0}")]
     Broken(String),

@@ -4,6 +4,7 @@
 use crate::kernels::{self, OPTIM, REDUCE};
 use crate::reference::{AdamW, Sgd};
 use crate::{device, CudaError};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -60,13 +61,7 @@ impl Kernels {
         src: &CudaSlice<T>,
     ) -> Result<(), CudaError> {
         let n = acc.len().min(src.len()) as u64;
-        let name = match op {
-            ReduceOp::Sum | ReduceOp::Avg => "sum",
-            ReduceOp::Prod => "prod",
-            ReduceOp::Min => "min",
-            ReduceOp::Max => "max",
-        };
-        let f = Self::function(&self.reduce, &format!("{name}_{}", suffix::<T>()))?;
+        let f = Self::function(&self.reduce, &format!("{}_{}", op_name(op), suffix::<T>()))?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(acc).arg(src).arg(&n);
         // SAFETY: the kernel takes (T*, const T*, u64) and touches the first n elements of both
@@ -86,6 +81,40 @@ impl Kernels {
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(x).arg(&n).arg(&d);
         // SAFETY: the kernel takes (T*, u64, i64) and touches the first n elements of x.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `acc[..n] = op(acc[..n], src[..n])` on raw device addresses (see [`crate::gpu`]).
+    pub fn reduce_at<T: Element>(
+        &self,
+        op: ReduceOp,
+        acc: CUdeviceptr,
+        src: CUdeviceptr,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let f = Self::function(&self.reduce, &format!("{}_{}", op_name(op), suffix::<T>()))?;
+        let n = n as u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&acc).arg(&src).arg(&n);
+        // SAFETY: the kernel takes (T*, const T*, u64); the caller's addresses hold n elements
+        // of T each, on this context.
+        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `x[..n] /= divisor` on a raw device address.
+    pub fn divide_at<T: Element>(
+        &self,
+        x: CUdeviceptr,
+        n: usize,
+        divisor: usize,
+    ) -> Result<(), CudaError> {
+        let f = Self::function(&self.reduce, &format!("divide_{}", suffix::<T>()))?;
+        let (n, d) = (n as u64, divisor as i64);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&x).arg(&n).arg(&d);
+        // SAFETY: the kernel takes (T*, u64, i64); the caller's address holds n elements.
         unsafe { launch.launch(config(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -151,6 +180,16 @@ impl Kernels {
         // SAFETY: matches optim.cu's signature; every buffer holds at least n elements.
         unsafe { launch.launch(config(n)) }.map_err(driver)?;
         Ok(())
+    }
+}
+
+/// The reduction kernel's name for `op` (`Avg` sums; the division is a separate kernel).
+fn op_name(op: ReduceOp) -> &'static str {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => "sum",
+        ReduceOp::Prod => "prod",
+        ReduceOp::Min => "min",
+        ReduceOp::Max => "max",
     }
 }
 

@@ -9,11 +9,14 @@
 //! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
 //!   PTX cached on disk;
 //! - [`launch`]: the kernels loaded on a device and launched on its stream;
-//! - [`nccl`]: NCCL's entry points from the library found, typed results;
+//! - [`gpu`]: typed device buffers, pinned host blocks, async copies and events on one stream;
+//! - [`nccl`]: NCCL's entry points from the library found, typed results, and a communicator
+//!   handle created non-blocking, polled and aborted;
 //! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
 
 pub mod device;
 pub mod error;
+pub mod gpu;
 pub mod kernels;
 pub mod launch;
 pub mod libs;
@@ -22,3 +25,4 @@ pub mod reference;
 
 pub use device::{devices, DeviceInfo};
 pub use error::CudaError;
+pub use gpu::{DeviceBuffer, Gpu, Pinned};

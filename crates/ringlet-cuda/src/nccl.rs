@@ -8,7 +8,7 @@
 
 use crate::libs::{self, CudaLib};
 use crate::CudaError;
-use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclUniqueId};
+use cudarc::nccl::sys::{ncclComm_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 
@@ -21,7 +21,7 @@ type GetVersion = unsafe extern "C" fn(*mut c_int) -> Status;
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> Status;
 type GetErrorString = unsafe extern "C" fn(Status) -> *const c_char;
 type CommInitRankConfig =
-    unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int, *mut ncclConfig_t) -> Status;
+    unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int, *mut Config) -> Status;
 type CommGetAsyncError = unsafe extern "C" fn(ncclComm_t, *mut Status) -> Status;
 type CommOp = unsafe extern "C" fn(ncclComm_t) -> Status;
 /// all_reduce, reduce_scatter (op), broadcast (root): send, recv, count, datatype, op or root,
@@ -167,6 +167,270 @@ impl Api {
     }
 }
 
+/// `ncclConfig_t` as NCCL 2.17 laid it out. NCCL reads a config by the `version` it carries, so
+/// this older layout is understood by every later NCCL, whatever header cudarc was built from.
+#[repr(C)]
+pub struct Config {
+    size: usize,
+    magic: u32,
+    version: u32,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+    split_share: c_int,
+}
+
+impl Config {
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: calls return at once (`ncclInProgress`)
+    /// and their completion is polled, so every wait can have a deadline.
+    pub fn non_blocking() -> Config {
+        const UNDEF_INT: c_int = c_int::MIN;
+        Config {
+            size: std::mem::size_of::<Config>(),
+            magic: 0xcafe_beef,
+            version: 21700,
+            blocking: 0,
+            cga_cluster_size: UNDEF_INT,
+            min_ctas: UNDEF_INT,
+            max_ctas: UNDEF_INT,
+            net_name: std::ptr::null(),
+            split_share: UNDEF_INT,
+        }
+    }
+}
+
+/// NCCL's `ncclDataType_t` for an element type.
+pub fn datatype(dtype: ringlet_core::DType) -> c_int {
+    use ringlet_core::DType;
+    match dtype {
+        DType::U8 => 1,
+        DType::I32 => 2,
+        DType::I64 => 4,
+        DType::F16 => 6,
+        DType::F32 => 7,
+        DType::F64 => 8,
+        DType::BF16 => 9,
+    }
+}
+
+/// NCCL's `ncclRedOp_t` for a reduction (`ncclAvg` needs NCCL 2.10, older than we accept).
+pub fn redop(op: ringlet_core::ReduceOp) -> c_int {
+    use ringlet_core::ReduceOp;
+    match op {
+        ReduceOp::Sum => 0,
+        ReduceOp::Prod => 1,
+        ReduceOp::Max => 2,
+        ReduceOp::Min => 3,
+        ReduceOp::Avg => 4,
+    }
+}
+
+/// Where a non-blocking NCCL operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    InProgress,
+}
+
+/// An NCCL communicator created non-blocking. Dropping it destroys it, or aborts it if
+/// [`abort`](Comm::abort) was not already called and it is in error.
+pub struct Comm {
+    api: &'static Api,
+    raw: ncclComm_t,
+    gone: bool,
+}
+
+// SAFETY: an ncclComm_t may be used from any thread as long as calls on it are not concurrent;
+// Comm's methods that call NCCL take &self but callers serialise them (one collective at a time
+// per communicator, as NCCL requires), and Drop has &mut self.
+unsafe impl Send for Comm {}
+
+impl Comm {
+    /// Starts joining the communicator of `n` ranks as `rank`; poll [`state`](Comm::state)
+    /// until it is done.
+    pub fn start(
+        api: &'static Api,
+        id: &[u8; 128],
+        n: usize,
+        rank: usize,
+    ) -> Result<Comm, NcclError> {
+        let mut raw: ncclComm_t = std::ptr::null_mut();
+        let mut config = Config::non_blocking();
+        let id = ncclUniqueId {
+            internal: id.map(|b| b as c_char),
+        };
+        // SAFETY: valid out-pointer and config; the id is passed by value as NCCL expects.
+        let code = unsafe {
+            (api.ncclCommInitRankConfig)(&mut raw, n as c_int, id, rank as c_int, &mut config)
+        };
+        if code != IN_PROGRESS {
+            api.check("ncclCommInitRankConfig", code)?;
+        }
+        if raw.is_null() {
+            return Err(NcclError {
+                call: "ncclCommInitRankConfig",
+                code,
+                message: "returned no communicator".into(),
+            });
+        }
+        Ok(Comm {
+            api,
+            raw,
+            gone: false,
+        })
+    }
+
+    /// The communicator's asynchronous state: done, still in progress, or failed.
+    pub fn state(&self) -> Result<Progress, NcclError> {
+        let mut async_err: Status = SUCCESS;
+        // SAFETY: a live communicator and a valid out-pointer.
+        let code = unsafe { (self.api.ncclCommGetAsyncError)(self.raw, &mut async_err) };
+        self.api.check("ncclCommGetAsyncError", code)?;
+        match async_err {
+            SUCCESS => Ok(Progress::Done),
+            IN_PROGRESS => Ok(Progress::InProgress),
+            e => Err(self.api.check("NCCL communicator", e).unwrap_err()),
+        }
+    }
+
+    /// Ends the communicator at once, whatever is in flight (NCCL's answer to a stuck peer).
+    pub fn abort(&mut self) {
+        if !self.gone {
+            self.gone = true;
+            // SAFETY: a live communicator, aborted once.
+            let _ = unsafe { (self.api.ncclCommAbort)(self.raw) };
+        }
+    }
+
+    fn issued(&self, call: &'static str, code: Status) -> Result<(), NcclError> {
+        if code == IN_PROGRESS {
+            Ok(())
+        } else {
+            self.api.check(call, code)
+        }
+    }
+
+    /// Queues an all-reduce of `count` elements on `stream`.
+    ///
+    /// # Safety
+    /// `send` and `recv` are device addresses of at least `count` elements of `dtype` on the
+    /// communicator's device, alive until the queued work completes.
+    pub unsafe fn all_reduce(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: c_int,
+        op: c_int,
+        stream: *mut c_void,
+    ) -> Result<(), NcclError> {
+        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
+        let code = (self.api.ncclAllReduce)(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            dtype,
+            op,
+            self.raw,
+            stream,
+        );
+        self.issued("ncclAllReduce", code)
+    }
+
+    /// Queues a broadcast from `root`.
+    ///
+    /// # Safety
+    /// As [`all_reduce`](Comm::all_reduce).
+    pub unsafe fn broadcast(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: c_int,
+        root: usize,
+        stream: *mut c_void,
+    ) -> Result<(), NcclError> {
+        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
+        let code = (self.api.ncclBroadcast)(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            dtype,
+            root as c_int,
+            self.raw,
+            stream,
+        );
+        self.issued("ncclBroadcast", code)
+    }
+
+    /// Queues an all-gather of `count` elements from each rank.
+    ///
+    /// # Safety
+    /// `send` holds `count` elements, `recv` `count * n`; otherwise as [`all_reduce`](Comm::all_reduce).
+    pub unsafe fn all_gather(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: c_int,
+        stream: *mut c_void,
+    ) -> Result<(), NcclError> {
+        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
+        let code = (self.api.ncclAllGather)(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            dtype,
+            self.raw,
+            stream,
+        );
+        self.issued("ncclAllGather", code)
+    }
+
+    /// Queues a reduce-scatter leaving `count` elements on each rank.
+    ///
+    /// # Safety
+    /// `send` holds `count * n` elements, `recv` `count`; otherwise as [`all_reduce`](Comm::all_reduce).
+    pub unsafe fn reduce_scatter(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: c_int,
+        op: c_int,
+        stream: *mut c_void,
+    ) -> Result<(), NcclError> {
+        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
+        let code = (self.api.ncclReduceScatter)(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            dtype,
+            op,
+            self.raw,
+            stream,
+        );
+        self.issued("ncclReduceScatter", code)
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        if self.gone {
+            return;
+        }
+        if self.state().is_err() {
+            self.abort();
+            return;
+        }
+        self.gone = true;
+        // SAFETY: a live, healthy communicator, destroyed once.
+        let _ = unsafe { (self.api.ncclCommDestroy)(self.raw) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,17 +446,30 @@ mod tests {
             int ncclGetVersion(int *v) { *v = 22905; return 0; }
             int ncclGetUniqueId(ncclUniqueId *id) { for (int i = 0; i < 128; i++) id->internal[i] = (char)(i * 7); return 0; }
             const char *ncclGetErrorString(int r) { return r == 5 ? "invalid usage" : "other"; }
-            int ncclCommInitRankConfig(void) { return 5; }
-            int ncclCommGetAsyncError(void) { return 0; }
-            int ncclCommAbort(void) { return 0; }
-            int ncclCommDestroy(void) { return 0; }
+            typedef struct { size_t size; unsigned magic, version; int blocking, cga, minc, maxc;
+                             const char *net; int split; } config217;
+            /* A communicator that connects after two polls, then fails when told to. */
+            static int polls, fail_with, aborts, destroys;
+            void fake_fail_with(int code) { fail_with = code; }
+            int fake_aborts(void) { return aborts; }
+            int fake_destroys(void) { return destroys; }
+            int ncclCommInitRankConfig(void **comm, int n, ncclUniqueId id, int rank, config217 *c) {
+                if (c->magic != 0xcafebeef || c->version != 21700 || c->blocking != 0
+                    || c->size != sizeof(config217) || c->net != 0 || rank >= n) return 5;
+                polls = 0; *comm = (void *)&polls; return 7;
+            }
+            int ncclCommGetAsyncError(void *comm, int *e) {
+                *e = fail_with ? fail_with : (polls++ < 2 ? 7 : 0); return 0;
+            }
+            int ncclCommAbort(void *comm) { aborts++; return 0; }
+            int ncclCommDestroy(void *comm) { destroys++; return 0; }
             int ncclBroadcast(void) { return 0; }
             int ncclAllGather(void) { return 0; }
             int ncclReduceScatter(void) { return 0; }
             "#,
         );
         if complete {
-            c.push_str("int ncclAllReduce(void) { return 0; }\n");
+            c.push_str("int ncclAllReduce(void) { return 7; }\n");
         }
         std::fs::create_dir_all(dir).ok()?;
         let src = dir.join("fake_nccl.c");
@@ -235,6 +512,72 @@ mod tests {
         let e = Api::open(&partial).err().unwrap();
         assert!(e.contains("lacks ncclAllReduce"), "{e}");
         assert!(Api::open(&dir.join("none.so")).is_err());
+
+        // The communicator: created non-blocking (the 2.17 config layout checked by the
+        // stand-in), in progress until polled twice, then failing asynchronously.
+        let api: &'static Api = Box::leak(Box::new(Api::open(&lib).unwrap()));
+        let fake = |name: &str| {
+            // SAFETY: dlopen of the stand-in built above (already loaded: same handle back).
+            let h = unsafe {
+                libc::dlopen(
+                    CString::new(lib.as_os_str().as_encoded_bytes())
+                        .unwrap()
+                        .as_ptr(),
+                    libc::RTLD_NOW,
+                )
+            };
+            // SAFETY: dlsym on a live handle with a NUL-terminated name.
+            let p = unsafe { libc::dlsym(h, CString::new(name).unwrap().as_ptr()) };
+            assert!(!p.is_null(), "{name}");
+            p
+        };
+        type SetFn = extern "C" fn(c_int);
+        type GetFn = extern "C" fn() -> c_int;
+        // SAFETY: the stand-in's own functions, defined in its C above with these signatures.
+        let fail_with =
+            unsafe { std::mem::transmute::<*mut c_void, SetFn>(fake("fake_fail_with")) };
+        // SAFETY: as above.
+        let aborts = unsafe { std::mem::transmute::<*mut c_void, GetFn>(fake("fake_aborts")) };
+        // SAFETY: as above.
+        let destroys = unsafe { std::mem::transmute::<*mut c_void, GetFn>(fake("fake_destroys")) };
+        let e = Comm::start(api, &[0; 128], 2, 2).err().unwrap();
+        assert_eq!(e.code, 5, "rank 2 of 2 is refused");
+        let healthy = Comm::start(api, &[0; 128], 2, 1).unwrap();
+        assert_eq!(healthy.state().unwrap(), Progress::InProgress);
+        assert_eq!(healthy.state().unwrap(), Progress::InProgress);
+        assert_eq!(healthy.state().unwrap(), Progress::Done);
+        // A queued collective returning ncclInProgress is issued, not failed.
+        // SAFETY: the stand-in's all-reduce touches no memory.
+        unsafe {
+            healthy.all_reduce(
+                0,
+                0,
+                4,
+                datatype(ringlet_core::DType::F32),
+                redop(ringlet_core::ReduceOp::Sum),
+                std::ptr::null_mut(),
+            )
+        }
+        .unwrap();
+        drop(healthy);
+        assert_eq!(
+            (aborts(), destroys()),
+            (0, 1),
+            "a healthy communicator is destroyed"
+        );
+        let mut failing = Comm::start(api, &[0; 128], 2, 0).unwrap();
+        fail_with(3);
+        let e = failing.state().unwrap_err();
+        assert_eq!(e.code, 3);
+        assert_eq!(e.message, "other");
+        failing.abort();
+        failing.abort();
+        drop(failing);
+        assert_eq!(
+            (aborts(), destroys()),
+            (1, 1),
+            "aborted once, never destroyed"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,6 +12,8 @@
 //! - [`wire`]: the frame header;
 //! - [`memory`], [`staged`]: the buffer as the engine sees it — a host slice, or a device buffer
 //!   staged through host blocks (the TCP fallback for device buffers);
+//! - [`gpu`]: a CUDA GPU as the staging device (pinned blocks, copies and kernels on its stream);
+//! - [`nccl`]: [`NcclCommunicator`], NCCL's collectives on device buffers, with deadlines;
 //! - [`topology`]: every rank's devices, and the backend chosen once for all;
 //! - `mpi_boot` (the `mpi` feature): `Communicator::from_mpi`, bootstrap under `mpirun`.
 //!
@@ -27,9 +29,11 @@ pub mod bootstrap;
 pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod gpu;
 pub mod memory;
 #[cfg(feature = "mpi")]
 pub mod mpi_boot;
+pub mod nccl;
 pub mod schedule;
 pub mod staged;
 pub mod topology;
@@ -40,5 +44,8 @@ pub use config::Config;
 /// The MPI bindings `Communicator::from_mpi` takes (the `mpi` feature).
 #[cfg(feature = "mpi")]
 pub use mpi;
+pub use nccl::NcclCommunicator;
 pub use ringlet_core::half_types::{bf16, f16};
 pub use ringlet_core::{DType, Element, Error, JobToken, ReduceOp, Result};
+/// CUDA as Ringlet loads it (at run time; absent CUDA is an error value, never a panic).
+pub use ringlet_cuda as cuda;
