@@ -1,0 +1,237 @@
+//! Per-device batch balancing: how the global batch is split into local batches.
+//!
+//! The split never changes the math: the global batch (and so the samples of each step, the
+//! learning rate and the update) stays the same; only which rank computes which samples moves.
+//! Faster ranks get more samples so that all finish their compute at about the same time.
+//!
+//! Every decision is made from numbers every rank holds identically (an all-reduced vector), so
+//! ranks never disagree on the split.
+
+/// `--balance`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Balance {
+    /// Equal split (the first `global % n` ranks take one more).
+    Off,
+    /// Proportional to fixed weights, one per rank.
+    Static(Vec<f64>),
+    /// Calibrated at start-up from measured speed, re-balanced during training.
+    Auto,
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Balance, String> {
+        match s {
+            "off" => Ok(Balance::Off),
+            "auto" => Ok(Balance::Auto),
+            _ => {
+                let Some(list) = s.strip_prefix("static:") else {
+                    return Err(format!("{s:?}: expected auto, off or static:w0,w1,..."));
+                };
+                let w = list
+                    .split(',')
+                    .map(|v| match v.trim().parse::<f64>() {
+                        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+                        _ => Err(format!("{v:?} in {s:?} is not a positive weight")),
+                    })
+                    .collect::<Result<Vec<f64>, String>>()?;
+                Ok(Balance::Static(w))
+            }
+        }
+    }
+}
+
+/// Splits `global` samples in proportion to `weights` (largest remainder), every rank getting at
+/// least one sample when there are enough. The sum is exactly `global`.
+pub fn split(global: usize, weights: &[f64]) -> Vec<usize> {
+    let n = weights.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let total: f64 = weights.iter().sum();
+    let shares: Vec<f64> = weights
+        .iter()
+        .map(|w| if total > 0.0 { w / total } else { 1.0 / n as f64 } * global as f64)
+        .collect();
+    let mut out: Vec<usize> = shares.iter().map(|s| s.floor() as usize).collect();
+    let mut left = global - out.iter().sum::<usize>().min(global);
+    // Remainders largest first; ties to the lower rank, so every rank computes the same split.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (shares[a].fract(), shares[b].fract());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    for &r in order.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        out[r] += 1;
+        left -= 1;
+    }
+    // A rank with no sample would still pay for every all-reduce: give it one, from the largest.
+    if global >= n {
+        while let Some(empty) = out.iter().position(|&b| b == 0) {
+            let largest = (0..n).max_by_key(|&r| (out[r], n - r)).expect("n > 0");
+            out[largest] -= 1;
+            out[empty] += 1;
+        }
+    }
+    out
+}
+
+/// Where rank `rank`'s samples start within the step's global window.
+pub fn offset(batches: &[usize], rank: usize) -> usize {
+    batches[..rank].iter().sum()
+}
+
+/// Watches compute time and re-splits the batch when the ranks' compute times differ by more
+/// than the threshold. Hysteresis against noise and feedback: the trigger is the *measured*
+/// imbalance (slowest rank's moving-average compute time over the mean), not a prediction; after
+/// a change the averages restart and nothing changes again for `min_interval` steps; and the new
+/// split is proportional to measured speed, so a balanced job stays put.
+#[derive(Clone, Debug)]
+pub struct Rebalancer {
+    /// This rank's moving averages: seconds per sample, seconds of compute per step.
+    cost: Option<f64>,
+    time: Option<f64>,
+    alpha: f64,
+    pub threshold: f64,
+    pub min_interval: u64,
+    last_change: u64,
+}
+
+fn ema(old: Option<f64>, x: f64, alpha: f64) -> f64 {
+    old.map_or(x, |o| o + alpha * (x - o))
+}
+
+impl Rebalancer {
+    pub fn new(threshold: f64, min_interval: u64) -> Rebalancer {
+        Rebalancer {
+            cost: None,
+            time: None,
+            alpha: 0.2,
+            threshold,
+            min_interval,
+            last_change: 0,
+        }
+    }
+
+    /// Records one step: `secs` of compute for `samples` samples.
+    pub fn observe(&mut self, secs: f64, samples: usize) {
+        self.time = Some(ema(self.time, secs, self.alpha));
+        if samples > 0 {
+            self.cost = Some(ema(self.cost, secs / samples as f64, self.alpha));
+        }
+    }
+
+    /// This rank's (seconds per sample, seconds per step), 0 before any observation: what every
+    /// rank contributes to the all-reduced vectors [`propose`](Rebalancer::propose) reads.
+    pub fn averages(&self) -> (f64, f64) {
+        (self.cost.unwrap_or(0.0), self.time.unwrap_or(0.0))
+    }
+
+    /// Given every rank's averages (identical on all ranks), the split to use from `step` on, if
+    /// it should change.
+    pub fn propose(
+        &mut self,
+        step: u64,
+        costs: &[f64],
+        times: &[f64],
+        current: &[usize],
+    ) -> Option<Vec<usize>> {
+        if step < self.last_change + self.min_interval || costs.iter().any(|&c| c <= 0.0) {
+            return None;
+        }
+        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        let slowest = times.iter().copied().fold(0.0, f64::max);
+        if mean <= 0.0 || slowest <= mean * (1.0 + self.threshold) {
+            return None;
+        }
+        // Half-way from the current split to the one measured speed asks for: per-sample cost
+        // is measured at the current split and shifts with it (fixed per-step work), so a full
+        // jump overshoots and the next measurement would swing it back.
+        let speeds: Vec<f64> = costs.iter().map(|c| 1.0 / c).collect();
+        let global: usize = current.iter().sum();
+        let target = split(global, &speeds);
+        let blend: Vec<f64> = current
+            .iter()
+            .zip(&target)
+            .map(|(&c, &t)| (c + t) as f64 / 2.0)
+            .collect();
+        let proposed = split(global, &blend);
+        // And only when the move itself is worth it: near balance, noise in the measured times
+        // can cross the threshold while the split it asks for would hardly differ.
+        let predict = |b: &[usize]| {
+            b.iter()
+                .zip(costs)
+                .map(|(&n, c)| n as f64 * c)
+                .fold(0.0, f64::max)
+        };
+        if predict(current) <= predict(&proposed) * (1.0 + self.threshold / 2.0) {
+            return None;
+        }
+        self.last_change = step;
+        self.cost = None;
+        self.time = None;
+        Some(proposed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_sum_to_the_global_batch() {
+        assert_eq!(split(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(split(60, &[1.0, 2.0, 3.0]), vec![10, 20, 30]);
+        assert_eq!(split(7, &[1.0, 2.0, 3.0]).iter().sum::<usize>(), 7);
+        assert_eq!(split(2, &[1.0, 1.0, 1.0]), vec![1, 1, 0]);
+        let s = split(100, &[1.0, 1000.0]);
+        assert!(s[0] >= 1 && s.iter().sum::<usize>() == 100, "{s:?}");
+        for g in [1, 5, 64, 999] {
+            for w in [vec![0.3], vec![1.0, 2.5, 0.1, 7.0]] {
+                assert_eq!(split(g, &w).iter().sum::<usize>(), g);
+            }
+        }
+        assert_eq!(offset(&[3, 4, 5], 2), 7);
+    }
+
+    #[test]
+    fn parses_the_flag() {
+        assert_eq!("off".parse::<Balance>().unwrap(), Balance::Off);
+        assert_eq!("auto".parse::<Balance>().unwrap(), Balance::Auto);
+        assert_eq!(
+            "static:1,2.5".parse::<Balance>().unwrap(),
+            Balance::Static(vec![1.0, 2.5])
+        );
+        assert!("static:1,-2".parse::<Balance>().is_err());
+        assert!("fast".parse::<Balance>().is_err());
+    }
+
+    /// Ranks 1 : 2 : 3 times as fast move half-way to 1 : 2 : 3 of the batch; step times within the
+    /// threshold change nothing, and nothing changes within the minimum interval.
+    #[test]
+    fn rebalances_once_and_holds() {
+        let mut r = Rebalancer::new(0.1, 5);
+        let equal = vec![20, 20, 20];
+        let costs = [3.0, 1.5, 1.0];
+        let times = [60.0, 30.0, 20.0];
+        assert_eq!(r.propose(2, &costs, &times, &equal), None, "too early");
+        let b = r.propose(5, &costs, &times, &equal).expect("imbalanced");
+        assert_eq!(b, vec![15, 20, 25], "half-way to 10 : 20 : 30");
+        assert_eq!(r.averages(), (0.0, 0.0), "averages restart after a change");
+        assert_eq!(
+            r.propose(8, &costs, &times, &b),
+            None,
+            "within the interval"
+        );
+        // Noisy but balanced step times: no change, whatever the per-sample costs say.
+        let noisy = [3.4, 1.45, 1.02];
+        assert_eq!(r.propose(20, &noisy, &[32.0, 29.0, 30.6], &b), None);
+        r.observe(0.2, 10);
+        r.observe(0.4, 10);
+        let (cost, time) = r.averages();
+        assert!((cost - 0.024).abs() < 1e-12 && (time - 0.24).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,15 @@
+//! Data-parallel training on Ringlet without Python.
+//!
+//! - [`data`]: datasets — the embedded 8×8 digits, deterministic synthetic data, MNIST-format IDX;
+//! - [`model`]: the MLP classifier, forward and backward on the CPU (GEMM by `matrixmultiply`);
+//! - [`balance`]: how the global batch is split over ranks of different speed;
+//! - [`train`]: the loop — exact data parallelism, bucketed all-reduce overlapping backward,
+//!   re-balancing, checkpoints, metrics;
+//! - [`checkpoint`]: atomic, verified, resumable checkpoints on shared storage (safetensors +
+//!   a manifest written last).
+
+pub mod balance;
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod train;

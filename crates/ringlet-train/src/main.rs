@@ -1,0 +1,304 @@
+//! `ringlet-train`: data-parallel training of an MLP classifier, one process per rank.
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use ringlet::{Communicator, Error};
+use ringlet_cuda::reference::{AdamW, Sgd};
+use ringlet_train::balance::Balance;
+use ringlet_train::train::{self, CheckpointOptions, Metrics, OptimizerKind, Options, Resume};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Data-parallel training of an MLP classifier over Ringlet, without Python. Start one process
+/// per rank with a launcher, e.g. `ringrun -n 4 -- ringlet-train`. With no flags it trains on the
+/// embedded 8x8 digits (scikit-learn's copy of the UCI digits, 1437 train / 360 test) and prints
+/// the held-out accuracy.
+///
+/// Exact data parallelism: each step takes the next --global-batch samples of one global order
+/// (shuffled per epoch from --seed); rank r computes its contiguous slice; the gradient sums are
+/// all-reduced and divided by the global batch, so any number of ranks and any split make the
+/// update one process would. Gradients are all-reduced in buckets (reverse layer order) while
+/// backward goes on.
+#[derive(Parser, Debug)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// `digits` (embedded), `synthetic:N` (N deterministic samples, any size), or a directory of
+    /// MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, and t10k-* for
+    /// the test set if present).
+    #[arg(long, default_value = "digits")]
+    dataset: String,
+    /// Hidden layer sizes, comma-separated (input and output sizes come from the data).
+    #[arg(long, value_delimiter = ',', default_value = "128,64")]
+    hidden: Vec<usize>,
+    /// Optimizer steps in all (a resumed run continues up to this). Default: --epochs.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Passes over the training set (steps = epochs x floor(train samples / global batch)).
+    #[arg(long, default_value_t = 20)]
+    epochs: u64,
+    /// Samples per step over all ranks; the local batches sum to it.
+    #[arg(long, default_value_t = 64)]
+    global_batch: usize,
+    /// Seed of the initial parameters and of the per-epoch sample order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `sgd` (with momentum) or `adamw`.
+    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adamw"])]
+    optimizer: String,
+    /// Peak learning rate (default 0.05 for sgd, 0.001 for adamw).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Weight decay (L2 for sgd, decoupled for adamw).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// How the global batch is split: `off` (equal), `static:w0,w1,...` (one weight per rank),
+    /// `auto` (measured speed at start-up, then re-balanced when the imbalance exceeds 10%).
+    #[arg(long, default_value = "off")]
+    balance: Balance,
+    /// Steps between re-balancing checks with --balance auto (one small all-reduce each).
+    #[arg(long, default_value_t = 10)]
+    rebalance_every: u64,
+    /// Largest gradient bucket, in MiB.
+    #[arg(long, default_value_t = 25.0)]
+    bucket_cap_mb: f64,
+    /// The first bucket (the last layers) closes at this many KiB, so communication starts early.
+    #[arg(long, default_value_t = 1024.0)]
+    first_bucket_kb: f64,
+    /// All-reduce after backward instead of during it (for comparison).
+    #[arg(long)]
+    no_overlap: bool,
+    /// Shared directory for checkpoints (every rank must see it: NFS, a shared volume).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Save every N steps (and after the last).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Committed checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// `auto` (newest verified checkpoint in --checkpoint-dir, if any), `never`, or a checkpoint
+    /// directory.
+    #[arg(long, default_value = "auto")]
+    resume: String,
+    /// Write one JSON line per step (step, loss, local batch, step/compute/comm-wait times, bytes
+    /// all-reduced...). `{rank}` in the name is replaced by the rank; without it, ranks other than
+    /// 0 append `.rank<R>`.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Plain log lines every N steps when not on a terminal (default: about 10 per run).
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Steps at the start left out of the throughput figures.
+    #[arg(long, default_value_t = 3)]
+    calibration_steps: u64,
+    /// Rank 0 writes the final parameters here (raw little-endian f32), for comparisons.
+    #[arg(long)]
+    dump_params: Option<PathBuf>,
+    /// Rank 0 writes the run's summary here as JSON.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+}
+
+fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGLET_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+    let args = Args::parse();
+    let code = match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            let rank = std::env::var("RANK").unwrap_or_else(|_| "?".into());
+            eprintln!("ringlet-train: rank {rank}: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    let data = ringlet_train::data::load(&args.dataset)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let comm = Communicator::from_env()?;
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let optimizer = match args.optimizer.as_str() {
+        "adamw" => OptimizerKind::AdamW(AdamW {
+            lr: args.lr.unwrap_or(1e-3),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+        }),
+        _ => OptimizerKind::Sgd(Sgd {
+            lr: args.lr.unwrap_or(0.05),
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        }),
+    };
+    let per_epoch = (data.train_len() / args.global_batch.max(1)) as u64;
+    let steps = args.steps.unwrap_or(args.epochs * per_epoch);
+    let resume = match args.resume.as_str() {
+        "auto" => Resume::Auto,
+        "never" => Resume::Never,
+        p => Resume::Path(PathBuf::from(p)),
+    };
+    let opts = Options {
+        hidden: args.hidden.clone(),
+        optimizer,
+        warmup: args.warmup,
+        global_batch: args.global_batch,
+        steps,
+        seed: args.seed,
+        balance: args.balance.clone(),
+        bucket_cap_bytes: (args.bucket_cap_mb * 1048576.0) as usize,
+        first_bucket_bytes: (args.first_bucket_kb * 1024.0) as usize,
+        overlap: !args.no_overlap,
+        checkpoint: args.checkpoint_dir.as_ref().map(|dir| CheckpointOptions {
+            dir: dir.clone(),
+            every: args.checkpoint_every,
+            keep: args.keep.max(1),
+            resume,
+        }),
+        rebalance_every: args.rebalance_every,
+        calibration_steps: args.calibration_steps,
+    };
+    if rank == 0 {
+        tracing::info!(
+            "training on {} ({} train / {} test, {} features, {} classes), {n} ranks, {steps} steps, global batch {}",
+            data.name,
+            data.train_len(),
+            data.test_len(),
+            data.features,
+            data.classes,
+            args.global_batch
+        );
+    }
+    let mut metrics = match &args.metrics {
+        Some(p) => Some(Metrics::create(&metrics_path(p, rank))?),
+        None => None,
+    };
+    let bar = (rank == 0 && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(steps);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
+                .expect("a valid template"),
+        );
+        b
+    });
+    let log_every = args.log_every.unwrap_or((steps / 10).max(1));
+    let started = std::time::Instant::now();
+    let mut last = (std::time::Instant::now(), 0u64);
+    let mut metrics_error = None;
+    let summary = train::train(&comm, &data, &opts, |r| {
+        if let Some(m) = metrics.as_mut() {
+            if let Err(e) = m.write(r) {
+                metrics_error.get_or_insert(e);
+            }
+        }
+        if let Some(rb) = &r.rebalanced {
+            if r.rank == 0 {
+                tracing::info!("step {}: re-balanced local batches to {rb:?}", r.step);
+            }
+        }
+        if r.rank != 0 {
+            return;
+        }
+        let rate = {
+            let dt = last.0.elapsed().as_secs_f64();
+            let ds = r.step - last.1;
+            if dt > 0.5 || r.step % log_every == 0 {
+                let rate = (ds as f64 * r.global_batch as f64) / dt.max(1e-9);
+                last = (std::time::Instant::now(), r.step);
+                Some(rate)
+            } else {
+                None
+            }
+        };
+        match &bar {
+            Some(b) => {
+                b.set_position(r.step);
+                if let Some(rate) = rate {
+                    b.set_message(format!("loss {:.4} {rate:.0} samples/s", r.loss));
+                }
+            }
+            None if r.step % log_every == 0 || r.step == steps => tracing::info!(
+                "step {}/{steps} epoch {} loss {:.4} lr {:.4} {:.0} samples/s, step {:.2} ms (comm wait {:.2} ms)",
+                r.step,
+                r.epoch,
+                r.loss,
+                r.lr,
+                rate.unwrap_or(0.0),
+                r.step_time_s * 1e3,
+                r.comm_wait_s * 1e3
+            ),
+            None => {}
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(m) = metrics.as_mut() {
+        if let Err(e) = m.flush() {
+            metrics_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = metrics_error {
+        return Err(Error::io("writing --metrics", e));
+    }
+    if rank == 0 {
+        println!(
+            "ringlet-train: {} steps on {n} ranks in {:.1} s{}: test accuracy {:.2}% (loss {:.4}) on {} held-out samples; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
+            summary.steps,
+            started.elapsed().as_secs_f64(),
+            summary
+                .resumed_from
+                .map(|s| format!(" (resumed at step {s})"))
+                .unwrap_or_default(),
+            summary.test_accuracy * 100.0,
+            summary.test_loss,
+            data.test_len(),
+            summary.samples_per_s,
+            summary.mean_step_s * 1e3,
+            summary.comm_wait_fraction * 100.0,
+            summary.checkpoint_stall_fraction * 100.0,
+            summary.final_batches
+        );
+        if let Some(p) = &args.dump_params {
+            let bytes: Vec<u8> = summary
+                .params
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            std::fs::write(p, bytes)
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+        }
+        if let Some(p) = &args.summary {
+            let text = serde_json::to_string_pretty(&summary).expect("the summary serialises");
+            std::fs::write(p, text)
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn metrics_path(p: &std::path::Path, rank: usize) -> PathBuf {
+    let s = p.display().to_string();
+    if s.contains("{rank}") {
+        PathBuf::from(s.replace("{rank}", &rank.to_string()))
+    } else if rank == 0 {
+        p.to_path_buf()
+    } else {
+        PathBuf::from(format!("{s}.rank{rank}"))
+    }
+}
