@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// Data-parallel training of an MLP classifier over Ringlet, without Python. Start one process
 /// per rank with a launcher, e.g. `ringrun -n 4 -- ringlet-train`. With no flags it trains on the
-/// embedded 8x8 digits (scikit-learn's copy of the UCI digits, 1437 train / 360 test) and prints
+/// embedded 8x8 digits (scikit-learn's copy of the UCI digits, 1438 train / 359 test) and prints
 /// the held-out accuracy.
 ///
 /// Exact data parallelism: each step takes the next --global-batch samples of one global order
