@@ -36,6 +36,8 @@ pub struct JobSpec {
     /// As the user wrote it; each backend resolves it in its own world (PATH here, an image later).
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// How many times the job has been restarted after a failure (`--max-restarts`).
+    pub restart: u32,
 }
 
 impl JobSpec {
@@ -51,6 +53,7 @@ impl JobSpec {
             ("MASTER_ADDR", self.master_addr.clone()),
             ("MASTER_PORT", self.master_port.to_string()),
             (JobToken::ENV, self.token.to_env_value()),
+            (RESTART_ENV, self.restart.to_string()),
         ];
         if let Some(t) = &self.timeout {
             env.push(("RINGLET_TIMEOUT", t.clone()));
@@ -58,6 +61,10 @@ impl JobSpec {
         env
     }
 }
+
+/// How many times the job was restarted before this attempt (0 the first time), so a program can
+/// tell a fresh start from a recovery.
+pub const RESTART_ENV: &str = "RINGLET_RESTART";
 
 /// The token the job runs under: the caller's, so ranks started elsewhere by hand can join, or a
 /// fresh random one so that nothing outside this job can talk to its ports.
@@ -70,6 +77,23 @@ pub fn job_token() -> JobToken {
 pub fn free_port() -> std::io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// How one attempt at the job ended, and why when a rank failed on its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub outcome: Outcome,
+    /// E.g. "rank 2 (pid 123) was killed by SIGKILL".
+    pub cause: Option<String>,
+}
+
+impl Ended {
+    pub fn new(outcome: Outcome) -> Ended {
+        Ended {
+            outcome,
+            cause: None,
+        }
+    }
 }
 
 /// How a run ended, as far as ringrun's exit status is concerned.
@@ -116,6 +140,7 @@ mod tests {
             bind_to: BindTo::Auto,
             program: "prog".into(),
             args: vec![],
+            restart: 1,
         }
     }
 
@@ -131,6 +156,7 @@ mod tests {
         assert_eq!(get("MASTER_PORT"), Some("29500"));
         assert_eq!(get("RINGLET_JOB_TOKEN"), Some("secret"));
         assert_eq!(get("RINGLET_TIMEOUT"), Some("2.5"));
+        assert_eq!(get("RINGLET_RESTART"), Some("1"));
     }
 
     #[test]

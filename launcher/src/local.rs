@@ -3,7 +3,7 @@
 //! signal and piped output) and supervising them to the end: the first failure stops the others,
 //! forwarded signals, SIGKILL after the grace period, and reaping every child on every path.
 
-use crate::job::{BindTo, JobSpec, Outcome};
+use crate::job::{BindTo, Ended, JobSpec, Outcome};
 use crate::output::{self, Target};
 use crate::signals::{self, Signals};
 use std::ffi::OsStr;
@@ -49,12 +49,12 @@ impl LaunchError {
 }
 
 /// Runs the job to completion. `signals` must have been installed before this is called.
-pub fn run(spec: &JobSpec, signals: &Signals) -> Outcome {
+pub fn run(spec: &JobSpec, signals: &Signals) -> Ended {
     let program = match resolve_program(&spec.program) {
         Ok(p) => p,
         Err(e) => {
             note!("{e}");
-            return e.outcome();
+            return Ended::new(e.outcome());
         }
     };
     let (done_tx, done_rx) = mpsc::channel();
@@ -64,14 +64,17 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Outcome {
             note!("{e}");
             sup.kill_all_now();
             sup.await_all_output();
-            return e.outcome();
+            return Ended::new(e.outcome());
         }
     }
     // Only the pumps hold senders now, so the channel reports when the last one is gone.
     drop(done_tx);
     let outcome = sup.supervise(signals);
     sup.await_all_output();
-    outcome
+    Ended {
+        outcome,
+        cause: sup.first_failure.take(),
+    }
 }
 
 /// The CPUs rank `rank` is pinned to, if any (see `--bind-to`).
@@ -177,6 +180,8 @@ struct Supervisor<'a> {
     ranks: Vec<Rank>,
     done_rx: Receiver<usize>,
     shutdown: Option<Shutdown>,
+    /// How the first rank to fail on its own ended, for a restart's log line.
+    first_failure: Option<String>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -186,6 +191,7 @@ impl<'a> Supervisor<'a> {
             ranks: Vec::with_capacity(spec.world_size),
             done_rx,
             shutdown: None,
+            first_failure: None,
         }
     }
 
@@ -375,7 +381,9 @@ impl<'a> Supervisor<'a> {
                 );
             }
         } else {
-            note!("rank {rank} (pid {pid}) {}", describe(status));
+            let what = format!("rank {rank} (pid {pid}) {}", describe(status));
+            note!("{what}");
+            self.first_failure.get_or_insert(what);
         }
         failed
     }

@@ -31,6 +31,7 @@ Environment of each rank (everything else is inherited from ringrun):
                           holds: ringrun's own RINGLET_JOB_TOKEN if set and not
                           empty, else 64 random hex digits made for this job
   RINGLET_TIMEOUT         the --timeout value, only when --timeout is given
+  RINGLET_RESTART         how many times --max-restarts restarted the job (0 at first)
 Standard input of every rank is /dev/null.
 
 Output:
@@ -49,9 +50,14 @@ Failure:
   SIGTERM to the other ranks (SIGKILL after --kill-grace), waits for all of them
   and exits 1. The first failure is the one reported as the cause.
 
+Restarts (--max-restarts K):
+  A failed attempt (as above) is followed by a new one, up to K times: every
+  rank is started again with a new rendezvous. The exit status is the last
+  attempt's.
+
 Exit status:
   0       every rank exited 0
-  1       a rank failed, or ringrun itself could not set up the job
+  1       a rank failed (in the last attempt), or ringrun itself could not set up the job
   2       invalid command line
   127     PROGRAM not found or not executable (no rank is left running)
   128+S   ringrun received signal S and stopped the ranks (130: SIGINT,
@@ -112,6 +118,14 @@ struct Cli {
     #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
     bind_to: job::BindTo,
 
+    /// When a rank fails (exits non-zero, is killed, or reports a peer that died or hung), stop
+    /// every rank and start them all again, up to K times: same world size, a new rendezvous
+    /// (fresh MASTER_PORT unless --master-port is given), RINGLET_RESTART set to the restart's
+    /// number. A program that checkpoints (ringlet-train --checkpoint-dir) resumes from its
+    /// newest committed checkpoint. Each restart is logged with its cause.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    max_restarts: u32,
+
     /// The program every rank runs, then its arguments. A name without '/' is looked up in
     /// PATH, then next to the ringrun executable (so binaries built alongside it run without
     /// being installed).
@@ -163,22 +177,13 @@ fn run(cli: Cli) -> Outcome {
             return Outcome::Error;
         }
     };
-    let master_port = match cli.master_port {
-        Some(p) => p,
-        None => match job::free_port() {
-            Ok(p) => p,
-            Err(e) => {
-                note!("cannot find a free port for MASTER_PORT: {e}");
-                return Outcome::Error;
-            }
-        },
-    };
+    let fixed_port = cli.master_port;
     let mut command = cli.command.into_iter();
     let program = command.next().expect("clap requires PROGRAM");
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         world_size: cli.nproc as usize,
         master_addr: cli.master_addr,
-        master_port,
+        master_port: 0,
         token: job::job_token(),
         // f64's Display never uses exponent notation, so any rank can parse it back.
         timeout: cli.timeout.map(|t| t.to_string()),
@@ -186,8 +191,41 @@ fn run(cli: Cli) -> Outcome {
         bind_to: cli.bind_to,
         program,
         args: command.collect(),
+        restart: 0,
     };
-    local::run(&spec, &signals)
+    let started = std::time::Instant::now();
+    loop {
+        spec.master_port = match fixed_port {
+            Some(p) => p,
+            None => match job::free_port() {
+                Ok(p) => p,
+                Err(e) => {
+                    note!("cannot find a free port for MASTER_PORT: {e}");
+                    return Outcome::Error;
+                }
+            },
+        };
+        let ended = local::run(&spec, &signals);
+        if ended.outcome != Outcome::RankFailed || spec.restart >= cli.max_restarts {
+            if spec.restart > 0 {
+                note!(
+                    "job ended after {} restart(s), {:.1} s in all",
+                    spec.restart,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            return ended.outcome;
+        }
+        spec.restart += 1;
+        note!(
+            "restart {}/{} at {:.1} s: {}; starting all {} ranks again",
+            spec.restart,
+            cli.max_restarts,
+            started.elapsed().as_secs_f64(),
+            ended.cause.as_deref().unwrap_or("a rank failed"),
+            spec.world_size
+        );
+    }
 }
 
 #[cfg(test)]

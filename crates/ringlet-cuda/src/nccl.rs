@@ -74,9 +74,19 @@ impl Api {
     pub fn load() -> Result<&'static Api, CudaError> {
         static API: std::sync::OnceLock<Result<Api, String>> = std::sync::OnceLock::new();
         let path = libs::load(CudaLib::Nccl)?;
-        API.get_or_init(|| Api::open(&path))
-            .as_ref()
-            .map_err(|why| CudaError::Driver(why.clone()))
+        API.get_or_init(|| {
+            let api = Api::open(&path)?;
+            match api.version() {
+                Ok(v) if v >= (2, 18, 0) => Ok(api),
+                Ok((a, b, c)) => Err(format!(
+                    "{} is NCCL {a}.{b}.{c}: Ringlet needs 2.18 or later",
+                    path.display()
+                )),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            }
+        })
+        .as_ref()
+        .map_err(|why| CudaError::Driver(why.clone()))
     }
 
     /// Resolves every entry point in the library at `path`.
@@ -167,7 +177,8 @@ impl Api {
     }
 }
 
-/// `ncclConfig_t` as NCCL 2.17 laid it out. NCCL reads a config by the `version` it carries, so
+/// `ncclConfig_t` as NCCL 2.18 laid it out (version field 2.17: the fields NCCL reads from an
+/// older config are those up to `splitShare`; the rest it resets to defaults). NCCL reads a config by the `version` it carries, so
 /// this older layout is understood by every later NCCL, whatever header cudarc was built from.
 #[repr(C)]
 pub struct Config {
@@ -421,7 +432,9 @@ impl Drop for Comm {
         if self.gone {
             return;
         }
-        if self.state().is_err() {
+        // ncclCommDestroy waits for work in flight, which never ends if a peer is gone: only a
+        // communicator whose last operation is done is destroyed, any other is aborted.
+        if self.state() != Ok(Progress::Done) {
             self.abort();
             return;
         }

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 /// A communicator over NCCL, for buffers on one GPU per rank.
 pub struct NcclCommunicator {
-    gpu: Arc<Gpu>,
+    // Before `gpu`: the communicator goes first, while its device's context is surely alive.
     comm: Mutex<State>,
+    gpu: Arc<Gpu>,
     rank: usize,
     world_size: usize,
     hosts: Vec<String>,
@@ -71,7 +72,24 @@ impl Communicator {
                 why.trim_end_matches('\0')
             )));
         }
-        let api = api.map_err(|e| Error::Device(format!("rank {rank} ({}): {e}", hosts[rank])))?;
+        // Every rank says whether it has NCCL, so that one without it fails everyone at once
+        // (naming it) instead of leaving them to wait for it at their deadline.
+        let mut loaded = vec![0u8; n];
+        self.all_gather(&[u8::from(api.is_ok())], &mut loaded)?;
+        let missing: Vec<String> = (0..n)
+            .filter(|&r| loaded[r] == 0)
+            .map(|r| format!("rank {r} ({})", hosts[r]))
+            .collect();
+        let api = match api {
+            Err(e) => return Err(Error::Device(format!("rank {rank} ({}): {e}", hosts[rank]))),
+            Ok(_) if !missing.is_empty() => {
+                return Err(Error::Device(format!(
+                    "NCCL cannot be loaded on {}",
+                    missing.join(", ")
+                )))
+            }
+            Ok(api) => api,
+        };
         let id: [u8; 128] = msg[1..129].try_into().expect("128 bytes");
         gpu.kernels
             .ctx
@@ -107,12 +125,12 @@ impl Communicator {
             }
         }
         Ok(NcclCommunicator {
-            gpu,
             comm: Mutex::new(State {
                 comm,
                 seq: 0,
                 broken: None,
             }),
+            gpu,
             rank,
             world_size: n,
             hosts,
@@ -277,6 +295,10 @@ impl NcclCommunicator {
         result
     }
 
+    /// Issues the call and waits for it. A non-blocking communicator may still be queueing the
+    /// kernels when the call returns (`ncclInProgress`), so first its state must become done —
+    /// only then does an event recorded on the stream mark the collective's end. Any failure
+    /// after the call was issued aborts the communicator, so nothing is left running on the GPU.
     fn issue_and_wait(
         &self,
         comm: &mut Comm,
@@ -290,14 +312,49 @@ impl NcclCommunicator {
             .ctx
             .bind_to_thread()
             .map_err(|e| failed(format!("{e:?}")))?;
-        issue(comm, self.gpu.cu_stream().cast()).map_err(|e| failed(e.to_string()))?;
         let start = Instant::now();
+        if let Err(e) = issue(comm, self.gpu.cu_stream().cast()) {
+            comm.abort();
+            return Err(failed(e.to_string()));
+        }
+        let result = self.wait_for(comm, start, &failed, what, here);
+        if result.is_err() {
+            comm.abort();
+        }
+        result
+    }
+
+    fn wait_for(
+        &self,
+        comm: &Comm,
+        start: Instant,
+        failed: &dyn Fn(String) -> Error,
+        what: &str,
+        here: &str,
+    ) -> Result<()> {
+        let too_late = || {
+            Error::Deadline {
+            waiting_for: format!(
+                "in {what} on {here}: the NCCL communicator of {} ({}) was aborted; a rank is dead, stuck or never made this call",
+                self.world_size,
+                list(&self.hosts)
+            ),
+            after: start.elapsed(),
+        }
+        };
+        // Queued: the communicator's state leaves ncclInProgress.
+        loop {
+            match comm.state().map_err(|e| failed(e.to_string()))? {
+                Progress::Done => break,
+                Progress::InProgress if start.elapsed() > self.timeout => return Err(too_late()),
+                Progress::InProgress => std::thread::sleep(POLL),
+            }
+        }
+        // Run: the stream passes an event recorded after the kernels; a peer's failure shows
+        // as an asynchronous error meanwhile.
         let event = self.gpu.record().map_err(device_error)?;
         loop {
-            if let Err(e) = comm.state() {
-                comm.abort();
-                return Err(failed(e.to_string()));
-            }
+            comm.state().map_err(|e| failed(e.to_string()))?;
             if self
                 .gpu
                 .complete(&event)
@@ -306,15 +363,7 @@ impl NcclCommunicator {
                 return Ok(());
             }
             if start.elapsed() > self.timeout {
-                comm.abort();
-                return Err(Error::Deadline {
-                    waiting_for: format!(
-                        "in {what} on {here}: the NCCL communicator of {} ({}) was aborted; a rank is dead, stuck or never made this call",
-                        self.world_size,
-                        list(&self.hosts)
-                    ),
-                    after: start.elapsed(),
-                });
+                return Err(too_late());
             }
             std::thread::sleep(POLL);
         }

@@ -125,6 +125,37 @@ impl<'a, T: Element, D: Device<T>> Staged<'a, T, D> {
     }
 }
 
+/// How long dropping a [`Staged`] waits for copies still in flight (after a failed collective)
+/// before it gives up on its blocks.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl<T: Element, D: Device<T>> Drop for Staged<'_, T, D> {
+    /// A failed collective can leave copies into or out of the host blocks in flight; a block
+    /// back in its pool then would be handed out and overwritten while the device still uses it.
+    /// So wait for them, and if the device does not finish in time, leak the blocks instead.
+    fn drop(&mut self) {
+        let start = std::time::Instant::now();
+        loop {
+            match self.busy() {
+                Ok(false) => return,
+                Ok(true) if start.elapsed() < DRAIN => {
+                    std::thread::sleep(std::time::Duration::from_micros(50))
+                }
+                _ => break,
+            }
+        }
+        tracing::warn!(
+            "device copies still in flight after a failed collective; leaking their host blocks"
+        );
+        for b in self.outs.drain(..) {
+            std::mem::forget(b);
+        }
+        for b in self.ins.drain(..) {
+            std::mem::forget(b);
+        }
+    }
+}
+
 impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
     type Out = usize;
     type In = usize;
@@ -283,7 +314,11 @@ impl Communicator {
                     let count = dev.len(buf);
                     let mut block = dev.block(count)?;
                     dev.download(buf, 0..count, &mut block)?;
-                    settle(dev, deadlines.timeout)?;
+                    if let Err(e) = settle(dev, deadlines.timeout) {
+                        // The copy may still write into the block: never reuse it.
+                        std::mem::forget(block);
+                        return Err(e);
+                    }
                     run_on_host(
                         link,
                         sig,
@@ -295,7 +330,12 @@ impl Communicator {
                     )?;
                     let mut scratch = dev.scratch(count)?;
                     dev.upload(&block, buf, 0..count, &mut scratch, None)?;
-                    settle(dev, deadlines.timeout)
+                    let settled = settle(dev, deadlines.timeout);
+                    if settled.is_err() {
+                        std::mem::forget(block);
+                        std::mem::forget(scratch);
+                    }
+                    settled
                 }
             },
         )
