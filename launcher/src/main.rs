@@ -1,14 +1,18 @@
 //! `ringrun`, the command line: parses the flags, settles what every rank must agree on (world
 //! size, master address and port, job token, timeout) into a [`JobSpec`], and hands it to a
-//! backend that starts the ranks — today [`local`], processes on this machine.
+//! backend that starts the ranks — [`local`] (processes on this machine) or [`docker`]
+//! (containers on one or more Docker engines) — again after a failure with `--max-restarts`.
 //!
 //! Modules: [`job`] (the job and its environment contract, exit statuses), [`local`] (spawning and
-//! supervising processes), [`output`] (relaying output with a rank prefix), [`signals`] (catching,
-//! forwarding and naming signals).
+//! supervising processes), [`docker`] (the same for containers), [`image`] (`ringrun image
+//! build`), [`output`] (relaying output with a rank prefix), [`signals`] (catching, forwarding and
+//! naming signals).
 
 // First, so that its `note!` macro is visible in the others.
 #[macro_use]
 mod output;
+mod docker;
+mod image;
 mod job;
 mod local;
 mod signals;
@@ -126,6 +130,42 @@ struct Cli {
     #[arg(long, value_name = "K", default_value_t = 0)]
     max_restarts: u32,
 
+    /// Run each rank as a container of IMAGE through the Docker engine API (DOCKER_HOST
+    /// honoured) instead of a local process; PROGRAM is resolved inside the image. Containers
+    /// share a network made for the job; every container and the network are removed at the
+    /// end, whatever happens. `ringrun image build --tag T BINARY...` makes such an image.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+
+    /// Docker engines and their slot counts, ranks placed in order:
+    /// `unix:///var/run/docker.sock:2,tcp://gpu-node-2:2375:4`. With more than one engine,
+    /// containers use host networking (the hosts must reach each other).
+    #[arg(long, value_name = "ENGINES", requires = "image", value_parser = docker::parse_hosts)]
+    hosts: Option<docker::Hosts>,
+
+    /// Bind mount HOST:CONTAINER[:ro] in every container (e.g. the shared checkpoint directory,
+    /// at the same path everywhere); repeatable.
+    #[arg(
+        long = "volume",
+        short = 'v',
+        value_name = "HOST:CONTAINER",
+        requires = "image"
+    )]
+    volumes: Vec<String>,
+
+    /// CPU cores per container: one value for all, or one per rank (`0.5,1,1.5`).
+    #[arg(long, value_name = "CORES", value_delimiter = ',', requires = "image")]
+    cpus: Vec<f64>,
+
+    /// GPUs per container, from the engine's NVIDIA runtime.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "image")]
+    gpus_per_rank: u32,
+
+    /// Explicit GPUs per rank, ranks separated by ';', a rank's devices by ',': `0;1;2,3`
+    /// (one entry: the same for all). Overrides --gpus-per-rank.
+    #[arg(long, value_name = "MAP", requires = "image")]
+    gpus: Option<String>,
+
     /// The program every rank runs, then its arguments. A name without '/' is looked up in
     /// PATH, then next to the ringrun executable (so binaries built alongside it run without
     /// being installed).
@@ -165,7 +205,43 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "image") {
+        return image_command(&args[2..]);
+    }
     ExitCode::from(run(Cli::parse()).exit_status())
+}
+
+/// `ringrun image build --tag T BINARY...`
+#[derive(Debug, Parser)]
+#[command(name = "ringrun image build", version)]
+struct ImageBuild {
+    /// The image's name (and tag).
+    #[arg(long, short = 't')]
+    tag: String,
+    /// Binaries to put in /usr/local/bin, with the shared libraries they link.
+    #[arg(required = true)]
+    binaries: Vec<std::path::PathBuf>,
+}
+
+fn image_command(args: &[OsString]) -> ExitCode {
+    if args.first().is_none_or(|a| a != "build") {
+        note!("usage: ringrun image build --tag T BINARY...");
+        return ExitCode::from(2);
+    }
+    let cli = ImageBuild::parse_from(
+        std::iter::once(OsString::from("ringrun image build")).chain(args[1..].iter().cloned()),
+    );
+    match image::build(&cli.tag, &cli.binaries) {
+        Ok(()) => {
+            note!("built image {}", cli.tag);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            note!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(cli: Cli) -> Outcome {
@@ -178,6 +254,21 @@ fn run(cli: Cli) -> Outcome {
         }
     };
     let fixed_port = cli.master_port;
+    let containers = cli.image.map(|image| docker::ContainerSpec {
+        image,
+        hosts: cli.hosts.map(|h| h.0).unwrap_or_default(),
+        volumes: cli.volumes,
+        cpus: cli.cpus,
+        gpus_per_rank: cli.gpus_per_rank,
+        gpu_map: cli
+            .gpus
+            .map(|m| {
+                m.split(';')
+                    .map(|r| r.split(',').map(|d| d.trim().to_string()).collect())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    });
     let mut command = cli.command.into_iter();
     let program = command.next().expect("clap requires PROGRAM");
     let mut spec = JobSpec {
@@ -205,7 +296,10 @@ fn run(cli: Cli) -> Outcome {
                 }
             },
         };
-        let ended = local::run(&spec, &signals);
+        let ended = match &containers {
+            Some(cs) => docker::run(&spec, cs, &signals),
+            None => local::run(&spec, &signals),
+        };
         if ended.outcome != Outcome::RankFailed || spec.restart >= cli.max_restarts {
             if spec.restart > 0 {
                 note!(

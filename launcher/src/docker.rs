@@ -1,0 +1,594 @@
+//! The container backend: every rank is a container started through the Docker engine API
+//! (`bollard`; `DOCKER_HOST` honoured), possibly on several engines. This module owns placing
+//! ranks on engines, the job's network, creating and starting the containers with the rank
+//! environment, relaying their output with rank prefixes, supervising them (the first failure
+//! stops the others; Ctrl-C/SIGTERM stop all) and removing every container and network it made,
+//! on every path.
+//!
+//! Networking: with one engine, the ranks share a user-defined bridge network made for the job
+//! and find rank 0 by its container name. With several engines, containers use host networking,
+//! so a rank's ring address is its host's: the hosts must reach each other (and rank 0's host must
+//! be reachable at MASTER_ADDR: the first engine's host for `tcp://` endpoints, 127.0.0.1 when
+//! every engine is local, else `--master-addr`).
+
+use crate::job::{Ended, JobSpec, Outcome};
+use crate::output::{prefixed, Target};
+use crate::signals::Signals;
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, WaitContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The CFS period of `--cpus` quotas, in µs.
+const CPU_PERIOD_US: i64 = 10_000;
+
+/// The label every container and network of a job carries (`docker ps -a --filter label=...`).
+pub const JOB_LABEL: &str = "ringlet.job";
+
+/// One Docker engine and how many ranks it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub url: String,
+    pub slots: usize,
+}
+
+/// The engines of `--hosts`, in placement order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hosts(pub Vec<Endpoint>);
+
+/// `--hosts unix:///var/run/docker.sock:2,tcp://gpu-node-2:2375:4`: each entry an engine URL and,
+/// after the last ':', its slot count.
+pub fn parse_hosts(s: &str) -> Result<Hosts, String> {
+    s.split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            let (url, slots) = entry
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{entry}`: expected ENGINE_URL:SLOTS"))?;
+            let slots: usize = slots
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("`{entry}`: `{slots}` is not a positive slot count"))?;
+            if !(url.starts_with("unix://")
+                || url.starts_with("tcp://")
+                || url.starts_with("http://"))
+            {
+                return Err(format!(
+                    "`{entry}`: the engine URL must start with unix://, tcp:// or http://"
+                ));
+            }
+            Ok(Endpoint {
+                url: url.to_string(),
+                slots,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Hosts)
+}
+
+/// What the container backend needs beyond the [`JobSpec`].
+#[derive(Clone, Debug)]
+pub struct ContainerSpec {
+    pub image: String,
+    /// Engines in placement order; empty: the one `DOCKER_HOST` names (or the local socket).
+    pub hosts: Vec<Endpoint>,
+    /// `HOST:CONTAINER[:ro]` bind mounts, the same in every container.
+    pub volumes: Vec<String>,
+    /// Cores per rank (one value: the same for all).
+    pub cpus: Vec<f64>,
+    /// GPUs requested per rank from the engine's GPU runtime.
+    pub gpus_per_rank: u32,
+    /// Explicit device ids per rank (`--gpus 0;1;2,3`): overrides `gpus_per_rank`.
+    pub gpu_map: Vec<Vec<String>>,
+}
+
+struct Placed {
+    rank: usize,
+    engine: usize,
+    name: String,
+}
+
+/// A Docker error as one line: the engine's own message where it sent one.
+fn docker_error(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn engine_name(url: &str) -> String {
+    url.to_string()
+}
+
+/// Runs one attempt of the job as containers. `signals` must have been installed before.
+pub fn run(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
+    // One thread: the supervisor's loop awaits with short timeouts, and the log pumps and waits
+    // run as tasks in between.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            note!("cannot start the Docker client's runtime: {e}");
+            return Ended::new(Outcome::Error);
+        }
+    };
+    rt.block_on(run_async(spec, cs, signals))
+}
+
+async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
+    let hosts = if cs.hosts.is_empty() {
+        let url = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
+        vec![Endpoint {
+            url,
+            slots: spec.world_size,
+        }]
+    } else {
+        cs.hosts.clone()
+    };
+    let capacity: usize = hosts.iter().map(|h| h.slots).sum();
+    if capacity < spec.world_size {
+        note!(
+            "--hosts offers {capacity} slots for {} ranks",
+            spec.world_size
+        );
+        return Ended::new(Outcome::Error);
+    }
+    let mut engines = Vec::new();
+    for h in &hosts {
+        match Docker::connect_with_host(&h.url) {
+            Ok(d) => engines.push(d),
+            Err(e) => {
+                note!("docker ({}): {}", engine_name(&h.url), docker_error(&e));
+                return Ended::new(Outcome::Error);
+            }
+        }
+    }
+    let job = format!(
+        "ringlet-{}-{}-{}",
+        std::process::id(),
+        spec.master_port,
+        spec.restart
+    );
+    let mut job_run = JobRun {
+        job: job.clone(),
+        engines,
+        hosts,
+        networks: Vec::new(),
+        placed: Vec::new(),
+    };
+    let ended = job_run.start_and_supervise(spec, cs, signals).await;
+    job_run.clean_up().await;
+    ended
+}
+
+struct JobRun {
+    job: String,
+    engines: Vec<Docker>,
+    hosts: Vec<Endpoint>,
+    /// (engine, network name) made for the job.
+    networks: Vec<(usize, String)>,
+    placed: Vec<Placed>,
+}
+
+impl JobRun {
+    fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([(JOB_LABEL.to_string(), self.job.clone())])
+    }
+
+    fn fail(&self, engine: usize, what: &str, e: &bollard::errors::Error) -> Ended {
+        note!(
+            "docker ({}): {what}: {}",
+            engine_name(&self.hosts[engine].url),
+            docker_error(e)
+        );
+        Ended::new(Outcome::Error)
+    }
+
+    async fn start_and_supervise(
+        &mut self,
+        spec: &JobSpec,
+        cs: &ContainerSpec,
+        signals: &Signals,
+    ) -> Ended {
+        let single = self.hosts.len() == 1;
+        // Placement: ranks in order, filling each engine's slots.
+        let mut engine_of = Vec::with_capacity(spec.world_size);
+        for (i, h) in self.hosts.iter().enumerate() {
+            engine_of.extend(std::iter::repeat_n(i, h.slots));
+        }
+        engine_of.truncate(spec.world_size);
+        let network = format!("{}-net", self.job);
+        let master_addr = if single {
+            format!("{}-r0", self.job)
+        } else if spec.master_addr != "127.0.0.1" {
+            spec.master_addr.clone()
+        } else if let Some(host) = self.hosts[0]
+            .url
+            .strip_prefix("tcp://")
+            .or_else(|| self.hosts[0].url.strip_prefix("http://"))
+        {
+            host.split(':').next().unwrap_or(host).to_string()
+        } else if self.hosts.iter().all(|h| h.url.starts_with("unix://")) {
+            "127.0.0.1".to_string()
+        } else {
+            note!("with remote engines and a local first one, say where rank 0's host is reachable: --master-addr");
+            return Ended::new(Outcome::Error);
+        };
+        if single {
+            let req = NetworkCreateRequest {
+                name: network.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(self.labels()),
+                ..Default::default()
+            };
+            if let Err(e) = self.engines[0].create_network(req).await {
+                return self.fail(0, "creating the job's network", &e);
+            }
+            self.networks.push((0, network.clone()));
+        }
+        let passed: Vec<String> = std::env::vars()
+            .filter(|(k, _)| {
+                (k.starts_with("RINGLET_") || k == "RUST_LOG" || k == "RUST_BACKTRACE")
+                    && !spec.rank_env(0).iter().any(|(s, _)| s == k)
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut cmd = vec![spec.program.to_string_lossy().into_owned()];
+        cmd.extend(spec.args.iter().map(|a| a.to_string_lossy().into_owned()));
+        for (rank, &engine) in engine_of.iter().enumerate() {
+            let name = format!("{}-r{rank}", self.job);
+            let mut env: Vec<String> = spec
+                .rank_env(rank)
+                .into_iter()
+                .map(|(k, v)| match k {
+                    "MASTER_ADDR" => format!("{k}={master_addr}"),
+                    // Each container is its own node: it sees only its own devices.
+                    "LOCAL_RANK" => format!("{k}=0"),
+                    "LOCAL_WORLD_SIZE" => format!("{k}=1"),
+                    _ => format!("{k}={v}"),
+                })
+                .collect();
+            env.extend(passed.iter().cloned());
+            let cpus = cs.cpus.get(rank).or(cs.cpus.first()).copied();
+            let devices = match cs.gpu_map.get(rank).or(cs.gpu_map.first()) {
+                Some(ids) if !cs.gpu_map.is_empty() => Some(vec![DeviceRequest {
+                    driver: Some("nvidia".into()),
+                    device_ids: Some(ids.clone()),
+                    capabilities: Some(vec![vec!["gpu".into()]]),
+                    ..Default::default()
+                }]),
+                _ if cs.gpus_per_rank > 0 => Some(vec![DeviceRequest {
+                    driver: Some("nvidia".into()),
+                    count: Some(cs.gpus_per_rank as i64),
+                    capabilities: Some(vec![vec!["gpu".into()]]),
+                    ..Default::default()
+                }]),
+                _ => None,
+            };
+            let body = ContainerCreateBody {
+                image: Some(cs.image.clone()),
+                cmd: Some(cmd.clone()),
+                env: Some(env),
+                labels: Some(self.labels()),
+                hostname: single.then(|| format!("rank{rank}")),
+                host_config: Some(HostConfig {
+                    network_mode: Some(if single {
+                        network.clone()
+                    } else {
+                        "host".into()
+                    }),
+                    binds: (!cs.volumes.is_empty()).then(|| cs.volumes.clone()),
+                    // A 10 ms CFS period (Docker's --cpus uses 100 ms): a throttled rank then
+                    // runs at its share within each step rather than in bursts across steps, so
+                    // its measured compute time reflects its quota (what batch balancing reads).
+                    cpu_period: cpus.map(|_| CPU_PERIOD_US),
+                    cpu_quota: cpus.map(|c| ((c * CPU_PERIOD_US as f64) as i64).max(1000)),
+                    device_requests: devices,
+                    init: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let opts = CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            if let Err(e) = self.engines[engine]
+                .create_container(Some(opts), body)
+                .await
+            {
+                return self.fail(engine, &format!("creating rank {rank}'s container"), &e);
+            }
+            self.placed.push(Placed { rank, engine, name });
+        }
+        for p in &self.placed {
+            if let Err(e) = self.engines[p.engine].start_container(&p.name, None).await {
+                return self.fail(
+                    p.engine,
+                    &format!("starting rank {}'s container", p.rank),
+                    &e,
+                );
+            }
+        }
+        self.supervise(spec, signals).await
+    }
+
+    async fn supervise(&self, spec: &JobSpec, signals: &Signals) -> Ended {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<i64, String>)>();
+        let mut pumps = Vec::new();
+        for p in &self.placed {
+            let docker = self.engines[p.engine].clone();
+            let (name, rank) = (p.name.clone(), p.rank);
+            pumps.push(tokio::spawn(pump_logs(docker.clone(), name.clone(), rank)));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let opts = WaitContainerOptions {
+                    condition: "not-running".into(),
+                };
+                let mut waits = docker.wait_container(&name, Some(opts));
+                let status = match waits.next().await {
+                    Some(Ok(r)) => Ok(r.status_code),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError {
+                        code, ..
+                    })) => Ok(code),
+                    Some(Err(e)) => Err(docker_error(&e)),
+                    None => Err("the engine ended the wait without a status".into()),
+                };
+                let _ = tx.send((rank, status));
+            });
+        }
+        drop(tx);
+        let mut running = self.placed.len();
+        let mut outcome = Outcome::Success;
+        // Ranks that failed on their own, before ringrun signalled them: (rank, description,
+        // killed by a signal).
+        let mut failures: Vec<(usize, String, bool)> = Vec::new();
+        let mut stopping: Option<Instant> = None;
+        // SIGTERM goes out a moment after the first failure, so that ranks failing at about the
+        // same time (the dead one, and the peers that noticed) all count as failures and the
+        // one killed from outside can be named as the cause.
+        let mut term_at: Option<Instant> = None;
+        let mut termed = false;
+        let mut killed = false;
+        while running > 0 {
+            if let Some(sig) = signals.take() {
+                if stopping.is_none() {
+                    note!(
+                        "got {}; stopping the containers (SIGKILL after {} s)",
+                        crate::signals::name(sig),
+                        spec.kill_grace.as_secs_f64()
+                    );
+                    outcome = Outcome::Signalled(sig);
+                    stopping = Some(Instant::now());
+                    term_at = Some(Instant::now());
+                } else if !killed {
+                    killed = true;
+                    self.signal_all("SIGKILL").await;
+                }
+            }
+            if term_at.is_some_and(|t| !termed && Instant::now() >= t) {
+                termed = true;
+                stopping = Some(Instant::now());
+                self.signal_all("SIGTERM").await;
+            }
+            if let Some(t) = stopping.filter(|_| termed) {
+                if !killed && t.elapsed() >= spec.kill_grace {
+                    killed = true;
+                    self.signal_all("SIGKILL").await;
+                }
+            }
+            let next = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
+            let (rank, status) = match next {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(_) => continue,
+            };
+            running -= 1;
+            let p = &self.placed[rank];
+            let (failed, what, by_signal) = match status {
+                Ok(0) => (false, String::new(), false),
+                Ok(code) => (
+                    true,
+                    format!(
+                        "rank {rank} (container {} on {}) {}",
+                        p.name,
+                        engine_name(&self.hosts[p.engine].url),
+                        describe_exit(code)
+                    ),
+                    code > 128,
+                ),
+                Err(why) => (
+                    true,
+                    format!("rank {rank} (container {}): {why}", p.name),
+                    false,
+                ),
+            };
+            if failed && !termed {
+                // The rank's last lines first, then ringrun's verdict on it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                note!("{what}");
+                failures.push((rank, what, by_signal));
+                if term_at.is_none() {
+                    outcome = Outcome::RankFailed;
+                    term_at = Some(Instant::now() + Duration::from_millis(250));
+                }
+            }
+        }
+        let cause = failures
+            .iter()
+            .find(|f| f.2)
+            .or(failures.first())
+            .map(|f| f.1.clone());
+        // Output still in flight, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        for p in pumps {
+            let _ = tokio::time::timeout_at(deadline, p).await;
+        }
+        Ended { outcome, cause }
+    }
+
+    async fn signal_all(&self, signal: &str) {
+        for p in &self.placed {
+            let opts = KillContainerOptions {
+                signal: signal.into(),
+            };
+            // A container that already stopped answers 409: nothing to do.
+            let _ = self.engines[p.engine]
+                .kill_container(&p.name, Some(opts))
+                .await;
+        }
+    }
+
+    /// Removes every container and network of this attempt: the ones we know, and any other
+    /// carrying the job's label (a create that timed out on our side but happened on the engine).
+    async fn clean_up(&mut self) {
+        for (i, docker) in self.engines.iter().enumerate() {
+            let mut names: Vec<String> = self
+                .placed
+                .iter()
+                .filter(|p| p.engine == i)
+                .map(|p| p.name.clone())
+                .collect();
+            let filters = HashMap::from([(
+                "label".to_string(),
+                vec![format!("{JOB_LABEL}={}", self.job)],
+            )]);
+            let list = ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            };
+            if let Ok(found) = docker.list_containers(Some(list)).await {
+                for c in found {
+                    for n in c.names.unwrap_or_default() {
+                        let n = n.trim_start_matches('/').to_string();
+                        if !names.contains(&n) {
+                            names.push(n);
+                        }
+                    }
+                }
+            }
+            for n in names {
+                let opts = RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                };
+                if let Err(e) = docker.remove_container(&n, Some(opts)).await {
+                    if !matches!(
+                        e,
+                        bollard::errors::Error::DockerResponseServerError {
+                            status_code: 404,
+                            ..
+                        }
+                    ) {
+                        note!("could not remove container {n}: {}", docker_error(&e));
+                    }
+                }
+            }
+        }
+        for (i, net) in self.networks.drain(..) {
+            if let Err(e) = self.engines[i].remove_network(&net).await {
+                note!("could not remove network {net}: {}", docker_error(&e));
+            }
+        }
+    }
+}
+
+fn describe_exit(code: i64) -> String {
+    match code {
+        137 => "was killed (exit status 137: SIGKILL, e.g. docker kill or out of memory)".into(),
+        143 => "was terminated (exit status 143: SIGTERM)".into(),
+        c if c > 128 && c < 160 => format!("was killed by signal {} (exit status {c})", c - 128),
+        c => format!("exited with status {c}"),
+    }
+}
+
+/// Relays one container's output with its rank prefix, line by line.
+async fn pump_logs(docker: Docker, name: String, rank: usize) {
+    let opts = LogsOptions {
+        follow: true,
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let mut logs = docker.logs(&name, Some(opts));
+    let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    while let Some(item) = logs.next().await {
+        let Ok(out) = item else { break };
+        let (idx, bytes) = match out {
+            bollard::container::LogOutput::StdErr { message } => (1, message),
+            bollard::container::LogOutput::StdOut { message }
+            | bollard::container::LogOutput::Console { message } => (0, message),
+            bollard::container::LogOutput::StdIn { .. } => continue,
+        };
+        let buf = &mut partial[idx];
+        buf.extend_from_slice(&bytes);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            write_line(idx, rank, &line);
+        }
+    }
+    for (idx, rest) in partial.iter().enumerate() {
+        if !rest.is_empty() {
+            write_line(idx, rank, rest);
+        }
+    }
+}
+
+fn write_line(idx: usize, rank: usize, line: &[u8]) {
+    let bytes = prefixed(rank, line);
+    let target = if idx == 0 {
+        Target::Stdout
+    } else {
+        Target::Stderr
+    };
+    let _ = match target {
+        Target::Stdout => std::io::stdout().lock().write_all(&bytes),
+        Target::Stderr => std::io::stderr().lock().write_all(&bytes),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse_with_slots() {
+        let h = parse_hosts("unix:///var/run/docker.sock:2,tcp://gpu-node-2:2375:4").unwrap();
+        assert_eq!(
+            h.0,
+            vec![
+                Endpoint {
+                    url: "unix:///var/run/docker.sock".into(),
+                    slots: 2
+                },
+                Endpoint {
+                    url: "tcp://gpu-node-2:2375".into(),
+                    slots: 4
+                }
+            ]
+        );
+        assert!(parse_hosts("unix:///x.sock").is_err());
+        assert!(parse_hosts("unix:///x.sock:0").is_err());
+        assert!(parse_hosts("ssh://h:2").is_err());
+    }
+
+    #[test]
+    fn exits_are_described() {
+        assert!(describe_exit(137).contains("SIGKILL"));
+        assert_eq!(describe_exit(3), "exited with status 3");
+        assert!(describe_exit(130).contains("signal 2"));
+    }
+}

@@ -1,0 +1,214 @@
+//! `ringrun image build --tag T BINARY...`: a minimal image made from local binaries, with no base
+//! image and nothing pulled. Each binary goes to `/usr/local/bin/`; the shared libraries it needs
+//! (read from its ELF: the interpreter and `DT_NEEDED`, found along its RUNPATH/RPATH,
+//! `LD_LIBRARY_PATH` and the system's library directories, recursively) go to the paths they have
+//! here. The build context is a tar made in memory and sent to the engine (`FROM scratch`).
+
+use bollard::query_parameters::BuildImageOptions;
+use bollard::Docker;
+use futures_util::StreamExt;
+use object::elf;
+use object::read::elf::{Dyn, FileHeader, ProgramHeader};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The files a binary needs at run time, besides itself: its interpreter and every shared library
+/// it loads, resolved to paths on this machine.
+pub fn runtime_files(binary: &Path) -> Result<BTreeSet<PathBuf>, String> {
+    let mut found = BTreeSet::new();
+    let mut queue = vec![binary.to_path_buf()];
+    let mut seen = BTreeSet::new();
+    while let Some(file) = queue.pop() {
+        if !seen.insert(file.clone()) {
+            continue;
+        }
+        let (interp, needed, search) = read_elf(&file)?;
+        if let Some(i) = interp {
+            found.insert(i);
+        }
+        for name in needed {
+            let lib = resolve(&name, &search).ok_or_else(|| {
+                format!(
+                    "{}: needs {name}, which is not on this machine",
+                    file.display()
+                )
+            })?;
+            found.insert(lib.clone());
+            queue.push(lib);
+        }
+    }
+    Ok(found)
+}
+
+type ElfDeps = (Option<PathBuf>, Vec<String>, Vec<PathBuf>);
+
+fn read_elf(path: &Path) -> Result<ElfDeps, String> {
+    let data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let bad =
+        |e: object::read::Error| format!("{}: not an ELF file we can read ({e})", path.display());
+    let hdr = elf::FileHeader64::<object::Endianness>::parse(&*data).map_err(bad)?;
+    let endian = hdr.endian().map_err(bad)?;
+    let mut interp = None;
+    for ph in hdr.program_headers(endian, &*data).map_err(bad)? {
+        if let Some(i) = ph.interpreter(endian, &*data).map_err(bad)? {
+            interp = Some(PathBuf::from(String::from_utf8_lossy(i).into_owned()));
+        }
+    }
+    let sections = hdr.sections(endian, &*data).map_err(bad)?;
+    let mut needed = Vec::new();
+    let origin = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut search = Vec::new();
+    if let Some((dyns, link)) = sections.dynamic(endian, &*data).map_err(bad)? {
+        let strings = sections.strings(endian, &*data, link).map_err(bad)?;
+        for d in dyns {
+            let tag = d.tag32(endian);
+            let Ok(s) = d.string(endian, strings) else {
+                continue;
+            };
+            let s = String::from_utf8_lossy(s).into_owned();
+            match tag {
+                Some(elf::DT_NEEDED) => needed.push(s),
+                Some(elf::DT_RUNPATH) | Some(elf::DT_RPATH) => search.extend(
+                    s.split(':')
+                        .map(|p| PathBuf::from(p.replace("$ORIGIN", &origin.to_string_lossy()))),
+                ),
+                _ => {}
+            }
+        }
+    }
+    if let Ok(lp) = std::env::var("LD_LIBRARY_PATH") {
+        search.extend(lp.split(':').filter(|p| !p.is_empty()).map(PathBuf::from));
+    }
+    for dir in [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/aarch64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+        "/usr/local/lib",
+    ] {
+        search.push(PathBuf::from(dir));
+    }
+    Ok((interp, needed, search))
+}
+
+fn resolve(name: &str, search: &[PathBuf]) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name)).filter(|p| p.exists());
+    }
+    search.iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The build context: a Dockerfile and `rootfs/` with every file at its path in the image.
+pub fn context(binaries: &[PathBuf]) -> Result<Vec<u8>, String> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut files = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for b in binaries {
+        let name = b
+            .file_name()
+            .ok_or_else(|| format!("{}: not a file", b.display()))?
+            .to_string_lossy()
+            .into_owned();
+        if !names.insert(name.clone()) {
+            return Err(format!("two binaries are named {name}"));
+        }
+        append(&mut tar, b, &format!("rootfs/usr/local/bin/{name}"))?;
+        files.extend(runtime_files(b)?);
+    }
+    for f in &files {
+        // The file's own bytes at the path the loader asks for (symlinks followed).
+        let inside = format!("rootfs{}", f.display());
+        append(&mut tar, f, &inside)?;
+    }
+    let dockerfile = "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin\n";
+    let mut header = tar::Header::new_gnu();
+    header.set_size(dockerfile.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+        .map_err(|e| format!("building the context: {e}"))?;
+    // /tmp, writable, as programs expect.
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o1777);
+    dir.set_size(0);
+    dir.set_cksum();
+    tar.append_data(&mut dir, "rootfs/tmp/", std::io::empty())
+        .map_err(|e| format!("building the context: {e}"))?;
+    tar.into_inner()
+        .map_err(|e| format!("building the context: {e}"))
+}
+
+fn append(tar: &mut tar::Builder<Vec<u8>>, from: &Path, to: &str) -> Result<(), String> {
+    let data = std::fs::read(from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o755);
+    header.set_cksum();
+    tar.append_data(&mut header, to, &*data)
+        .map_err(|e| format!("adding {}: {e}", from.display()))
+}
+
+/// Builds the image `tag` from `binaries` on the engine `DOCKER_HOST` names.
+pub fn build(tag: &str, binaries: &[PathBuf]) -> Result<(), String> {
+    let ctx = context(binaries)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the Docker client's runtime: {e}"))?;
+    rt.block_on(async {
+        let docker = Docker::connect_with_defaults().map_err(|e| format!("docker: {e}"))?;
+        let opts = BuildImageOptions {
+            dockerfile: "Dockerfile".into(),
+            t: Some(tag.to_string()),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(ctx.into())));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        return Err(format!("docker build: {e}"));
+                    }
+                }
+                Err(e) => return Err(format!("docker build: {e}")),
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our own test binary links libc dynamically: its interpreter and libc are found.
+    #[test]
+    fn finds_the_interpreter_and_libc_of_a_real_binary() {
+        let me = std::env::current_exe().unwrap();
+        let files = runtime_files(&me).unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.to_string_lossy().contains("ld-linux")),
+            "{files:?}"
+        );
+        assert!(
+            files.iter().any(|f| f
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libc.so"))),
+            "{files:?}"
+        );
+        let e = runtime_files(Path::new("/etc/hostname")).unwrap_err();
+        assert!(e.contains("/etc/hostname"), "{e}");
+    }
+}

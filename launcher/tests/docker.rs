@@ -1,0 +1,419 @@
+//! `ringrun --image`: ranks as real containers on this machine's Docker engine, built from our
+//! own binaries with `ringrun image build` (no base image, nothing pulled). Each test checks that
+//! nothing of its job is left behind (`docker ps -a`, `docker network ls`). Skipped, with a
+//! printed reason, where no engine answers; never in CI when one does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const RINGRUN: &str = env!("CARGO_BIN_EXE_ringrun");
+const IMAGE: &str = "ringlet-ci:test";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run the docker CLI")
+}
+
+/// Whether an engine answers; in CI its absence fails the test instead.
+fn engine() -> bool {
+    let up = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
+            "CI: no Docker engine answers (docker info failed)"
+        );
+        println!("SKIPPED: no Docker engine answers here");
+    }
+    up
+}
+
+/// A binary built by the same `cargo test --workspace` next to ringrun.
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(RINGRUN).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo test --workspace --release)",
+        p.display()
+    );
+    p
+}
+
+/// Builds the test image once per test binary.
+fn image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = Command::new(RINGRUN)
+            .args(["image", "build", "--tag", IMAGE])
+            .arg(sibling("ringlet-train"))
+            .arg(sibling("ringlet-bench"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "image build: {}", text(&out));
+    });
+    IMAGE
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// ringrun with output to a file, bounded.
+struct Run {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Run {
+    fn start(args: &[&str], tag: &str) -> Run {
+        let log =
+            std::env::temp_dir().join(format!("ringrun-docker-{tag}-{}.log", std::process::id()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(RINGRUN)
+            .args(args)
+            .env("RINGLET_TIMEOUT", "20")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Run { child, log }
+    }
+
+    /// The job's container-name prefix (ringrun's pid comes first in it).
+    fn prefix(&self) -> String {
+        format!("ringlet-{}-", self.child.id())
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s.code(), self.output(), self.prefix());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("ringrun did not finish:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Nothing of the job named `prefix` is left: no container (running or not), no network.
+fn assert_no_leftovers(prefix: &str) {
+    let ps = text(&docker(&["ps", "-a", "--format", "{{.Names}}"]));
+    let nets = text(&docker(&["network", "ls", "--format", "{{.Name}}"]));
+    assert!(
+        !ps.lines().any(|l| l.starts_with(prefix)),
+        "containers left: {ps}"
+    );
+    assert!(
+        !nets.lines().any(|l| l.starts_with(prefix)),
+        "networks left: {nets}"
+    );
+}
+
+#[test]
+fn ranks_run_as_containers_and_leave_nothing_behind() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let (code, out, prefix) = Run::start(
+        &[
+            "--image",
+            img,
+            "-n",
+            "3",
+            "--cpus",
+            "0.5",
+            "--",
+            "ringlet-bench",
+            "-b",
+            "1K",
+            "-e",
+            "1M",
+            "-f",
+            "8",
+        ],
+        "ok",
+    )
+    .finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("[0] # Out of bounds values : 0 OK"), "{out}");
+    for r in 0..3 {
+        assert!(out.contains(&format!("[{r}] # rank {r} peak RSS")), "{out}");
+    }
+    assert_no_leftovers(&prefix);
+}
+
+#[test]
+fn a_failing_rank_stops_the_job_and_is_named() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let (code, out, prefix) = Run::start(
+        &[
+            "--image",
+            img,
+            "-n",
+            "2",
+            "--",
+            "ringlet-train",
+            "--dataset",
+            "nosuch",
+        ],
+        "fail",
+    )
+    .finish(Duration::from_secs(120));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unknown dataset \"nosuch\""), "{out}");
+    assert!(out.contains("exited with status 1"), "{out}");
+    assert_no_leftovers(&prefix);
+}
+
+#[test]
+fn sigterm_stops_every_container() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let run = Run::start(
+        &[
+            "--image",
+            img,
+            "-n",
+            "2",
+            "--",
+            "ringlet-train",
+            "--dataset",
+            "synthetic:50000",
+            "--steps",
+            "1000000",
+        ],
+        "term",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run.output().contains("local batches") {
+        assert!(Instant::now() < deadline, "{}", run.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill")
+        .args(["-TERM", &run.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (code, out, prefix) = run.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(143), "{out}");
+    assert!(
+        out.contains("got SIGTERM; stopping the containers"),
+        "{out}"
+    );
+    assert_no_leftovers(&prefix);
+}
+
+#[test]
+fn docker_errors_are_one_clear_line() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let (code, out, prefix) = Run::start(
+        &[
+            "--image",
+            "ringlet-no-such-image:none",
+            "-n",
+            "2",
+            "--",
+            "ringlet-train",
+        ],
+        "noimage",
+    )
+    .finish(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("No such image: ringlet-no-such-image:none"),
+        "{out}"
+    );
+    assert_no_leftovers(&prefix);
+    // A GPU asked of an engine without the NVIDIA runtime.
+    let has_nvidia = text(&docker(&["info", "--format", "{{json .Runtimes}}"])).contains("nvidia");
+    if !has_nvidia {
+        let (code, out, prefix) = Run::start(
+            &[
+                "--image",
+                img,
+                "-n",
+                "2",
+                "--gpus-per-rank",
+                "1",
+                "--",
+                "ringlet-train",
+            ],
+            "nogpu",
+        )
+        .finish(Duration::from_secs(60));
+        assert_eq!(code, Some(1), "{out}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains("could not select device driver"), "{out}");
+        assert_no_leftovers(&prefix);
+    }
+}
+
+/// Two engine entries that both point at the local engine: host networking, one ring.
+#[test]
+fn several_engines_share_one_ring() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let sock =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let hosts = format!("{sock}:1,{sock}:2");
+    let (code, out, prefix) = Run::start(
+        &[
+            "--image",
+            img,
+            "--hosts",
+            &hosts,
+            "-n",
+            "3",
+            "--",
+            "ringlet-train",
+            "--epochs",
+            "3",
+        ],
+        "hosts",
+    )
+    .finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("test accuracy"), "{out}");
+    assert_no_leftovers(&prefix);
+}
+
+/// `docker kill` of one rank's container mid-run: ringrun restarts the job, training resumes
+/// from the shared checkpoint volume, and the final parameters equal an uninterrupted run's
+/// bit for bit.
+#[test]
+fn a_killed_container_restarts_the_job_from_its_checkpoint() {
+    if !engine() {
+        return;
+    }
+    let img = image();
+    let dir = std::env::temp_dir().join(format!("ringrun-docker-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vol = format!("{}:/shared", dir.display());
+    let train = |ck: &str, out: &str| -> Vec<String> {
+        [
+            "ringlet-train",
+            "--dataset",
+            "synthetic:20000",
+            "--steps",
+            "200",
+            "--global-batch",
+            "96",
+            "--hidden",
+            "512,512",
+            "--balance",
+            "static:2,1,1",
+            "--seed",
+            "9",
+            "--checkpoint-every",
+            "10",
+            "--checkpoint-dir",
+            ck,
+            "--dump-params",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut args: Vec<String> = ["--image", img, "-n", "3", "-v", &vol, "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(train("/shared/whole", "/shared/whole.params"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, _) = Run::start(&refs, "whole").finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{out}");
+
+    let mut args: Vec<String> = [
+        "--image",
+        img,
+        "-n",
+        "3",
+        "--max-restarts",
+        "2",
+        "-v",
+        &vol,
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(train("/shared/ck", "/shared/p.params"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = Run::start(&refs, "restart");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let committed = std::fs::read_dir(dir.join("ck"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("manifest.json").exists())
+                    .count()
+            })
+            .unwrap_or(0);
+        if committed >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint: {}", run.output());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let names = text(&docker(&["ps", "--format", "{{.Names}}"]));
+    let victim = names
+        .lines()
+        .find(|n| n.starts_with(&run.prefix()) && n.ends_with("-r1"))
+        .unwrap_or_else(|| panic!("rank 1's container is not running: {names}"))
+        .to_string();
+    let kill = docker(&["kill", &victim]);
+    assert!(kill.status.success(), "docker kill: {}", text(&kill));
+    let (code, out, prefix) = run.finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("restart 1/2 at") && out.contains("exit status 137"),
+        "{out}"
+    );
+    assert!(out.contains("(resumed at step"), "{out}");
+    let same = std::fs::read(dir.join("whole.params")).unwrap()
+        == std::fs::read(dir.join("p.params")).unwrap();
+    // Files written by the containers (as root) are removed with the directory.
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(same, "the restarted run's parameters differ:\n{out}");
+    assert_no_leftovers(&prefix);
+}
