@@ -26,6 +26,12 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// How long one control call to an engine (create, start, kill, remove) may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// After SIGKILL, how long to wait for the engines to report the last containers' ends before
+/// giving up on them (a stalled engine, a dead link to a remote one) and force-removing them.
+const AFTER_KILL: Duration = Duration::from_secs(10);
+
 /// The CFS period of `--cpus` quotas, in µs.
 const CPU_PERIOD_US: i64 = 10_000;
 
@@ -57,13 +63,23 @@ pub fn parse_hosts(s: &str) -> Result<Hosts, String> {
                 .ok()
                 .filter(|&n| n > 0)
                 .ok_or_else(|| format!("`{entry}`: `{slots}` is not a positive slot count"))?;
-            if !(url.starts_with("unix://")
-                || url.starts_with("tcp://")
-                || url.starts_with("http://"))
-            {
-                return Err(format!(
-                    "`{entry}`: the engine URL must start with unix://, tcp:// or http://"
-                ));
+            let remote = url
+                .strip_prefix("tcp://")
+                .or_else(|| url.strip_prefix("http://"));
+            match remote {
+                // `tcp://node:2375` without its slot count would read as 2375 slots on `tcp://node`.
+                Some(hostport) if !hostport.contains(':') => {
+                    return Err(format!(
+                        "`{entry}`: a tcp:// or http:// engine needs its port and then the slot count (tcp://HOST:PORT:SLOTS)"
+                    ))
+                }
+                Some(_) => {}
+                None if url.starts_with("unix://") => {}
+                None => {
+                    return Err(format!(
+                        "`{entry}`: the engine URL must start with unix://, tcp:// or http://"
+                    ))
+                }
             }
             Ok(Endpoint {
                 url: url.to_string(),
@@ -122,10 +138,21 @@ pub fn run(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
             return Ended::new(Outcome::Error);
         }
     };
-    rt.block_on(run_async(spec, cs, signals))
+    let (writer, thread) = spawn_writer();
+    let ended = rt.block_on(run_async(spec, cs, signals, writer));
+    // Dropping the runtime ends the pumps, and with them the last senders: the writer drains
+    // what is queued and stops. Bounded, in case our own stdout is stuck.
+    drop(rt);
+    if let Some(t) = thread {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    ended
 }
 
-async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
+async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals, writer: Writer) -> Ended {
     let hosts = if cs.hosts.is_empty() {
         let url = std::env::var("DOCKER_HOST")
             .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
@@ -147,7 +174,9 @@ async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> End
     let mut engines = Vec::new();
     for h in &hosts {
         match Docker::connect_with_host(&h.url) {
-            Ok(d) => engines.push(d),
+            // Every request's response must start within this (bollard's default is 120 s);
+            // the wait and log streams send their headers at once and are not cut by it.
+            Ok(d) => engines.push(d.with_timeout(CONTROL_TIMEOUT)),
             Err(e) => {
                 note!("docker ({}): {}", engine_name(&h.url), docker_error(&e));
                 return Ended::new(Outcome::Error);
@@ -167,7 +196,9 @@ async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> End
         networks: Vec::new(),
         placed: Vec::new(),
     };
-    let ended = job_run.start_and_supervise(spec, cs, signals).await;
+    let ended = job_run
+        .start_and_supervise(spec, cs, signals, &writer)
+        .await;
     job_run.clean_up().await;
     ended
 }
@@ -200,6 +231,7 @@ impl JobRun {
         spec: &JobSpec,
         cs: &ContainerSpec,
         signals: &Signals,
+        writer: &Writer,
     ) -> Ended {
         let single = self.hosts.len() == 1;
         // Placement: ranks in order, filling each engine's slots.
@@ -232,10 +264,11 @@ impl JobRun {
                 labels: Some(self.labels()),
                 ..Default::default()
             };
+            // Recorded first: a create that times out here may still happen on the engine.
+            self.networks.push((0, network.clone()));
             if let Err(e) = self.engines[0].create_network(req).await {
                 return self.fail(0, "creating the job's network", &e);
             }
-            self.networks.push((0, network.clone()));
         }
         let passed: Vec<String> = std::env::vars()
             .filter(|(k, _)| {
@@ -313,24 +346,44 @@ impl JobRun {
             self.placed.push(Placed { rank, engine, name });
         }
         for p in &self.placed {
+            if let Some(sig) = signals.take() {
+                note!(
+                    "got {} while starting the containers",
+                    crate::signals::name(sig)
+                );
+                return Ended::new(Outcome::Signalled(sig));
+            }
             if let Err(e) = self.engines[p.engine].start_container(&p.name, None).await {
-                return self.fail(
+                let ended = self.fail(
                     p.engine,
                     &format!("starting rank {}'s container", p.rank),
                     &e,
                 );
+                let why = docker_error(&e);
+                // The program is not in the image: as for a local program, 127.
+                if why.contains("executable file not found")
+                    || why.contains("no such file or directory")
+                {
+                    return Ended::new(Outcome::LaunchFailed);
+                }
+                return ended;
             }
         }
-        self.supervise(spec, signals).await
+        self.supervise(spec, signals, writer).await
     }
 
-    async fn supervise(&self, spec: &JobSpec, signals: &Signals) -> Ended {
+    async fn supervise(&self, spec: &JobSpec, signals: &Signals, writer: &Writer) -> Ended {
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<i64, String>)>();
         let mut pumps = Vec::new();
         for p in &self.placed {
             let docker = self.engines[p.engine].clone();
             let (name, rank) = (p.name.clone(), p.rank);
-            pumps.push(tokio::spawn(pump_logs(docker.clone(), name.clone(), rank)));
+            pumps.push(tokio::spawn(pump_logs(
+                docker.clone(),
+                name.clone(),
+                rank,
+                writer.clone(),
+            )));
             let tx = tx.clone();
             tokio::spawn(async move {
                 let opts = WaitContainerOptions {
@@ -360,20 +413,23 @@ impl JobRun {
         // one killed from outside can be named as the cause.
         let mut term_at: Option<Instant> = None;
         let mut termed = false;
-        let mut killed = false;
+        let mut killed: Option<Instant> = None;
+        let mut reported = vec![false; self.placed.len()];
         while running > 0 {
             if let Some(sig) = signals.take() {
+                // The user's signal decides the exit status (and prevents a restart), even when
+                // the containers are already being stopped after a failure.
+                outcome = Outcome::Signalled(sig);
                 if stopping.is_none() {
                     note!(
                         "got {}; stopping the containers (SIGKILL after {} s)",
                         crate::signals::name(sig),
                         spec.kill_grace.as_secs_f64()
                     );
-                    outcome = Outcome::Signalled(sig);
                     stopping = Some(Instant::now());
                     term_at = Some(Instant::now());
-                } else if !killed {
-                    killed = true;
+                } else if killed.is_none() {
+                    killed = Some(Instant::now());
                     self.signal_all("SIGKILL").await;
                 }
             }
@@ -383,10 +439,29 @@ impl JobRun {
                 self.signal_all("SIGTERM").await;
             }
             if let Some(t) = stopping.filter(|_| termed) {
-                if !killed && t.elapsed() >= spec.kill_grace {
-                    killed = true;
+                if killed.is_none() && t.elapsed() >= spec.kill_grace {
+                    killed = Some(Instant::now());
                     self.signal_all("SIGKILL").await;
                 }
+            }
+            if killed.is_some_and(|k| k.elapsed() > AFTER_KILL) {
+                let silent: Vec<String> = (0..self.placed.len())
+                    .filter(|&r| !reported[r])
+                    .map(|r| {
+                        let p = &self.placed[r];
+                        format!(
+                            "rank {r} ({} on {})",
+                            p.name,
+                            engine_name(&self.hosts[p.engine].url)
+                        )
+                    })
+                    .collect();
+                note!(
+                    "no end reported for {} {} s after SIGKILL; removing them",
+                    silent.join(", "),
+                    AFTER_KILL.as_secs()
+                );
+                break;
             }
             let next = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
             let (rank, status) = match next {
@@ -395,6 +470,7 @@ impl JobRun {
                 Err(_) => continue,
             };
             running -= 1;
+            reported[rank] = true;
             let p = &self.placed[rank];
             let (failed, what, by_signal) = match status {
                 Ok(0) => (false, String::new(), false),
@@ -420,7 +496,9 @@ impl JobRun {
                 note!("{what}");
                 failures.push((rank, what, by_signal));
                 if term_at.is_none() {
-                    outcome = Outcome::RankFailed;
+                    if !matches!(outcome, Outcome::Signalled(_)) {
+                        outcome = Outcome::RankFailed;
+                    }
                     term_at = Some(Instant::now() + Duration::from_millis(250));
                 }
             }
@@ -493,14 +571,46 @@ impl JobRun {
                             ..
                         }
                     ) {
-                        note!("could not remove container {n}: {}", docker_error(&e));
+                        note!(
+                            "could not remove container {n} on {}: {}",
+                            engine_name(&self.hosts[i].url),
+                            docker_error(&e)
+                        );
                     }
                 }
             }
         }
         for (i, net) in self.networks.drain(..) {
             if let Err(e) = self.engines[i].remove_network(&net).await {
-                note!("could not remove network {net}: {}", docker_error(&e));
+                if !matches!(
+                    e,
+                    bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }
+                ) {
+                    note!(
+                        "could not remove network {net} on {}: {}",
+                        engine_name(&self.hosts[i].url),
+                        docker_error(&e)
+                    );
+                }
+            }
+        }
+        // And any network of the job we did not hear back about (a create that timed out here
+        // but happened there).
+        for docker in &self.engines {
+            let filters = HashMap::from([(
+                "label".to_string(),
+                vec![format!("{JOB_LABEL}={}", self.job)],
+            )]);
+            let opts = bollard::query_parameters::ListNetworksOptions {
+                filters: Some(filters),
+            };
+            if let Ok(nets) = docker.list_networks(Some(opts)).await {
+                for n in nets.into_iter().filter_map(|n| n.name) {
+                    let _ = docker.remove_network(&n).await;
+                }
             }
         }
     }
@@ -515,8 +625,8 @@ fn describe_exit(code: i64) -> String {
     }
 }
 
-/// Relays one container's output with its rank prefix, line by line.
-async fn pump_logs(docker: Docker, name: String, rank: usize) {
+/// Relays one container's output with its rank prefix, line by line, to the writer thread.
+async fn pump_logs(docker: Docker, name: String, rank: usize, out: std::sync::mpsc::Sender<Line>) {
     let opts = LogsOptions {
         follow: true,
         stdout: true,
@@ -526,8 +636,8 @@ async fn pump_logs(docker: Docker, name: String, rank: usize) {
     let mut logs = docker.logs(&name, Some(opts));
     let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     while let Some(item) = logs.next().await {
-        let Ok(out) = item else { break };
-        let (idx, bytes) = match out {
+        let Ok(chunk) = item else { break };
+        let (idx, bytes) = match chunk {
             bollard::container::LogOutput::StdErr { message } => (1, message),
             bollard::container::LogOutput::StdOut { message }
             | bollard::container::LogOutput::Console { message } => (0, message),
@@ -537,27 +647,52 @@ async fn pump_logs(docker: Docker, name: String, rank: usize) {
         buf.extend_from_slice(&bytes);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            write_line(idx, rank, &line);
+            let _ = out.send((idx, prefixed(rank, &line)));
         }
     }
     for (idx, rest) in partial.iter().enumerate() {
         if !rest.is_empty() {
-            write_line(idx, rank, rest);
+            let _ = out.send((idx, prefixed(rank, rest)));
         }
     }
 }
 
-fn write_line(idx: usize, rank: usize, line: &[u8]) {
-    let bytes = prefixed(rank, line);
-    let target = if idx == 0 {
-        Target::Stdout
-    } else {
-        Target::Stderr
-    };
-    let _ = match target {
-        Target::Stdout => std::io::stdout().lock().write_all(&bytes),
-        Target::Stderr => std::io::stderr().lock().write_all(&bytes),
-    };
+/// A prefixed line for stdout (0) or stderr (1).
+type Line = (usize, Vec<u8>);
+type Writer = std::sync::mpsc::Sender<Line>;
+
+/// Writes relayed lines on a thread of its own: a reader that stops reading our stdout blocks it,
+/// never the loop that supervises the containers and answers signals.
+fn spawn_writer() -> (
+    std::sync::mpsc::Sender<Line>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<Line>();
+    let spawned = std::thread::Builder::new()
+        .name("ringrun-out".into())
+        .spawn(move || {
+            for (idx, bytes) in rx {
+                let target = if idx == 0 {
+                    Target::Stdout
+                } else {
+                    Target::Stderr
+                };
+                let _ = match target {
+                    Target::Stdout => {
+                        let mut o = std::io::stdout().lock();
+                        o.write_all(&bytes).and_then(|_| o.flush())
+                    }
+                    Target::Stderr => std::io::stderr().lock().write_all(&bytes),
+                };
+            }
+        });
+    match spawned {
+        Ok(h) => (tx, Some(h)),
+        Err(e) => {
+            note!("cannot start the output thread: {e}; container output is dropped");
+            (tx, None)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -583,6 +718,11 @@ mod tests {
         assert!(parse_hosts("unix:///x.sock").is_err());
         assert!(parse_hosts("unix:///x.sock:0").is_err());
         assert!(parse_hosts("ssh://h:2").is_err());
+        assert!(
+            parse_hosts("tcp://node:2375").is_err(),
+            "port taken for slots"
+        );
+        assert_eq!(parse_hosts("tcp://node:2375:3").unwrap().0[0].slots, 3);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `ringrun image build --tag T BINARY...`: a minimal image made from local binaries, with no base
 //! image and nothing pulled. Each binary goes to `/usr/local/bin/`; the shared libraries it needs
-//! (read from its ELF: the interpreter and `DT_NEEDED`, found along its RUNPATH/RPATH,
-//! `LD_LIBRARY_PATH` and the system's library directories, recursively) go to the paths they have
-//! here. The build context is a tar made in memory and sent to the engine (`FROM scratch`).
+//! (read from its ELF: the interpreter and `DT_NEEDED`, found along its RPATH/RUNPATH,
+//! `LD_LIBRARY_PATH` and the system's library directories, recursively) go to `/usr/local/lib/`,
+//! which the image's `LD_LIBRARY_PATH` names (so `$ORIGIN`-relative and cache-only locations need
+//! not be rebuilt inside); the interpreter stays at the path the binaries ask for. The build
+//! context is a tar made in memory and sent to the engine (`FROM scratch`).
 
 use bollard::query_parameters::BuildImageOptions;
 use bollard::Docker;
@@ -98,17 +100,32 @@ fn read_elf(path: &Path) -> Result<ElfDeps, String> {
     Ok((interp, needed, search))
 }
 
+/// The first file called `name` along `search` that is a 64-bit ELF, as the loader would take it
+/// (a 32-bit library of the same name earlier on the path is skipped, as ld.so skips it).
 fn resolve(name: &str, search: &[PathBuf]) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name)).filter(|p| p.exists());
     }
-    search.iter().map(|d| d.join(name)).find(|p| p.is_file())
+    search
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file() && is_elf64(p))
+}
+
+fn is_elf64(p: &Path) -> bool {
+    let mut head = [0u8; 5];
+    std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && head[..4] == *b"\x7fELF"
+        && head[4] == elf::ELFCLASS64
 }
 
 /// The build context: a Dockerfile and `rootfs/` with every file at its path in the image.
 pub fn context(binaries: &[PathBuf]) -> Result<Vec<u8>, String> {
     let mut tar = tar::Builder::new(Vec::new());
     let mut files = BTreeSet::new();
+    let mut interpreters = BTreeSet::new();
     let mut names = BTreeSet::new();
     for b in binaries {
         let name = b
@@ -120,14 +137,30 @@ pub fn context(binaries: &[PathBuf]) -> Result<Vec<u8>, String> {
             return Err(format!("two binaries are named {name}"));
         }
         append(&mut tar, b, &format!("rootfs/usr/local/bin/{name}"))?;
+        if let (Some(i), _, _) = read_elf(b)? {
+            interpreters.insert(i);
+        }
         files.extend(runtime_files(b)?);
     }
+    let mut libs = BTreeSet::new();
     for f in &files {
-        // The file's own bytes at the path the loader asks for (symlinks followed).
-        let inside = format!("rootfs{}", f.display());
+        let inside = if interpreters.contains(f) {
+            // The path written in the binaries' PT_INTERP (its content, symlinks followed).
+            format!("rootfs{}", f.display())
+        } else {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !libs.insert(name.clone()) {
+                continue;
+            }
+            format!("rootfs/usr/local/lib/{name}")
+        };
         append(&mut tar, f, &inside)?;
     }
-    let dockerfile = "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin\n";
+    let dockerfile =
+        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin LD_LIBRARY_PATH=/usr/local/lib\n";
     let mut header = tar::Header::new_gnu();
     header.set_size(dockerfile.len() as u64);
     header.set_mode(0o644);

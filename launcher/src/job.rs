@@ -109,6 +109,8 @@ pub enum Outcome {
     LaunchFailed,
     /// ringrun itself could not do its part (already reported); no rank is left running.
     Error,
+    /// The command line is invalid (already reported).
+    Usage,
 }
 
 impl Outcome {
@@ -121,6 +123,7 @@ impl Outcome {
             Outcome::Signalled(sig) => u8::try_from(128 + sig).unwrap_or(255),
             Outcome::LaunchFailed => 127,
             Outcome::Error => 1,
+            Outcome::Usage => 2,
         }
     }
 }

@@ -71,10 +71,11 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Ended {
     drop(done_tx);
     let outcome = sup.supervise(signals);
     sup.await_all_output();
-    Ended {
-        outcome,
-        cause: sup.first_failure.take(),
-    }
+    let cause = match sup.first_failure.take() {
+        Some(first) if first.contains("killed by signal") => Some(first),
+        first => sup.killed_outside.take().or(first),
+    };
+    Ended { outcome, cause }
 }
 
 /// The CPUs rank `rank` is pinned to, if any (see `--bind-to`).
@@ -182,6 +183,8 @@ struct Supervisor<'a> {
     shutdown: Option<Shutdown>,
     /// How the first rank to fail on its own ended, for a restart's log line.
     first_failure: Option<String>,
+    /// A rank killed by a signal nobody here sent, seen while stopping the others.
+    killed_outside: Option<String>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -192,6 +195,7 @@ impl<'a> Supervisor<'a> {
             done_rx,
             shutdown: None,
             first_failure: None,
+            killed_outside: None,
         }
     }
 
@@ -368,6 +372,15 @@ impl<'a> Supervisor<'a> {
                 None => note!("stopped rank {rank} (pid {pid}) with SIGKILL"),
             }
         } else if let Some(sig) = r.asked_with {
+            // Killed by a signal ringrun did not send, while being stopped: something outside
+            // killed it, most likely before the failure that made us stop the job (its peers
+            // noticed first). That is the cause worth naming.
+            if let Some(other) = status.signal().filter(|&s| s != sig) {
+                self.killed_outside.get_or_insert(format!(
+                    "rank {rank} (pid {pid}) was killed by signal {other} ({})",
+                    signals::name(other)
+                ));
+            }
             if status.signal() == Some(sig) {
                 note!(
                     "stopped rank {rank} (pid {pid}) with {}",
@@ -397,7 +410,11 @@ impl<'a> Supervisor<'a> {
             );
             self.begin_shutdown(Outcome::Signalled(sig), sig);
         } else if !self.shutdown.as_ref().is_some_and(|s| s.killed) {
-            // Asked twice: the user does not want to wait out the grace period.
+            // Asked while stopping (twice, or after a rank failed): the user does not want to
+            // wait out the grace period, and the signal decides the exit status (no restart).
+            if let Some(s) = self.shutdown.as_mut() {
+                s.outcome = Outcome::Signalled(sig);
+            }
             note!("got {name} while stopping the ranks; killing them now");
             let since = self
                 .shutdown

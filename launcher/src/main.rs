@@ -46,8 +46,10 @@ Signals:
   Each rank runs in its own process group; ringrun signals the whole group, so
   whatever a rank starts is stopped with it. SIGINT or SIGTERM sent to ringrun is
   forwarded to every rank; ranks still running --kill-grace seconds later are
-  SIGKILLed, and a second SIGINT/SIGTERM kills them at once. Ranks are SIGKILLed
-  by the kernel if ringrun itself dies.
+  SIGKILLed, and a second SIGINT/SIGTERM kills them at once. Process ranks are
+  SIGKILLed by the kernel if ringrun itself dies; containers are not (the engine
+  owns them): after a SIGKILL of ringrun remove them with
+  docker rm -f $(docker ps -aq --filter label=ringlet.job)
 
 Failure:
   When a rank exits non-zero or is killed by a signal, ringrun reports it, sends
@@ -254,6 +256,25 @@ fn run(cli: Cli) -> Outcome {
         }
     };
     let fixed_port = cli.master_port;
+    let n = cli.nproc as usize;
+    if let Some(bad) = cli.cpus.iter().find(|c| !c.is_finite() || **c <= 0.0) {
+        note!("--cpus {bad}: each value must be a positive number of cores");
+        return Outcome::Usage;
+    }
+    if !(cli.cpus.len() <= 1 || cli.cpus.len() == n) {
+        note!(
+            "--cpus has {} values for {n} ranks: give one, or one per rank",
+            cli.cpus.len()
+        );
+        return Outcome::Usage;
+    }
+    if let Some(map) = &cli.gpus {
+        let entries = map.split(';').count();
+        if !(entries == 1 || entries == n) || map.split(';').any(|e| e.trim().is_empty()) {
+            note!("--gpus {map}: give one device list, or one per rank, separated by ';'");
+            return Outcome::Usage;
+        }
+    }
     let containers = cli.image.map(|image| docker::ContainerSpec {
         image,
         hosts: cli.hosts.map(|h| h.0).unwrap_or_default(),
@@ -309,6 +330,11 @@ fn run(cli: Cli) -> Outcome {
                 );
             }
             return ended.outcome;
+        }
+        // A Ctrl-C or SIGTERM that came while the failed attempt was being cleaned up.
+        if let Some(sig) = signals.take() {
+            note!("got {}; not restarting", signals::name(sig));
+            return Outcome::Signalled(sig);
         }
         spec.restart += 1;
         note!(
