@@ -69,16 +69,19 @@ Exit status:
   128+S   ringrun received signal S and stopped the ranks (130: SIGINT,
           143: SIGTERM)";
 
-/// Start N ranks of a Ringlet program on this machine (torchrun-style local launcher).
+/// Start N ranks of a Ringlet program: local processes, or containers on Docker engines
+/// (torchrun-style launcher).
 ///
-/// Starts N processes of PROGRAM, each told its place in the job through the environment,
-/// relays their output with a "[RANK] " prefix, and supervises them: when one rank fails the
-/// others are stopped, and no process is ever left behind.
+/// Starts N processes (or, with --image, containers) of PROGRAM, each told its place in the job
+/// through the environment, relays their output with a "[RANK] " prefix, and supervises them:
+/// when one rank fails the others are stopped (and, with --max-restarts, all are started again),
+/// and no process or container is left behind. `ringrun image build --tag T BINARY...` makes a
+/// minimal image from local binaries.
 #[derive(Debug, Parser)]
 #[command(
     name = "ringrun",
     version,
-    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...",
+    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...\n       ringrun image build --tag <T> <BINARY>...",
     after_long_help = AFTER_HELP
 )]
 struct Cli {
@@ -214,7 +217,9 @@ fn main() -> ExitCode {
     ExitCode::from(run(Cli::parse()).exit_status())
 }
 
-/// `ringrun image build --tag T BINARY...`
+/// Build a minimal image for `ringrun --image` from local binaries: each goes to /usr/local/bin,
+/// the shared libraries its ELF needs to /usr/local/lib (the interpreter at its own path); FROM
+/// scratch, nothing pulled, built by the engine DOCKER_HOST names.
 #[derive(Debug, Parser)]
 #[command(name = "ringrun image build", version)]
 struct ImageBuild {
