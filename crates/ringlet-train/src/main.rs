@@ -58,7 +58,8 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     warmup: u64,
     /// How the global batch is split: `off` (equal), `static:w0,w1,...` (one weight per rank),
-    /// `auto` (measured speed at start-up, then re-balanced when the imbalance exceeds 10%).
+    /// `auto` (measured speed at start-up, then re-balanced when the slowest rank's compute time
+    /// is more than 15% above the mean).
     #[arg(long, default_value = "off")]
     balance: Balance,
     /// Steps between re-balancing checks with --balance auto (one small all-reduce each).
@@ -76,7 +77,7 @@ struct Args {
     /// Shared directory for checkpoints (every rank must see it: NFS, a shared volume).
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    /// Save every N steps (and after the last).
+    /// Save every N steps and after the last (0: never save).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
     /// Committed checkpoints to keep.
@@ -128,10 +129,17 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<(), Error> {
-    let data = ringlet_train::data::load(&args.dataset)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let comm = Communicator::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
+    // Each rank reads the data itself; one that cannot makes all fail together.
+    let data = ringlet_train::data::load(&args.dataset).map_err(|e| e.to_string());
+    let data = match data {
+        Ok(d) => {
+            train::agree(&comm, Ok(()), "loading the dataset")?;
+            d
+        }
+        Err(e) => return Err(train::agree(&comm, Err(e), "loading the dataset").unwrap_err()),
+    };
     let optimizer = match args.optimizer.as_str() {
         "adamw" => OptimizerKind::AdamW(AdamW {
             lr: args.lr.unwrap_or(1e-3),
@@ -151,6 +159,11 @@ fn run(args: &Args) -> Result<(), Error> {
     let resume = match args.resume.as_str() {
         "auto" => Resume::Auto,
         "never" => Resume::Never,
+        p if args.checkpoint_dir.is_none() => {
+            return Err(Error::InvalidArgument(format!(
+                "--resume {p} needs --checkpoint-dir (where this run's own checkpoints go)"
+            )))
+        }
         p => Resume::Path(PathBuf::from(p)),
     };
     let opts = Options {
@@ -184,10 +197,13 @@ fn run(args: &Args) -> Result<(), Error> {
             args.global_batch
         );
     }
-    let mut metrics = match &args.metrics {
-        Some(p) => Some(Metrics::create(&metrics_path(p, rank))?),
-        None => None,
-    };
+    let mut metrics = None;
+    if let Some(p) = &args.metrics {
+        let opened = Metrics::create(&metrics_path(p, rank)).map_err(|e| e.to_string());
+        let ok = opened.as_ref().map(|_| ()).map_err(Clone::clone);
+        train::agree(&comm, ok, "opening --metrics")?;
+        metrics = opened.ok();
+    }
     let bar = (rank == 0 && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(steps);
         b.set_style(
@@ -196,9 +212,11 @@ fn run(args: &Args) -> Result<(), Error> {
         );
         b
     });
-    let log_every = args.log_every.unwrap_or((steps / 10).max(1));
+    let log_every = args.log_every.unwrap_or(steps / 10).max(1);
     let started = std::time::Instant::now();
-    let mut last = (std::time::Instant::now(), 0u64);
+    // (when, at which step) of the last rate shown; the step is set at the first report, so a
+    // resumed run does not count the steps before it.
+    let mut last: Option<(std::time::Instant, u64)> = None;
     let mut metrics_error = None;
     let summary = train::train(&comm, &data, &opts, |r| {
         if let Some(m) = metrics.as_mut() {
@@ -214,12 +232,13 @@ fn run(args: &Args) -> Result<(), Error> {
         if r.rank != 0 {
             return;
         }
+        let (since, at) = *last.get_or_insert((started, r.step - 1));
         let rate = {
-            let dt = last.0.elapsed().as_secs_f64();
-            let ds = r.step - last.1;
+            let dt = since.elapsed().as_secs_f64();
+            let ds = r.step - at;
             if dt > 0.5 || r.step % log_every == 0 {
                 let rate = (ds as f64 * r.global_batch as f64) / dt.max(1e-9);
-                last = (std::time::Instant::now(), r.step);
+                last = Some((std::time::Instant::now(), r.step));
                 Some(rate)
             } else {
                 None

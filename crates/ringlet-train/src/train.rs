@@ -173,8 +173,27 @@ enum OptimState {
     AdamW { m: Vec<f32>, v: Vec<f32> },
 }
 
-fn err(e: impl std::fmt::Display) -> Error {
-    Error::Config(e.to_string())
+/// Every rank learns whether `what` failed anywhere, so that a failure on one rank (a checkpoint
+/// write on rank 0, a file only one rank cannot open) fails all of them at once, naming the
+/// ranks, instead of leaving the others waiting for it at their deadline. Collective.
+pub fn agree(comm: &Communicator, result: Result<(), String>, what: &str) -> Result<(), Error> {
+    let mut flags = vec![0u8; comm.world_size()];
+    comm.all_gather(&[u8::from(result.is_err())], &mut flags)?;
+    if let Err(why) = result {
+        return Err(Error::Config(format!("{what}: {why}")));
+    }
+    let bad: Vec<String> = (0..flags.len())
+        .filter(|&r| flags[r] != 0)
+        .map(|r| r.to_string())
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{what} failed on rank {}",
+            bad.join(", ")
+        )))
+    }
 }
 
 /// Trains on `data` with `comm`'s ranks; `report` sees every step on every rank.
@@ -220,8 +239,19 @@ pub fn train(
 
     let mut saver = None;
     if let Some(c) = &opts.checkpoint {
+        if rank == 0 {
+            match Checkpointer::new(&c.dir, c.keep) {
+                Ok(s) => saver = Some(s),
+                Err(e) => agree(comm, Err(e.to_string()), "opening the checkpoint directory")?,
+            }
+        }
+        if rank != 0 || saver.is_some() {
+            agree(comm, Ok(()), "opening the checkpoint directory")?;
+        }
+    }
+    if let Some(c) = &opts.checkpoint {
         if let Some((path, snap)) = choose_resume(comm, c)? {
-            check_compatible(&snap, &model_config, &path)?;
+            check_compatible(&snap, &model_config, opts.seed, &path)?;
             let s = &snap.state;
             restore(&layers, &snap.model, "", &mut params, &path)?;
             match &mut optim {
@@ -232,7 +262,12 @@ pub fn train(
                 }
             }
             (step, epoch, cursor) = (s.step, s.epoch, s.cursor as usize);
-            if s.world_size == n && s.batches.iter().sum::<usize>() == global {
+            // The split the run had (auto's measurements, or off's), unless the world or the
+            // batch changed; a static split comes from the flag, as the user may have changed it.
+            if s.world_size == n
+                && s.batches.iter().sum::<usize>() == global
+                && !matches!(opts.balance, Balance::Static(_))
+            {
                 batches = Some(s.batches.clone());
             }
             resumed_from = Some(step);
@@ -243,9 +278,6 @@ pub fn train(
                     s.world_size
                 );
             }
-        }
-        if rank == 0 {
-            saver = Some(Checkpointer::new(&c.dir, c.keep).map_err(err)?);
         }
     }
 
@@ -260,7 +292,7 @@ pub fn train(
     if rank == 0 {
         tracing::info!("local batches {batches:?} (global {global})");
     }
-    let mut rebalancer = Rebalancer::new(0.15, opts.rebalance_every.max(1) * 2);
+    let mut rebalancer = Rebalancer::new(0.15, opts.rebalance_every.max(1).saturating_mul(2));
     let mut order = epoch_order(opts.seed, epoch, data.train_len());
     let (mut total_time, mut total_wait, mut total_stall, mut timed_steps) = (0.0, 0.0, 0.0, 0u64);
     let mut timed_samples = 0usize;
@@ -334,30 +366,6 @@ pub fn train(
         step += 1;
         cursor += global;
 
-        let mut stall = Duration::ZERO;
-        if let (Some(c), Some(saver)) = (&opts.checkpoint, saver.as_mut()) {
-            if c.every > 0 && (step % c.every == 0 || step == opts.steps) {
-                let t = Instant::now();
-                let snap = snapshot(
-                    &layers,
-                    &params,
-                    &optim,
-                    State {
-                        step,
-                        epoch,
-                        cursor: cursor as u64,
-                        seed: opts.seed,
-                        rng: Vec::new(),
-                        batches: batches.clone(),
-                        world_size: n,
-                        model: model_config.clone(),
-                    },
-                );
-                saver.save(snap).map_err(err)?;
-                stall = t.elapsed();
-            }
-        }
-
         rebalancer.observe(compute.as_secs_f64(), batches[rank]);
         let mut rebalanced = None;
         if opts.balance == Balance::Auto && step % opts.rebalance_every.max(1) == 0 {
@@ -368,6 +376,35 @@ pub fn train(
             if let Some(b) = rebalancer.propose(step, costs, times, &batches) {
                 batches = b.clone();
                 rebalanced = Some(b);
+            }
+        }
+
+        let mut stall = Duration::ZERO;
+        // After any re-balance, so that a resumed run goes on with the split this one uses next.
+        if let Some(c) = &opts.checkpoint {
+            if c.every > 0 && (step % c.every == 0 || step == opts.steps) {
+                let t = Instant::now();
+                let mut saved = Ok(());
+                if let Some(saver) = saver.as_mut() {
+                    let snap = snapshot(
+                        &layers,
+                        &params,
+                        &optim,
+                        State {
+                            step,
+                            epoch,
+                            cursor: cursor as u64,
+                            seed: opts.seed,
+                            rng: Vec::new(),
+                            batches: batches.clone(),
+                            world_size: n,
+                            model: model_config.clone(),
+                        },
+                    );
+                    saved = saver.save(snap).map(|_| ()).map_err(|e| e.to_string());
+                }
+                stall = t.elapsed();
+                agree(comm, saved, "saving a checkpoint")?;
             }
         }
 
@@ -390,13 +427,17 @@ pub fn train(
             compute_time_s: compute.as_secs_f64(),
             comm_wait_s: wait.as_secs_f64(),
             checkpoint_stall_s: stall.as_secs_f64(),
-            bytes_allreduced: (count + 1) * 4,
+            bytes_allreduced: if n > 1 { (count + 1) * 4 } else { 0 },
             lr,
             rebalanced,
         });
     }
-    if let Some(mut s) = saver {
-        s.wait().map_err(err)?;
+    if opts.checkpoint.is_some() {
+        let last = match saver.as_mut() {
+            Some(s) => s.wait().map(|_| ()).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        agree(comm, last, "writing the last checkpoint")?;
     }
     let (test_accuracy, test_loss) = evaluate(comm, data, &mlp, &params, &mut ws)?;
     Ok(Summary {
@@ -493,7 +534,16 @@ fn choose_resume(
         };
         let (tag, text) = match &chosen {
             Ok(None) => (0, String::new()),
-            Ok(Some((p, _))) => (1, p.display().to_string()),
+            Ok(Some((p, _))) => match p.to_str() {
+                Some(t) if t.len() <= MAX_PATH => (1, t.to_string()),
+                _ => (
+                    2,
+                    format!(
+                        "{}: the path must be UTF-8 and at most {MAX_PATH} bytes",
+                        p.display()
+                    ),
+                ),
+            },
             Err(why) => (2, why.clone()),
         };
         msg[0] = tag;
@@ -508,17 +558,25 @@ fn choose_resume(
     match msg[0] {
         0 => Ok(None),
         2 => Err(Error::Config(format!("rank 0 could not resume: {text}"))),
-        _ if comm.rank() == 0 => Ok(mine),
+        _ if comm.rank() == 0 => {
+            agree(comm, Ok(()), "loading the checkpoint rank 0 chose")?;
+            Ok(mine)
+        }
         _ => {
             let path = PathBuf::from(text);
-            let snap = checkpoint::load(&path).map_err(|e| {
-                Error::Config(format!(
-                    "rank {} cannot load the checkpoint rank 0 chose (is {} shared storage?): {e}",
+            let loaded = checkpoint::load(&path).map_err(|e| {
+                format!(
+                    "rank {} cannot load it (is {} shared storage?): {e}",
                     comm.rank(),
                     c.dir.display()
-                ))
-            })?;
-            Ok(Some((path, snap)))
+                )
+            });
+            let (result, snap) = match loaded {
+                Ok(s) => (Ok(()), Some(s)),
+                Err(e) => (Err(e), None),
+            };
+            agree(comm, result, "loading the checkpoint rank 0 chose")?;
+            Ok(snap.map(|s| (path, s)))
         }
     }
 }
@@ -526,8 +584,16 @@ fn choose_resume(
 fn check_compatible(
     snap: &Snapshot,
     config: &serde_json::Value,
+    seed: u64,
     path: &std::path::Path,
 ) -> Result<(), Error> {
+    if snap.state.seed != seed {
+        return Err(Error::Config(format!(
+            "{} was saved by a run with --seed {}, this one has --seed {seed} (the sample order would differ)",
+            path.display(),
+            snap.state.seed
+        )));
+    }
     for key in ["sizes", "optimizer"] {
         if snap.state.model.get(key) != config.get(key) {
             return Err(Error::Config(format!(
@@ -636,8 +702,10 @@ fn evaluate(
     }
     let mut totals = [loss, correct as f64, mine.len() as f64];
     comm.all_reduce(&mut totals, ReduceOp::Sum)?;
-    let seen = totals[2].max(1.0);
-    Ok((totals[1] / seen, totals[0] / seen))
+    if totals[2] == 0.0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    Ok((totals[1] / totals[2], totals[0] / totals[2]))
 }
 
 /// Writes each [`StepReport`] as one JSON line.
