@@ -95,6 +95,28 @@ impl Job {
             .collect()
     }
 
+    /// Waits (bounded) for every rank; each one's exit code and the logs.
+    fn codes(mut self, limit: Duration) -> (Vec<Option<i32>>, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        let mut codes = Vec::new();
+        for c in &mut self.children {
+            loop {
+                if let Some(s) = c.try_wait().unwrap() {
+                    codes.push(s.code());
+                    break;
+                }
+                assert!(Instant::now() < deadline, "ranks did not end in time");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let logs = self
+            .logs
+            .iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect();
+        (codes, logs)
+    }
+
     fn output(&self) -> String {
         self.logs
             .iter()
@@ -362,5 +384,36 @@ fn metrics_lines_describe_each_step() {
                 assert!(v[k].is_number(), "{k} in {v}");
             }
         }
+    }
+}
+
+/// A failure on one rank alone (rank 0 cannot create the checkpoint directory) fails every rank at
+/// once, naming the rank, instead of leaving the others to their deadline (30 s here).
+#[test]
+fn a_failure_on_one_rank_fails_every_rank_at_once() {
+    let dir = Scratch::new("agree");
+    // A path under a regular file: no rank can create it; only rank 0 tries.
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("ckpt").display().to_string();
+    let start = Instant::now();
+    let (codes, logs) = Job::start(3, &args(&["--checkpoint-dir", &bad]), &dir.0, "agree")
+        .codes(Duration::from_secs(60));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(codes, vec![Some(1); 3], "{logs:?}");
+    assert!(
+        logs[0].contains("opening the checkpoint directory"),
+        "{}",
+        logs[0]
+    );
+    for l in &logs[1..] {
+        assert!(
+            l.contains("opening the checkpoint directory failed on rank 0"),
+            "{l}"
+        );
     }
 }
