@@ -60,6 +60,11 @@ fn image() -> &'static str {
     IMAGE
 }
 
+/// A command line split at whitespace (no argument here contains any).
+fn line(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -75,7 +80,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(args: &[&str], tag: &str) -> Run {
+    fn start(args: &[String], tag: &str) -> Run {
         let log =
             std::env::temp_dir().join(format!("ringrun-docker-{tag}-{}.log", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
@@ -163,22 +168,10 @@ fn ranks_run_as_containers_and_leave_nothing_behind() {
     }
     let img = image();
     let (code, out, prefix) = Run::start(
-        &[
-            "--image",
-            img,
-            "-n",
-            "3",
-            "--cpus",
-            "0.5",
-            "--",
-            "ringlet-bench",
-            "-b",
-            "1K",
-            "-e",
-            "1M",
-            "-f",
-            "8",
-        ],
+        &line(&format!(
+            "--image {} -n 3 --cpus 0.5 -- ringlet-bench -b 1K -e 1M -f 8",
+            img
+        )),
         "ok",
     )
     .finish(Duration::from_secs(120));
@@ -197,16 +190,10 @@ fn a_failing_rank_stops_the_job_and_is_named() {
     }
     let img = image();
     let (code, out, prefix) = Run::start(
-        &[
-            "--image",
-            img,
-            "-n",
-            "2",
-            "--",
-            "ringlet-train",
-            "--dataset",
-            "nosuch",
-        ],
+        &line(&format!(
+            "--image {} -n 2 -- ringlet-train --dataset nosuch",
+            img
+        )),
         "fail",
     )
     .finish(Duration::from_secs(120));
@@ -223,18 +210,10 @@ fn sigterm_stops_every_container() {
     }
     let img = image();
     let run = Run::start(
-        &[
-            "--image",
-            img,
-            "-n",
-            "2",
-            "--",
-            "ringlet-train",
-            "--dataset",
-            "synthetic:50000",
-            "--steps",
-            "1000000",
-        ],
+        &line(&format!(
+            "--image {} -n 2 -- ringlet-train --dataset synthetic:50000 --steps 1000000",
+            img
+        )),
         "term",
     );
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -262,14 +241,7 @@ fn docker_errors_are_one_clear_line() {
     }
     let img = image();
     let (code, out, prefix) = Run::start(
-        &[
-            "--image",
-            "ringlet-no-such-image:none",
-            "-n",
-            "2",
-            "--",
-            "ringlet-train",
-        ],
+        &line("--image ringlet-no-such-image:none -n 2 -- ringlet-train"),
         "noimage",
     )
     .finish(Duration::from_secs(60));
@@ -286,16 +258,10 @@ fn docker_errors_are_one_clear_line() {
         || text(&docker(&["info", "--format", "{{json .Runtimes}}"])).contains("nvidia");
     if !nvidia {
         let (code, out, prefix) = Run::start(
-            &[
-                "--image",
-                img,
-                "-n",
-                "2",
-                "--gpus-per-rank",
-                "1",
-                "--",
-                "ringlet-train",
-            ],
+            &line(&format!(
+                "--image {} -n 2 --gpus-per-rank 1 -- ringlet-train",
+                img
+            )),
             "nogpu",
         )
         .finish(Duration::from_secs(60));
@@ -317,18 +283,10 @@ fn several_engines_share_one_ring() {
         std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     let hosts = format!("{sock}:1,{sock}:2");
     let (code, out, prefix) = Run::start(
-        &[
-            "--image",
-            img,
-            "--hosts",
-            &hosts,
-            "-n",
-            "3",
-            "--",
-            "ringlet-train",
-            "--epochs",
-            "3",
-        ],
+        &line(&format!(
+            "--image {} --hosts {} -n 3 -- ringlet-train --epochs 3",
+            img, hosts
+        )),
         "hosts",
     )
     .finish(Duration::from_secs(120));
@@ -350,58 +308,19 @@ fn a_killed_container_restarts_the_job_from_its_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let vol = format!("{}:/shared", dir.display());
-    let train = |ck: &str, out: &str| -> Vec<String> {
-        [
-            "ringlet-train",
-            "--dataset",
-            "synthetic:20000",
-            "--steps",
-            "200",
-            "--global-batch",
-            "96",
-            "--hidden",
-            "512,512",
-            "--balance",
-            "static:2,1,1",
-            "--seed",
-            "9",
-            "--checkpoint-every",
-            "10",
-            "--checkpoint-dir",
-            ck,
-            "--dump-params",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let mut args: Vec<String> = ["--image", img, "-n", "3", "-v", &vol, "--"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(train("/shared/whole", "/shared/whole.params"));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, out, _) = Run::start(&refs, "whole").finish(Duration::from_secs(180));
+    // The temp dir's path has no whitespace, so the command lines split cleanly.
+    let train = "ringlet-train --dataset synthetic:20000 --steps 200 --global-batch 96 \
+                 --hidden 512,512 --balance static:2,1,1 --seed 9 --checkpoint-every 10";
+    let whole = line(&format!(
+        "--image {img} -n 3 -v {vol} -- {train} --checkpoint-dir /shared/whole --dump-params /shared/whole.params"
+    ));
+    let (code, out, _) = Run::start(&whole, "whole").finish(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{out}");
 
-    let mut args: Vec<String> = [
-        "--image",
-        img,
-        "-n",
-        "3",
-        "--max-restarts",
-        "2",
-        "-v",
-        &vol,
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(train("/shared/ck", "/shared/p.params"));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = Run::start(&refs, "restart");
+    let restarting = line(&format!(
+        "--image {img} -n 3 --max-restarts 2 -v {vol} -- {train} --checkpoint-dir /shared/ck --dump-params /shared/p.params"
+    ));
+    let run = Run::start(&restarting, "restart");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let committed = std::fs::read_dir(dir.join("ck"))
