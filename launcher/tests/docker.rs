@@ -303,24 +303,45 @@ fn a_killed_container_restarts_the_job_from_its_checkpoint() {
     if !engine() {
         return;
     }
+    let out = restart_after("kill", "killed");
+    assert!(out.contains("exit status 137"), "{out}");
+}
+
+/// `docker pause` of one rank's container (hung, not dead): the others' collective deadline
+/// catches it, and the job is restarted the same way.
+#[test]
+fn a_paused_container_is_caught_by_the_deadline_and_restarted() {
+    if !engine() {
+        return;
+    }
+    let out = restart_after("pause", "paused");
+    assert!(out.contains("is not responding"), "{out}");
+}
+
+/// Runs the job once whole, then again with `--max-restarts 2` doing `docker ACTION` to rank 1's
+/// container once two checkpoints are committed; checks the restart, the resume and that both
+/// runs end with the same bits. Returns the second run's output.
+fn restart_after(action: &str, tag: &str) -> String {
     let img = image();
-    let dir = std::env::temp_dir().join(format!("ringrun-docker-restart-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ringrun-docker-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let vol = format!("{}:/shared", dir.display());
-    // The temp dir's path has no whitespace, so the command lines split cleanly.
+    // The temp dir's path has no whitespace, so the command lines split cleanly. A 5 s deadline
+    // for the paused case.
     let train = "ringlet-train --dataset synthetic:20000 --steps 200 --global-batch 96 \
                  --hidden 512,512 --balance static:2,1,1 --seed 9 --checkpoint-every 10";
     let whole = line(&format!(
-        "--image {img} -n 3 -v {vol} -- {train} --checkpoint-dir /shared/whole --dump-params /shared/whole.params"
+        "--image {img} -n 3 --timeout 5 -v {vol} -- {train} --checkpoint-dir /shared/whole --dump-params /shared/whole.params"
     ));
-    let (code, out, _) = Run::start(&whole, "whole").finish(Duration::from_secs(180));
+    let (code, out, _) =
+        Run::start(&whole, &format!("{tag}-whole")).finish(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{out}");
 
     let restarting = line(&format!(
-        "--image {img} -n 3 --max-restarts 2 -v {vol} -- {train} --checkpoint-dir /shared/ck --dump-params /shared/p.params"
+        "--image {img} -n 3 --timeout 5 --max-restarts 2 -v {vol} -- {train} --checkpoint-dir /shared/ck --dump-params /shared/p.params"
     ));
-    let run = Run::start(&restarting, "restart");
+    let run = Run::start(&restarting, tag);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let committed = std::fs::read_dir(dir.join("ck"))
@@ -342,14 +363,11 @@ fn a_killed_container_restarts_the_job_from_its_checkpoint() {
         .find(|n| n.starts_with(&run.prefix()) && n.ends_with("-r1"))
         .unwrap_or_else(|| panic!("rank 1's container is not running: {names}"))
         .to_string();
-    let kill = docker(&["kill", &victim]);
-    assert!(kill.status.success(), "docker kill: {}", text(&kill));
+    let done = docker(&[action, &victim]);
+    assert!(done.status.success(), "docker {action}: {}", text(&done));
     let (code, out, prefix) = run.finish(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{out}");
-    assert!(
-        out.contains("restart 1/2 at") && out.contains("exit status 137"),
-        "{out}"
-    );
+    assert!(out.contains("restart 1/2 at"), "{out}");
     assert!(out.contains("(resumed at step"), "{out}");
     let same = std::fs::read(dir.join("whole.params")).unwrap()
         == std::fs::read(dir.join("p.params")).unwrap();
@@ -357,4 +375,5 @@ fn a_killed_container_restarts_the_job_from_its_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(same, "the restarted run's parameters differ:\n{out}");
     assert_no_leftovers(&prefix);
+    out
 }
