@@ -120,10 +120,6 @@ fn docker_error(e: &bollard::errors::Error) -> String {
     }
 }
 
-fn engine_name(url: &str) -> String {
-    url.to_string()
-}
-
 /// Runs one attempt of the job as containers. `signals` must have been installed before.
 pub fn run(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
     // One thread: the supervisor's loop awaits with short timeouts, and the log pumps and waits
@@ -178,7 +174,7 @@ async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals, writer
             // the wait and log streams send their headers at once and are not cut by it.
             Ok(d) => engines.push(d.with_timeout(CONTROL_TIMEOUT)),
             Err(e) => {
-                note!("docker ({}): {}", engine_name(&h.url), docker_error(&e));
+                note!("docker ({}): {}", &h.url, docker_error(&e));
                 return Ended::new(Outcome::Error);
             }
         }
@@ -220,7 +216,7 @@ impl JobRun {
     fn fail(&self, engine: usize, what: &str, e: &bollard::errors::Error) -> Ended {
         note!(
             "docker ({}): {what}: {}",
-            engine_name(&self.hosts[engine].url),
+            &self.hosts[engine].url,
             docker_error(e)
         );
         Ended::new(Outcome::Error)
@@ -449,11 +445,7 @@ impl JobRun {
                     .filter(|&r| !reported[r])
                     .map(|r| {
                         let p = &self.placed[r];
-                        format!(
-                            "rank {r} ({} on {})",
-                            p.name,
-                            engine_name(&self.hosts[p.engine].url)
-                        )
+                        format!("rank {r} ({} on {})", p.name, &self.hosts[p.engine].url)
                     })
                     .collect();
                 note!(
@@ -479,7 +471,7 @@ impl JobRun {
                     format!(
                         "rank {rank} (container {} on {}) {}",
                         p.name,
-                        engine_name(&self.hosts[p.engine].url),
+                        &self.hosts[p.engine].url,
                         describe_exit(code)
                     ),
                     code > 128,
@@ -573,7 +565,7 @@ impl JobRun {
                     ) {
                         note!(
                             "could not remove container {n} on {}: {}",
-                            engine_name(&self.hosts[i].url),
+                            &self.hosts[i].url,
                             docker_error(&e)
                         );
                     }
@@ -591,7 +583,7 @@ impl JobRun {
                 ) {
                     note!(
                         "could not remove network {net} on {}: {}",
-                        engine_name(&self.hosts[i].url),
+                        &self.hosts[i].url,
                         docker_error(&e)
                     );
                 }

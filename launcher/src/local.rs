@@ -71,9 +71,10 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Ended {
     drop(done_tx);
     let outcome = sup.supervise(signals);
     sup.await_all_output();
+    // A rank killed from outside explains the job's end better than a peer that then failed.
     let cause = match sup.first_failure.take() {
-        Some(first) if first.contains("killed by signal") => Some(first),
-        first => sup.killed_outside.take().or(first),
+        Some((first, true)) => Some(first),
+        first => sup.killed_outside.take().or(first.map(|(what, _)| what)),
     };
     Ended { outcome, cause }
 }
@@ -181,8 +182,9 @@ struct Supervisor<'a> {
     ranks: Vec<Rank>,
     done_rx: Receiver<usize>,
     shutdown: Option<Shutdown>,
-    /// How the first rank to fail on its own ended, for a restart's log line.
-    first_failure: Option<String>,
+    /// How the first rank to fail on its own ended, for a restart's log line, and whether a
+    /// signal killed it.
+    first_failure: Option<(String, bool)>,
     /// A rank killed by a signal nobody here sent, seen while stopping the others.
     killed_outside: Option<String>,
 }
@@ -375,11 +377,9 @@ impl<'a> Supervisor<'a> {
             // Killed by a signal ringrun did not send, while being stopped: something outside
             // killed it, most likely before the failure that made us stop the job (its peers
             // noticed first). That is the cause worth naming.
-            if let Some(other) = status.signal().filter(|&s| s != sig) {
-                self.killed_outside.get_or_insert(format!(
-                    "rank {rank} (pid {pid}) was killed by signal {other} ({})",
-                    signals::name(other)
-                ));
+            if status.signal().is_some_and(|s| s != sig) {
+                self.killed_outside
+                    .get_or_insert(format!("rank {rank} (pid {pid}) {}", describe(status)));
             }
             if status.signal() == Some(sig) {
                 note!(
@@ -396,7 +396,8 @@ impl<'a> Supervisor<'a> {
         } else {
             let what = format!("rank {rank} (pid {pid}) {}", describe(status));
             note!("{what}");
-            self.first_failure.get_or_insert(what);
+            self.first_failure
+                .get_or_insert((what, status.signal().is_some()));
         }
         failed
     }

@@ -323,6 +323,36 @@ impl Comm {
         }
     }
 
+    /// The calls of type [`Collective`]: all_reduce and reduce_scatter (`arg` = op), broadcast
+    /// (`arg` = root).
+    ///
+    /// # Safety
+    /// As [`all_reduce`](Comm::all_reduce).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn collective(
+        &self,
+        call: &'static str,
+        f: Collective,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: c_int,
+        arg: c_int,
+        stream: *mut c_void,
+    ) -> Result<(), NcclError> {
+        // SAFETY: the caller's contract covers the addresses; the comm is live.
+        let code = f(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            dtype,
+            arg,
+            self.raw,
+            stream,
+        );
+        self.issued(call, code)
+    }
+
     /// Queues an all-reduce of `count` elements on `stream`.
     ///
     /// # Safety
@@ -337,17 +367,16 @@ impl Comm {
         op: c_int,
         stream: *mut c_void,
     ) -> Result<(), NcclError> {
-        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
-        let code = (self.api.ncclAllReduce)(
-            send as *const c_void,
-            recv as *mut c_void,
+        self.collective(
+            "ncclAllReduce",
+            self.api.ncclAllReduce,
+            send,
+            recv,
             count,
             dtype,
             op,
-            self.raw,
             stream,
-        );
-        self.issued("ncclAllReduce", code)
+        )
     }
 
     /// Queues a broadcast from `root`.
@@ -363,17 +392,16 @@ impl Comm {
         root: usize,
         stream: *mut c_void,
     ) -> Result<(), NcclError> {
-        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
-        let code = (self.api.ncclBroadcast)(
-            send as *const c_void,
-            recv as *mut c_void,
+        self.collective(
+            "ncclBroadcast",
+            self.api.ncclBroadcast,
+            send,
+            recv,
             count,
             dtype,
             root as c_int,
-            self.raw,
             stream,
-        );
-        self.issued("ncclBroadcast", code)
+        )
     }
 
     /// Queues an all-gather of `count` elements from each rank.
@@ -413,17 +441,16 @@ impl Comm {
         op: c_int,
         stream: *mut c_void,
     ) -> Result<(), NcclError> {
-        // SAFETY: the caller's contract (above) covers the addresses; the comm is live.
-        let code = (self.api.ncclReduceScatter)(
-            send as *const c_void,
-            recv as *mut c_void,
+        self.collective(
+            "ncclReduceScatter",
+            self.api.ncclReduceScatter,
+            send,
+            recv,
             count,
             dtype,
             op,
-            self.raw,
             stream,
-        );
-        self.issued("ncclReduceScatter", code)
+        )
     }
 }
 

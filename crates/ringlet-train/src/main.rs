@@ -132,14 +132,11 @@ fn run(args: &Args) -> Result<(), Error> {
     let comm = Communicator::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
-    let data = ringlet_train::data::load(&args.dataset).map_err(|e| e.to_string());
-    let data = match data {
-        Ok(d) => {
-            train::agree(&comm, Ok(()), "loading the dataset")?;
-            d
-        }
-        Err(e) => return Err(train::agree(&comm, Err(e), "loading the dataset").unwrap_err()),
-    };
+    let data = train::agree(
+        &comm,
+        ringlet_train::data::load(&args.dataset).map_err(|e| e.to_string()),
+        "loading the dataset",
+    )?;
     let optimizer = match args.optimizer.as_str() {
         "adamw" => OptimizerKind::AdamW(AdamW {
             lr: args.lr.unwrap_or(1e-3),
@@ -197,13 +194,14 @@ fn run(args: &Args) -> Result<(), Error> {
             args.global_batch
         );
     }
-    let mut metrics = None;
-    if let Some(p) = &args.metrics {
-        let opened = Metrics::create(&metrics_path(p, rank)).map_err(|e| e.to_string());
-        let ok = opened.as_ref().map(|_| ()).map_err(Clone::clone);
-        train::agree(&comm, ok, "opening --metrics")?;
-        metrics = opened.ok();
-    }
+    let mut metrics = match &args.metrics {
+        Some(p) => Some(train::agree(
+            &comm,
+            Metrics::create(&metrics_path(p, rank)).map_err(|e| e.to_string()),
+            "opening --metrics",
+        )?),
+        None => None,
+    };
     let bar = (rank == 0 && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(steps);
         b.set_style(

@@ -175,19 +175,18 @@ enum OptimState {
 
 /// Every rank learns whether `what` failed anywhere, so that a failure on one rank (a checkpoint
 /// write on rank 0, a file only one rank cannot open) fails all of them at once, naming the
-/// ranks, instead of leaving the others waiting for it at their deadline. Collective.
-pub fn agree(comm: &Communicator, result: Result<(), String>, what: &str) -> Result<(), Error> {
+/// ranks, instead of leaving the others waiting for it at their deadline. Collective. Hands
+/// back this rank's value when every rank succeeded.
+pub fn agree<T>(comm: &Communicator, result: Result<T, String>, what: &str) -> Result<T, Error> {
     let mut flags = vec![0u8; comm.world_size()];
     comm.all_gather(&[u8::from(result.is_err())], &mut flags)?;
-    if let Err(why) = result {
-        return Err(Error::Config(format!("{what}: {why}")));
-    }
+    let value = result.map_err(|why| Error::Config(format!("{what}: {why}")))?;
     let bad: Vec<String> = (0..flags.len())
         .filter(|&r| flags[r] != 0)
         .map(|r| r.to_string())
         .collect();
     if bad.is_empty() {
-        Ok(())
+        Ok(value)
     } else {
         Err(Error::Config(format!(
             "{what} failed on rank {}",
@@ -237,18 +236,19 @@ pub fn train(
     let mut batches: Option<Vec<usize>> = None;
     let mut resumed_from = None;
 
-    let mut saver = None;
-    if let Some(c) = &opts.checkpoint {
-        if rank == 0 {
-            match Checkpointer::new(&c.dir, c.keep) {
-                Ok(s) => saver = Some(s),
-                Err(e) => agree(comm, Err(e.to_string()), "opening the checkpoint directory")?,
-            }
+    // Only rank 0 writes checkpoints.
+    let mut saver = match &opts.checkpoint {
+        Some(c) => {
+            let opened = match rank {
+                0 => Checkpointer::new(&c.dir, c.keep)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                _ => Ok(None),
+            };
+            agree(comm, opened, "opening the checkpoint directory")?
         }
-        if rank != 0 || saver.is_some() {
-            agree(comm, Ok(()), "opening the checkpoint directory")?;
-        }
-    }
+        None => None,
+    };
     if let Some(c) = &opts.checkpoint {
         if let Some((path, snap)) = choose_resume(comm, c)? {
             check_compatible(&snap, &model_config, opts.seed, &path)?;
@@ -401,7 +401,7 @@ pub fn train(
                             model: model_config.clone(),
                         },
                     );
-                    saved = saver.save(snap).map(|_| ()).map_err(|e| e.to_string());
+                    saved = saver.save(snap).map(drop).map_err(|e| e.to_string());
                 }
                 stall = t.elapsed();
                 agree(comm, saved, "saving a checkpoint")?;
@@ -434,7 +434,7 @@ pub fn train(
     }
     if opts.checkpoint.is_some() {
         let last = match saver.as_mut() {
-            Some(s) => s.wait().map(|_| ()).map_err(|e| e.to_string()),
+            Some(s) => s.wait().map(drop).map_err(|e| e.to_string()),
             None => Ok(()),
         };
         agree(comm, last, "writing the last checkpoint")?;
@@ -558,10 +558,7 @@ fn choose_resume(
     match msg[0] {
         0 => Ok(None),
         2 => Err(Error::Config(format!("rank 0 could not resume: {text}"))),
-        _ if comm.rank() == 0 => {
-            agree(comm, Ok(()), "loading the checkpoint rank 0 chose")?;
-            Ok(mine)
-        }
+        _ if comm.rank() == 0 => agree(comm, Ok(mine), "loading the checkpoint rank 0 chose"),
         _ => {
             let path = PathBuf::from(text);
             let loaded = checkpoint::load(&path).map_err(|e| {
@@ -571,12 +568,8 @@ fn choose_resume(
                     c.dir.display()
                 )
             });
-            let (result, snap) = match loaded {
-                Ok(s) => (Ok(()), Some(s)),
-                Err(e) => (Err(e), None),
-            };
-            agree(comm, result, "loading the checkpoint rank 0 chose")?;
-            Ok(snap.map(|s| (path, s)))
+            let snap = agree(comm, loaded, "loading the checkpoint rank 0 chose")?;
+            Ok(Some((path, snap)))
         }
     }
 }
