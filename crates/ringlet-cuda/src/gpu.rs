@@ -143,9 +143,20 @@ impl Gpu {
         buf: &mut DeviceBuffer<T>,
     ) -> Result<(), CudaError> {
         assert_eq!(host.len(), buf.len, "write: lengths differ");
+        self.write_at(host, buf, 0)
+    }
+
+    /// `buf[at..at + host.len()] = host` (waits for the copy).
+    pub fn write_at<T: Element>(
+        &self,
+        host: &[T],
+        buf: &mut DeviceBuffer<T>,
+        at: usize,
+    ) -> Result<(), CudaError> {
+        assert!(at + host.len() <= buf.len, "write_at out of bounds");
         self.bind()?;
-        let dst = self.addr(buf, 0);
-        // SAFETY: dst addresses buf's host.len() elements; the copy is waited for below, so
+        let dst = self.addr(buf, at);
+        // SAFETY: dst addresses host.len() elements of buf; the copy is waited for below, so
         // `host` outlives it.
         unsafe { result::memcpy_htod_async(dst, host, self.kernels.stream.cu_stream()) }
             .map_err(driver)?;
@@ -155,9 +166,20 @@ impl Gpu {
     /// `host = buf` (waits for the copy).
     pub fn read<T: Element>(&self, buf: &DeviceBuffer<T>, host: &mut [T]) -> Result<(), CudaError> {
         assert_eq!(host.len(), buf.len, "read: lengths differ");
+        self.read_at(buf, 0, host)
+    }
+
+    /// `host = buf[at..at + host.len()]`, after everything queued before (waits for the copy).
+    pub fn read_at<T: Element>(
+        &self,
+        buf: &DeviceBuffer<T>,
+        at: usize,
+        host: &mut [T],
+    ) -> Result<(), CudaError> {
+        assert!(at + host.len() <= buf.len, "read_at out of bounds");
         self.bind()?;
-        let src = self.addr(buf, 0);
-        // SAFETY: src addresses buf's host.len() elements; waited for below.
+        let src = self.addr(buf, at);
+        // SAFETY: src addresses host.len() elements of buf; waited for below.
         unsafe { result::memcpy_dtoh_async(host, src, self.kernels.stream.cu_stream()) }
             .map_err(driver)?;
         self.kernels.stream.synchronize().map_err(driver)
@@ -302,5 +324,12 @@ impl Gpu {
     /// Device addresses of `buf`, for NCCL calls.
     pub fn device_addr<T: Element>(&self, buf: &DeviceBuffer<T>) -> CUdeviceptr {
         self.addr(buf, 0)
+    }
+
+    /// The device address of element `at` of `buf` (at most its length), for cuBLAS and the
+    /// model's kernels.
+    pub fn device_addr_at<T: Element>(&self, buf: &DeviceBuffer<T>, at: usize) -> CUdeviceptr {
+        assert!(at <= buf.len, "device_addr_at out of bounds");
+        self.addr(buf, at)
     }
 }

@@ -39,7 +39,25 @@ pub const OPTIM: KernelSource = KernelSource {
     kernels: || vec!["sgd_momentum_f32".into(), "adamw_f32".into()],
 };
 
-pub const ALL: [&KernelSource; 2] = [&REDUCE, &OPTIM];
+/// The element-wise and per-row parts of the training binary's MLP (the GEMMs are cuBLAS's).
+pub const MODEL: KernelSource = KernelSource {
+    name: "model.cu",
+    code: include_str!("../../../kernels/model.cu"),
+    kernels: || {
+        [
+            "fill_rows_f32",
+            "relu_f32",
+            "relu_mask_f32",
+            "column_sums_f32",
+            "softmax_loss_f32",
+            "softmax_grad_f32",
+        ]
+        .map(String::from)
+        .to_vec()
+    },
+};
+
+pub const ALL: [&KernelSource; 3] = [&REDUCE, &OPTIM, &MODEL];
 
 /// Options every kernel is compiled with: no fused multiply-add, so results round like the
 /// Rust references.

@@ -1,13 +1,13 @@
 //! The kernels of `kernels/` on a device: compiled for its architecture (through the PTX cache),
 //! loaded once, launched on one stream.
 
-use crate::kernels::{self, OPTIM, REDUCE};
+use crate::kernels::{self, MODEL, OPTIM, REDUCE};
 use crate::reference::{AdamW, Sgd};
 use crate::{device, CudaError};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use ringlet_core::{Element, ReduceOp};
@@ -23,6 +23,7 @@ pub struct Kernels {
     pub stream: Arc<CudaStream>,
     reduce: Arc<CudaModule>,
     optim: Arc<CudaModule>,
+    model: Arc<CudaModule>,
     pub arch: u32,
 }
 
@@ -43,6 +44,7 @@ impl Kernels {
         Ok(Kernels {
             reduce: load(&REDUCE)?,
             optim: load(&OPTIM)?,
+            model: load(&MODEL)?,
             stream: ctx.default_stream(),
             ctx,
             arch,
@@ -128,20 +130,35 @@ impl Kernels {
         v: &mut CudaSlice<f32>,
         grad_scale: f32,
     ) -> Result<(), CudaError> {
-        let n = p.len() as u64;
-        assert!(
-            g.len() as u64 >= n && v.len() as u64 >= n,
-            "sgd: buffers shorter than p"
-        );
+        let n = p.len();
+        assert!(g.len() >= n && v.len() >= n, "sgd: buffers shorter than p");
+        let s = &self.stream;
+        let (p, g, v) = (p.device_ptr(s).0, g.device_ptr(s).0, v.device_ptr(s).0);
+        // SAFETY: each buffer holds at least n elements (asserted), on this context.
+        unsafe { self.sgd_at(opt, [p, g, v], n, grad_scale) }
+    }
+
+    /// [`sgd`](Self::sgd) on raw addresses `[p, g, v]`.
+    ///
+    /// # Safety
+    /// Each address must hold `n` f32 on this context, alive until the kernel has run.
+    pub unsafe fn sgd_at(
+        &self,
+        opt: &Sgd,
+        [p, g, v]: [CUdeviceptr; 3],
+        n: usize,
+        grad_scale: f32,
+    ) -> Result<(), CudaError> {
+        let n = n as u64;
         let f = Self::function(&self.optim, "sgd_momentum_f32")?;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(p).arg(g).arg(v).arg(&n);
+        launch.arg(&p).arg(&g).arg(&v).arg(&n);
         launch
             .arg(&opt.lr)
             .arg(&opt.momentum)
             .arg(&opt.weight_decay)
             .arg(&grad_scale);
-        // SAFETY: matches optim.cu's signature; every buffer holds at least n elements.
+        // SAFETY: matches optim.cu's signature; the caller vouches for the n elements.
         unsafe { launch.launch(config(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -158,15 +175,39 @@ impl Kernels {
         grad_scale: f32,
         t: u32,
     ) -> Result<(), CudaError> {
-        let n = p.len() as u64;
+        let n = p.len();
         assert!(
-            g.len() as u64 >= n && m.len() as u64 >= n && v.len() as u64 >= n,
+            g.len() >= n && m.len() >= n && v.len() >= n,
             "adamw: buffers shorter than p"
         );
+        let s = &self.stream;
+        let ptrs = [
+            p.device_ptr(s).0,
+            g.device_ptr(s).0,
+            m.device_ptr(s).0,
+            v.device_ptr(s).0,
+        ];
+        // SAFETY: each buffer holds at least n elements (asserted), on this context.
+        unsafe { self.adamw_at(opt, ptrs, n, grad_scale, t) }
+    }
+
+    /// [`adamw`](Self::adamw) on raw addresses `[p, g, m, v]`.
+    ///
+    /// # Safety
+    /// Each address must hold `n` f32 on this context, alive until the kernel has run.
+    pub unsafe fn adamw_at(
+        &self,
+        opt: &AdamW,
+        [p, g, m, v]: [CUdeviceptr; 4],
+        n: usize,
+        grad_scale: f32,
+        t: u32,
+    ) -> Result<(), CudaError> {
+        let n = n as u64;
         let (bias1, bias2) = opt.bias_corrections(t);
         let f = Self::function(&self.optim, "adamw_f32")?;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(p).arg(g).arg(m).arg(v).arg(&n);
+        launch.arg(&p).arg(&g).arg(&m).arg(&v).arg(&n);
         launch
             .arg(&opt.lr)
             .arg(&opt.beta1)
@@ -177,10 +218,36 @@ impl Kernels {
             .arg(&grad_scale)
             .arg(&bias1)
             .arg(&bias2);
-        // SAFETY: matches optim.cu's signature; every buffer holds at least n elements.
+        // SAFETY: matches optim.cu's signature; the caller vouches for the n elements.
         unsafe { launch.launch(config(n)) }.map_err(driver)?;
         Ok(())
     }
+
+    /// Launches `name` of model.cu over `work` items (elements, rows or columns).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters, and every address must hold what the kernel
+    /// reads and writes for the sizes given, on this context.
+    pub unsafe fn model(&self, name: &str, work: u64, args: &[ModelArg]) -> Result<(), CudaError> {
+        let f = Self::function(&self.model, name)?;
+        let mut launch = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                ModelArg::Ptr(p) => launch.arg(p),
+                ModelArg::Size(n) => launch.arg(n),
+            };
+        }
+        // SAFETY: the caller vouches for the arguments (see above).
+        unsafe { launch.launch(config(work)) }.map_err(driver)?;
+        Ok(())
+    }
+}
+
+/// An argument of a model.cu kernel: a device address or a size (`u64`).
+#[derive(Clone, Copy, Debug)]
+pub enum ModelArg {
+    Ptr(CUdeviceptr),
+    Size(u64),
 }
 
 /// The reduction kernel's name for `op` (`Avg` sums; the division is a separate kernel).

@@ -2,18 +2,20 @@
 //! (cudarc's `dynamic-loading`), and its absence is a typed [`CudaError::NoCuda`], never a panic.
 //!
 //! Layers, bottom up (cudarc's `sys` → `result` → `safe` split):
-//! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl` — the system's search path,
-//!   `RINGLET_{CUDA,NVRTC,NCCL}_LIB`, CUDA installs and pip wheels (`nvidia-*-cu12`) — before
+//! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl`, `libcublas` — the search path,
+//!   `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA installs and pip wheels (`nvidia-*-cu12`) — before
 //!   cudarc asks for them by name;
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
 //! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
 //!   PTX cached on disk;
 //! - [`launch`]: the kernels loaded on a device and launched on its stream;
+//! - [`blas`]: cuBLAS's GEMM for row-major matrices on a device's stream;
 //! - [`gpu`]: typed device buffers, pinned host blocks, async copies and events on one stream;
 //! - [`nccl`]: NCCL's entry points from the library found, typed results, and a communicator
 //!   handle created non-blocking, polled and aborted;
 //! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
 
+pub mod blas;
 pub mod device;
 pub mod error;
 pub mod gpu;
@@ -23,6 +25,7 @@ pub mod libs;
 pub mod nccl;
 pub mod reference;
 
+pub use blas::{Blas, Gemm};
 pub use device::{devices, DeviceInfo};
 pub use error::CudaError;
 pub use gpu::{DeviceBuffer, Gpu, Pinned};

@@ -19,6 +19,9 @@ pub enum CudaLib {
     Driver,
     Nvrtc,
     Nccl,
+    Cublas,
+    /// Needed by `libcublas`; loaded first so that it is found where `libcublas` was.
+    CublasLt,
 }
 
 impl CudaLib {
@@ -27,6 +30,8 @@ impl CudaLib {
             CudaLib::Driver => &["libcuda.so.1", "libcuda.so"],
             CudaLib::Nvrtc => &["libnvrtc.so.12", "libnvrtc.so"],
             CudaLib::Nccl => &["libnccl.so.2", "libnccl.so"],
+            CudaLib::Cublas => &["libcublas.so.12", "libcublas.so"],
+            CudaLib::CublasLt => &["libcublasLt.so.12", "libcublasLt.so"],
         }
     }
 
@@ -36,6 +41,8 @@ impl CudaLib {
             CudaLib::Driver => "RINGLET_CUDA_LIB",
             CudaLib::Nvrtc => "RINGLET_NVRTC_LIB",
             CudaLib::Nccl => "RINGLET_NCCL_LIB",
+            CudaLib::Cublas => "RINGLET_CUBLAS_LIB",
+            CudaLib::CublasLt => "RINGLET_CUBLASLT_LIB",
         }
     }
 
@@ -45,6 +52,7 @@ impl CudaLib {
             CudaLib::Driver => None,
             CudaLib::Nvrtc => Some("nvidia/cuda_nvrtc/lib"),
             CudaLib::Nccl => Some("nvidia/nccl/lib"),
+            CudaLib::Cublas | CudaLib::CublasLt => Some("nvidia/cublas/lib"),
         }
     }
 
@@ -52,10 +60,14 @@ impl CudaLib {
         static DRIVER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
         static NVRTC: OnceLock<Result<PathBuf, String>> = OnceLock::new();
         static NCCL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        static CUBLAS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        static CUBLASLT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
         match self {
             CudaLib::Driver => &DRIVER,
             CudaLib::Nvrtc => &NVRTC,
             CudaLib::Nccl => &NCCL,
+            CudaLib::Cublas => &CUBLAS,
+            CudaLib::CublasLt => &CUBLASLT,
         }
     }
 }

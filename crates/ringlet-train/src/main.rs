@@ -5,7 +5,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringlet::{Communicator, Error};
 use ringlet_cuda::reference::{AdamW, Sgd};
 use ringlet_train::balance::Balance;
-use ringlet_train::train::{self, CheckpointOptions, Metrics, OptimizerKind, Options, Resume};
+use ringlet_train::train::{
+    self, CheckpointOptions, DeviceChoice, Metrics, OptimizerKind, Options, Resume,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -27,6 +29,12 @@ struct Args {
     /// the test set if present).
     #[arg(long, default_value = "digits")]
     dataset: String,
+    /// What computes the model on each rank: `gpu` (GPU LOCAL_RANK modulo the GPUs present;
+    /// cuBLAS for the matrix products, kernels/ compiled by NVRTC for the rest), `cpu`, or `auto`
+    /// (the GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU). Ranks may
+    /// differ; --balance auto then gives the faster ones larger batches.
+    #[arg(long, env = "RINGLET_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+    device: String,
     /// Hidden layer sizes, comma-separated (input and output sizes come from the data).
     #[arg(long, value_delimiter = ',', default_value = "128,64")]
     hidden: Vec<usize>,
@@ -164,6 +172,11 @@ fn run(args: &Args) -> Result<(), Error> {
         p => Resume::Path(PathBuf::from(p)),
     };
     let opts = Options {
+        device: match args.device.as_str() {
+            "cpu" => DeviceChoice::Cpu,
+            "gpu" => DeviceChoice::Gpu,
+            _ => DeviceChoice::Auto,
+        },
         hidden: args.hidden.clone(),
         optimizer,
         warmup: args.warmup,

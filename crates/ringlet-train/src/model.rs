@@ -1,14 +1,16 @@
 //! The model: a multi-layer perceptron classifier (dense layers, ReLU between them, softmax
-//! cross-entropy), forward and backward on the CPU with `matrixmultiply`'s GEMM.
+//! cross-entropy), forward and backward written once over [`Backend`] (the CPU or a GPU).
 //!
-//! Parameters and gradients each live in one flat vector, layer after layer (weights `[out, in]`
-//! row-major, then biases), so a gradient bucket is a plain range of that vector and the
-//! all-reduce and the optimizer work on slices. The loss and the gradients are *sums* over the
+//! Parameters and gradients each live in one flat buffer, layer after layer (weights `[out, in]`
+//! row-major, then biases), so a gradient bucket is a plain range of that buffer and the
+//! all-reduce and the optimizer work on ranges. The loss and the gradients are *sums* over the
 //! samples, not means: ranks add their sums and divide once by the global batch, which is what
 //! makes n ranks compute the update one process would.
 
+use crate::tensor::{Backend, Gemm};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use ringlet::Error;
 use std::ops::Range;
 
 /// Layer sizes, input first, classes last.
@@ -33,13 +35,26 @@ impl Layer {
     }
 }
 
-/// Activations kept from the forward pass for the backward pass.
-#[derive(Default)]
-pub struct Workspace {
+/// Activations kept from the forward pass for the backward pass, where the backend keeps them.
+pub struct Workspace<B: Backend> {
     /// `acts[0]` is the input; `acts[i + 1]` layer i's output (after ReLU for hidden layers).
-    acts: Vec<Vec<f32>>,
-    delta: Vec<f32>,
-    delta_prev: Vec<f32>,
+    acts: Vec<Option<B::Buf>>,
+    delta: Option<B::Buf>,
+    delta_prev: Option<B::Buf>,
+    labels: Option<B::Labels>,
+    batch: usize,
+}
+
+impl<B: Backend> Default for Workspace<B> {
+    fn default() -> Self {
+        Workspace {
+            acts: Vec::new(),
+            delta: None,
+            delta_prev: None,
+            labels: None,
+            batch: 0,
+        }
+    }
 }
 
 impl Mlp {
@@ -88,191 +103,107 @@ impl Mlp {
         p
     }
 
-    /// Forward pass of `batch` samples (`x`: batch × inputs): fills `ws` and returns the summed
-    /// cross-entropy loss and the number of correct predictions.
-    pub fn forward(
+    /// Forward pass of `batch` samples (`x`: batch × inputs) on `be`: fills `ws` and returns
+    /// the summed cross-entropy loss and the number of correct predictions.
+    pub fn forward<B: Backend>(
         &self,
-        params: &[f32],
+        be: &B,
+        params: &B::Buf,
         x: &[f32],
         y: &[u32],
-        ws: &mut Workspace,
-    ) -> (f64, usize) {
+        ws: &mut Workspace<B>,
+    ) -> Result<(f64, usize), Error> {
         let batch = y.len();
         let layers = self.layers();
-        ws.acts.resize_with(layers.len() + 1, Vec::new);
-        ws.acts[0].clear();
-        ws.acts[0].extend_from_slice(x);
+        ws.acts.resize_with(layers.len() + 1, || None);
+        ws.batch = batch;
+        be.write(x, be.ensure(&mut ws.acts[0], x.len())?, 0)?;
+        ws.labels = Some(be.labels(y)?);
         for (i, l) in layers.iter().enumerate() {
             let (done, rest) = ws.acts.split_at_mut(i + 1);
-            let (input, out) = (&done[i], &mut rest[0]);
-            out.clear();
-            out.resize(batch * l.outputs, 0.0);
-            for row in out.chunks_mut(l.outputs) {
-                row.copy_from_slice(&params[l.bias.clone()]);
-            }
+            let input = done[i].as_ref().expect("filled by the previous layer");
+            let out = be.ensure(&mut rest[0], batch * l.outputs)?;
+            be.fill_rows(out, batch, l.outputs, (params, l.bias.start))?;
             // out[batch, outputs] += input[batch, inputs] · W[outputs, inputs]ᵀ
-            gemm(
-                batch,
-                l.inputs,
-                l.outputs,
-                input,
-                (l.inputs, 1),
-                &params[l.weight.clone()],
-                (1, l.inputs),
-                out,
-                1.0,
-            );
+            let g = Gemm {
+                m: batch,
+                n: l.outputs,
+                k: l.inputs,
+                trans_a: false,
+                trans_b: true,
+            };
+            be.gemm(&g, (input, 0), (params, l.weight.start), (out, 0), 1.0)?;
             if i + 1 < layers.len() {
-                for v in out.iter_mut() {
-                    *v = v.max(0.0);
-                }
+                be.relu(out, batch * l.outputs)?;
             }
         }
-        let logits = &ws.acts[layers.len()];
-        let classes = self.sizes[self.sizes.len() - 1];
-        let (mut loss, mut correct) = (0.0f64, 0);
-        for (row, &label) in logits.chunks(classes).zip(y) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            loss += sum.ln() - (row[label as usize] - max) as f64;
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
-            correct += usize::from(best == label as usize);
-        }
-        (loss, correct)
+        let logits = ws.acts[layers.len()].as_ref().expect("the last layer's");
+        let labels = ws.labels.as_ref().expect("set above");
+        be.softmax_loss(logits, labels, batch, self.classes())
     }
 
     /// Backward pass after [`forward`](Mlp::forward): writes the summed gradient of each layer
-    /// into `grads` (same layout as the parameters), last layer first, calling `done(layer)`
-    /// as soon as that layer's gradient is complete so its all-reduce can start.
-    pub fn backward(
+    /// into `grads` (same layout as the parameters), last layer first, calling `done(layer,
+    /// grads)` as soon as that layer's gradient is complete so its all-reduce can start.
+    pub fn backward<B: Backend>(
         &self,
-        params: &[f32],
-        y: &[u32],
-        ws: &mut Workspace,
-        grads: &mut [f32],
-        mut done: impl FnMut(usize, &[f32]),
-    ) {
-        let batch = y.len();
+        be: &B,
+        params: &B::Buf,
+        ws: &mut Workspace<B>,
+        grads: &mut B::Buf,
+        mut done: impl FnMut(usize, &B::Buf) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let batch = ws.batch;
         let layers = self.layers();
-        let classes = self.sizes[self.sizes.len() - 1];
+        let classes = self.classes();
+        let logits = ws.acts[layers.len()].as_ref().expect("forward ran");
+        let labels = ws.labels.as_ref().expect("forward ran");
         // d(loss)/d(logits) = softmax - onehot, per sample (the loss is a sum).
-        let logits = &ws.acts[layers.len()];
-        ws.delta.clear();
-        ws.delta.extend_from_slice(logits);
-        for (row, &label) in ws.delta.chunks_mut(classes).zip(y) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            for v in row.iter_mut() {
-                *v /= sum;
-            }
-            row[label as usize] -= 1.0;
-        }
+        let delta = be.ensure(&mut ws.delta, batch * classes)?;
+        be.softmax_grad(logits, labels, batch, classes, delta)?;
         for (i, l) in layers.iter().enumerate().rev() {
-            let input = &ws.acts[i];
+            let input = ws.acts[i].as_ref().expect("forward ran");
+            let delta = ws.delta.as_ref().expect("made above");
             // dW[outputs, inputs] = deltaᵀ[outputs, batch] · input[batch, inputs]
-            gemm(
-                l.outputs,
-                batch,
-                l.inputs,
-                &ws.delta,
-                (1, l.outputs),
-                input,
-                (l.inputs, 1),
-                &mut grads[l.weight.clone()],
-                0.0,
-            );
-            let db = &mut grads[l.bias.clone()];
-            db.fill(0.0);
-            for row in ws.delta.chunks(l.outputs) {
-                for (g, d) in db.iter_mut().zip(row) {
-                    *g += d;
-                }
-            }
-            done(i, &grads[l.range()]);
+            let g = Gemm {
+                m: l.outputs,
+                n: l.inputs,
+                k: batch,
+                trans_a: true,
+                trans_b: false,
+            };
+            be.gemm(&g, (delta, 0), (input, 0), (grads, l.weight.start), 0.0)?;
+            be.column_sums(delta, batch, l.outputs, (grads, l.bias.start))?;
+            done(i, grads)?;
             if i == 0 {
                 break;
             }
             // delta_prev[batch, inputs] = delta[batch, outputs] · W[outputs, inputs], masked by
             // the ReLU that produced this layer's input.
-            ws.delta_prev.clear();
-            ws.delta_prev.resize(batch * l.inputs, 0.0);
-            gemm(
-                batch,
-                l.outputs,
-                l.inputs,
-                &ws.delta,
-                (l.outputs, 1),
-                &params[l.weight.clone()],
-                (l.inputs, 1),
-                &mut ws.delta_prev,
-                0.0,
-            );
-            for (d, &a) in ws.delta_prev.iter_mut().zip(input.iter()) {
-                if a <= 0.0 {
-                    *d = 0.0;
-                }
-            }
+            let prev = be.ensure(&mut ws.delta_prev, batch * l.inputs)?;
+            let g = Gemm {
+                m: batch,
+                n: l.inputs,
+                k: l.outputs,
+                trans_a: false,
+                trans_b: false,
+            };
+            be.gemm(&g, (delta, 0), (params, l.weight.start), (prev, 0), 0.0)?;
+            be.relu_mask(prev, input, batch * l.inputs)?;
             std::mem::swap(&mut ws.delta, &mut ws.delta_prev);
         }
+        Ok(())
     }
-}
 
-/// `c[m, n] = beta · c + a[m, k] · b[k, n]`, each matrix given with its (row, column) strides;
-/// `c` is row-major and contiguous.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    c: &mut [f32],
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let a_end = (m - 1) * rsa + (k.max(1) - 1) * csa;
-    let b_end = (k.max(1) - 1) * rsb + (n - 1) * csb;
-    assert!(
-        k == 0 || (a.len() > a_end && b.len() > b_end),
-        "gemm operands too short"
-    );
-    assert!(c.len() >= m * n, "gemm output too short");
-    // SAFETY: the asserts above bound every element matrixmultiply reads (a: m×k, b: k×n with
-    // the given strides) and writes (c: m×n row-major); the slices do not overlap (c is &mut).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
+    fn classes(&self) -> usize {
+        self.sizes[self.sizes.len() - 1]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Host;
 
     fn data(batch: usize, inputs: usize, classes: usize) -> (Vec<f32>, Vec<u32>) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -300,18 +231,22 @@ mod tests {
         }
         let mut ws = Workspace::default();
         let mut g = vec![0.0; p.len()];
-        mlp.forward(&p, &x, &y, &mut ws);
+        mlp.forward(&Host, &p, &x, &y, &mut ws).unwrap();
         let mut order = Vec::new();
-        mlp.backward(&p, &y, &mut ws, &mut g, |i, _| order.push(i));
+        mlp.backward(&Host, &p, &mut ws, &mut g, |i, _| {
+            order.push(i);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(order, vec![2, 1, 0], "last layer's gradient is ready first");
         let h = 1e-2f32;
         let mut worst = 0.0f64;
         for i in 0..p.len() {
             let keep = p[i];
             p[i] = keep + h;
-            let up = mlp.forward(&p, &x, &y, &mut ws).0;
+            let up = mlp.forward(&Host, &p, &x, &y, &mut ws).unwrap().0;
             p[i] = keep - h;
-            let down = mlp.forward(&p, &x, &y, &mut ws).0;
+            let down = mlp.forward(&Host, &p, &x, &y, &mut ws).unwrap().0;
             p[i] = keep;
             let numeric = (up - down) / (2.0 * h as f64);
             worst = worst.max((numeric - g[i] as f64).abs() / (1.0 + numeric.abs()));
@@ -327,10 +262,10 @@ mod tests {
         let (x, y) = data(10, 6, 4);
         let p = mlp.init(11);
         let mut ws = Workspace::default();
-        let grad = |x: &[f32], y: &[u32], ws: &mut Workspace| {
+        let grad = |x: &[f32], y: &[u32], ws: &mut Workspace<Host>| {
             let mut g = vec![0.0; p.len()];
-            mlp.forward(&p, x, y, ws);
-            mlp.backward(&p, y, ws, &mut g, |_, _| {});
+            mlp.forward(&Host, &p, x, y, ws).unwrap();
+            mlp.backward(&Host, &p, ws, &mut g, |_, _| Ok(())).unwrap();
             g
         };
         let whole = grad(&x, &y, &mut ws);

@@ -15,7 +15,9 @@
 use crate::balance::{self, Balance, Rebalancer};
 use crate::checkpoint::{self, Checkpointer, Snapshot, State, Tensor};
 use crate::data::Dataset;
+use crate::gpu::GpuBackend;
 use crate::model::{Layer, Mlp, Workspace};
+use crate::tensor::{Backend, Host};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -48,6 +50,16 @@ impl OptimizerKind {
     }
 }
 
+/// `--device`: what computes the model on this rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    /// GPU `LOCAL_RANK` modulo the number of GPUs; an error where there is none.
+    Gpu,
+    /// The GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU.
+    Auto,
+}
+
 /// `--resume`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resume {
@@ -67,6 +79,7 @@ pub struct CheckpointOptions {
 
 #[derive(Clone, Debug)]
 pub struct Options {
+    pub device: DeviceChoice,
     /// Hidden layer sizes (input and output come from the data).
     pub hidden: Vec<usize>,
     pub optimizer: OptimizerKind,
@@ -168,9 +181,9 @@ pub fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
     order
 }
 
-enum OptimState {
-    Sgd { v: Vec<f32> },
-    AdamW { m: Vec<f32>, v: Vec<f32> },
+enum OptimState<Buf> {
+    Sgd { v: Buf },
+    AdamW { m: Buf, v: Buf },
 }
 
 /// Every rank learns whether `what` failed anywhere, so that a failure on one rank (a checkpoint
@@ -195,11 +208,54 @@ pub fn agree<T>(comm: &Communicator, result: Result<T, String>, what: &str) -> R
     }
 }
 
-/// Trains on `data` with `comm`'s ranks; `report` sees every step on every rank.
+/// Trains on `data` with `comm`'s ranks; `report` sees every step on every rank. Each rank
+/// computes on the device `opts.device` picks for it (ranks may differ: the all-reduce is over
+/// host memory, and `--balance auto` gives faster devices larger shares).
 pub fn train(
     comm: &Communicator,
     data: &Dataset,
     opts: &Options,
+    report: impl FnMut(&StepReport),
+) -> Result<Summary, Error> {
+    let gpu = match opts.device {
+        DeviceChoice::Cpu => Ok(None),
+        choice => match open_gpu() {
+            Ok(g) => Ok(Some(g)),
+            Err(why) if choice == DeviceChoice::Auto => {
+                tracing::info!("rank {}: training on the CPU ({why})", comm.rank());
+                Ok(None)
+            }
+            Err(why) => Err(why),
+        },
+    };
+    match agree(comm, gpu, "opening the GPU (--device gpu)")? {
+        Some(g) => {
+            tracing::info!("rank {}: training on {}", comm.rank(), g.describe());
+            run(comm, data, opts, &g, report)
+        }
+        None => run(comm, data, opts, &Host, report),
+    }
+}
+
+/// GPU `LOCAL_RANK` modulo the number of GPUs (each container of `ringrun --image` sees its
+/// own as 0).
+fn open_gpu() -> Result<GpuBackend, String> {
+    let count = ringlet_cuda::devices().map_err(|e| e.to_string())?.len();
+    if count == 0 {
+        return Err("no CUDA device".into());
+    }
+    let local: usize = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    GpuBackend::new(local % count).map_err(|e| e.to_string())
+}
+
+fn run<B: Backend>(
+    comm: &Communicator,
+    data: &Dataset,
+    opts: &Options,
+    be: &B,
     mut report: impl FnMut(&StepReport),
 ) -> Result<Summary, Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
@@ -225,11 +281,11 @@ pub fn train(
     let count = params.len();
     let mut optim = match opts.optimizer {
         OptimizerKind::Sgd(_) => OptimState::Sgd {
-            v: vec![0.0; count],
+            v: vec![0.0f32; count],
         },
         OptimizerKind::AdamW(_) => OptimState::AdamW {
-            m: vec![0.0; count],
-            v: vec![0.0; count],
+            m: vec![0.0f32; count],
+            v: vec![0.0f32; count],
         },
     };
     let (mut step, mut epoch, mut cursor) = (0u64, 0u64, 0usize);
@@ -281,13 +337,22 @@ pub fn train(
         }
     }
 
+    // From here on the parameters and the optimizer's state live where the backend keeps them.
+    let mut params = be.upload(&params)?;
+    let mut optim = match optim {
+        OptimState::Sgd { v } => OptimState::Sgd { v: be.upload(&v)? },
+        OptimState::AdamW { m, v } => OptimState::AdamW {
+            m: be.upload(&m)?,
+            v: be.upload(&v)?,
+        },
+    };
     let mut ws = Workspace::default();
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut grads = vec![0.0f32; count];
+    let mut grads = be.zeros(count)?;
     let plan = buckets(&layers, opts.first_bucket_bytes, opts.bucket_cap_bytes);
     let mut batches = match batches {
         Some(b) => b,
-        None => initial_split(comm, data, &mlp, &params, opts, &mut ws)?,
+        None => initial_split(comm, data, &mlp, be, &params, opts, &mut ws)?,
     };
     if rank == 0 {
         tracing::info!("local batches {batches:?} (global {global})");
@@ -307,7 +372,7 @@ pub fn train(
         let t0 = Instant::now();
         let from = cursor + balance::offset(&batches, rank);
         data.gather(&order[from..from + batches[rank]], &mut x, &mut y);
-        let (loss, _) = mlp.forward(&params, &x, &y, &mut ws);
+        let (loss, _) = mlp.forward(be, &params, &x, &y, &mut ws)?;
 
         // Bucket buffers; the first carries this rank's loss in one extra slot.
         let mut bufs: Vec<Vec<f32>> = plan
@@ -320,11 +385,11 @@ pub fn train(
             (0..plan.len()).map(|_| None).collect();
         let mut next = 0;
         let overlap = opts.overlap;
-        mlp.backward(&params, &y, &mut ws, &mut grads, |layer, g| {
-            let l = &layers[layer];
+        mlp.backward(be, &params, &mut ws, &mut grads, |layer, g| {
+            let l = &layers[layer].range();
             let b = next;
-            let at = l.range().start - plan[b].range.start;
-            bufs[b][at..at + g.len()].copy_from_slice(g);
+            let at = l.start - plan[b].range.start;
+            be.read(g, l.start, &mut bufs[b][at..at + l.len()])?;
             if plan[b].last_layer == layer {
                 if overlap {
                     handles[b] =
@@ -332,7 +397,8 @@ pub fn train(
                 }
                 next += 1;
             }
-        });
+            Ok(())
+        })?;
         if !overlap {
             for (b, h) in handles.iter_mut().enumerate() {
                 *h = Some(comm.all_reduce_async(std::mem::take(&mut bufs[b]), ReduceOp::Sum));
@@ -344,7 +410,7 @@ pub fn train(
         for (b, h) in handles.into_iter().enumerate() {
             let summed = h.expect("every bucket was submitted").wait()?;
             let r = plan[b].range.clone();
-            grads[r.clone()].copy_from_slice(&summed[..r.len()]);
+            be.write(&summed[..r.len()], &mut grads, r.start)?;
             if b == 0 {
                 global_loss = summed[r.len()] as f64 / global as f64;
             }
@@ -355,11 +421,11 @@ pub fn train(
         let scale = 1.0 / global as f32;
         match (&opts.optimizer, &mut optim) {
             (OptimizerKind::Sgd(o), OptimState::Sgd { v }) => {
-                Sgd { lr, ..*o }.step(&mut params, &grads, v, scale)
+                be.sgd(&Sgd { lr, ..*o }, &mut params, &grads, v, scale)?
             }
             (OptimizerKind::AdamW(o), OptimState::AdamW { m, v }) => {
                 let t = u32::try_from(step + 1).unwrap_or(u32::MAX);
-                AdamW { lr, ..*o }.step(&mut params, &grads, m, v, scale, t)
+                be.adamw(&AdamW { lr, ..*o }, &mut params, &grads, m, v, scale, t)?
             }
             _ => unreachable!("the state is made for the optimizer"),
         }
@@ -387,6 +453,7 @@ pub fn train(
                 let mut saved = Ok(());
                 if let Some(saver) = saver.as_mut() {
                     let snap = snapshot(
+                        be,
                         &layers,
                         &params,
                         &optim,
@@ -400,7 +467,7 @@ pub fn train(
                             world_size: n,
                             model: model_config.clone(),
                         },
-                    );
+                    )?;
                     saved = saver.save(snap).map(drop).map_err(|e| e.to_string());
                 }
                 stall = t.elapsed();
@@ -439,7 +506,8 @@ pub fn train(
         };
         agree(comm, last, "writing the last checkpoint")?;
     }
-    let (test_accuracy, test_loss) = evaluate(comm, data, &mlp, &params, &mut ws)?;
+    let (test_accuracy, test_loss) = evaluate(comm, data, &mlp, be, &params, &mut ws)?;
+    let params = be.download(&params)?;
     Ok(Summary {
         steps: step,
         resumed_from,
@@ -468,13 +536,14 @@ pub fn train(
 
 /// The split for the first step: equal, static weights, or measured speed (`auto`: each rank
 /// times a few forward + backward passes on an equal share; all see the same speeds).
-fn initial_split(
+fn initial_split<B: Backend>(
     comm: &Communicator,
     data: &Dataset,
     mlp: &Mlp,
-    params: &[f32],
+    be: &B,
+    params: &B::Buf,
     opts: &Options,
-    ws: &mut Workspace,
+    ws: &mut Workspace<B>,
 ) -> Result<Vec<usize>, Error> {
     let n = comm.world_size();
     let global = opts.global_batch;
@@ -490,12 +559,15 @@ fn initial_split(
             let idx: Vec<usize> = (0..share).collect();
             let (mut x, mut y) = (Vec::new(), Vec::new());
             data.gather(&idx, &mut x, &mut y);
-            let mut g = vec![0.0f32; params.len()];
+            let mut g = be.zeros(mlp.param_count())?;
+            let mut last = [0.0f32];
             let mut times = Vec::new();
             for _ in 0..5 {
                 let t = Instant::now();
-                mlp.forward(params, &x, &y, ws);
-                mlp.backward(params, &y, ws, &mut g, |_, _| {});
+                mlp.forward(be, params, &x, &y, ws)?;
+                mlp.backward(be, params, ws, &mut g, |_, _| Ok(()))?;
+                // Reading one element waits for the device to finish the pass.
+                be.read(&g, 0, &mut last)?;
                 times.push(t.elapsed().as_secs_f64());
             }
             times.sort_by(f64::total_cmp);
@@ -606,7 +678,13 @@ fn check_compatible(
 /// The copy into host memory the step waits for; the write happens in the background. Tensors
 /// are per layer (`layers.{i}.weight` `[out, in]`, `layers.{i}.bias`), as Python tools expect;
 /// the optimizer's state uses the same names behind its own prefix.
-fn snapshot(layers: &[Layer], params: &[f32], optim: &OptimState, state: State) -> Snapshot {
+fn snapshot<B: Backend>(
+    be: &B,
+    layers: &[Layer],
+    params: &B::Buf,
+    optim: &OptimState<B::Buf>,
+    state: State,
+) -> Result<Snapshot, Error> {
     let per_layer = |prefix: &str, flat: &[f32]| -> Vec<Tensor> {
         layers
             .iter()
@@ -628,18 +706,18 @@ fn snapshot(layers: &[Layer], params: &[f32], optim: &OptimState, state: State) 
             .collect()
     };
     let optimizer = match optim {
-        OptimState::Sgd { v } => per_layer("momentum.", v),
+        OptimState::Sgd { v } => per_layer("momentum.", &be.download(v)?),
         OptimState::AdamW { m, v } => {
-            let mut t = per_layer("exp_avg.", m);
-            t.extend(per_layer("exp_avg_sq.", v));
+            let mut t = per_layer("exp_avg.", &be.download(m)?);
+            t.extend(per_layer("exp_avg_sq.", &be.download(v)?));
             t
         }
     };
-    Snapshot {
+    Ok(Snapshot {
         state,
-        model: per_layer("", params),
+        model: per_layer("", &be.download(params)?),
         optimizer,
-    }
+    })
 }
 
 /// The inverse of [`snapshot`]'s naming: fills `flat` from the tensors named `prefix`layers.*.
@@ -673,12 +751,13 @@ fn restore(
 }
 
 /// Accuracy and mean loss on the held-out set, each rank taking every n-th sample.
-fn evaluate(
+fn evaluate<B: Backend>(
     comm: &Communicator,
     data: &Dataset,
     mlp: &Mlp,
-    params: &[f32],
-    ws: &mut Workspace,
+    be: &B,
+    params: &B::Buf,
+    ws: &mut Workspace<B>,
 ) -> Result<(f64, f64), Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mine: Vec<usize> = (rank..data.test_len()).step_by(n).collect();
@@ -689,7 +768,7 @@ fn evaluate(
             x.extend_from_slice(&data.test_x[i * data.features..(i + 1) * data.features]);
         }
         let y: Vec<u32> = chunk.iter().map(|&i| data.test_y[i]).collect();
-        let (l, c) = mlp.forward(params, &x, &y, ws);
+        let (l, c) = mlp.forward(be, params, &x, &y, ws)?;
         loss += l;
         correct += c;
     }

@@ -61,6 +61,9 @@ impl Job {
                 .env("MASTER_PORT", &port)
                 .env("RINGLET_JOB_TOKEN", format!("train-test-{port}"))
                 .env("RINGLET_TIMEOUT", "30")
+                // The tolerances below are those of the CPU's GEMM; a GPU machine would
+                // otherwise pick its own (scripts/gpu-check.sh compares the two).
+                .env("RINGLET_DEVICE", "cpu")
                 .stdout(f.try_clone().unwrap())
                 .stderr(f)
                 .stdin(Stdio::null())

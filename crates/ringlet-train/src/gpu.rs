@@ -1,0 +1,369 @@
+//! The model's operations on a GPU: matrix products by cuBLAS (FP32), the rest by the kernels of
+//! `kernels/model.cu` and `kernels/optim.cu`, everything queued on the device's one stream.
+//! Reads wait for the stream, so a gradient read for the all-reduce is complete.
+//!
+//! Every view is bounds-checked here before its device address reaches CUDA.
+
+use crate::tensor::{Backend, Gemm};
+use ringlet::Error;
+use ringlet_cuda::launch::ModelArg::{self, Ptr, Size};
+use ringlet_cuda::reference::{AdamW, Sgd};
+use ringlet_cuda::{Blas, CudaError, DeviceBuffer, Gpu};
+
+fn device(e: CudaError) -> Error {
+    Error::Device(e.to_string())
+}
+
+/// One GPU running the model.
+pub struct GpuBackend {
+    gpu: Gpu,
+    blas: Blas,
+    name: String,
+}
+
+impl GpuBackend {
+    /// Device `ordinal`: its context, the kernels (compiled by NVRTC or from the PTX cache) and
+    /// a cuBLAS handle on its stream. Fails with a typed error where CUDA, NVRTC, cuBLAS or the
+    /// device is missing.
+    pub fn new(ordinal: usize) -> Result<GpuBackend, CudaError> {
+        let info = ringlet_cuda::devices()?
+            .into_iter()
+            .nth(ordinal)
+            .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
+        let (major, minor, patch) = ringlet_cuda::blas::version()?;
+        let gpu = Gpu::new(ordinal)?;
+        let blas = Blas::new(&gpu.kernels)?;
+        Ok(GpuBackend {
+            name: format!(
+                "GPU {ordinal} ({}, sm_{}, cuBLAS {major}.{minor}.{patch})",
+                info.name,
+                info.arch()
+            ),
+            gpu,
+            blas,
+        })
+    }
+
+    /// The address of `buf[at..at + len]`, or an error naming `what` when it does not fit.
+    fn at<T: ringlet::Element>(
+        &self,
+        buf: &DeviceBuffer<T>,
+        at: usize,
+        len: usize,
+        what: &str,
+    ) -> Result<u64, Error> {
+        if at.checked_add(len).is_none_or(|end| end > buf.len()) {
+            return Err(Error::Device(format!(
+                "{what}: elements {at}..{} of a buffer of {}",
+                at.saturating_add(len),
+                buf.len()
+            )));
+        }
+        Ok(self.gpu.device_addr_at(buf, at))
+    }
+
+    fn launch(&self, kernel: &str, work: usize, args: &[ModelArg]) -> Result<(), Error> {
+        // SAFETY: every caller below passes the kernel's parameters in model.cu's order, with
+        // addresses from `at`, which checked that each holds what the kernel touches for the
+        // sizes passed alongside.
+        unsafe { self.gpu.kernels.model(kernel, work as u64, args) }.map_err(device)
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buf = DeviceBuffer<f32>;
+    /// Labels as `i32` (the kernels read them as `u32`; labels are class indices).
+    type Labels = DeviceBuffer<i32>;
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf, Error> {
+        self.gpu.alloc(len).map_err(device)
+    }
+
+    fn len(&self, buf: &Self::Buf) -> usize {
+        buf.len()
+    }
+
+    fn write(&self, host: &[f32], buf: &mut Self::Buf, at: usize) -> Result<(), Error> {
+        self.at(buf, at, host.len(), "write")?;
+        self.gpu.write_at(host, buf, at).map_err(device)
+    }
+
+    fn read(&self, buf: &Self::Buf, at: usize, host: &mut [f32]) -> Result<(), Error> {
+        self.at(buf, at, host.len(), "read")?;
+        self.gpu.read_at(buf, at, host).map_err(device)
+    }
+
+    fn labels(&self, y: &[u32]) -> Result<Self::Labels, Error> {
+        let signed: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+        self.gpu.upload(&signed).map_err(device)
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        (a, at_a): (&Self::Buf, usize),
+        (b, at_b): (&Self::Buf, usize),
+        (c, at_c): (&mut Self::Buf, usize),
+        beta: f32,
+    ) -> Result<(), Error> {
+        let [la, lb, lc] = g.lens();
+        let (pa, pb) = (
+            self.at(a, at_a, la, "gemm a")?,
+            self.at(b, at_b, lb, "gemm b")?,
+        );
+        let pc = self.at(c, at_c, lc, "gemm c")?;
+        // SAFETY: `at` checked that each address holds the product's operand; c is a &mut
+        // buffer, so it is neither a's nor b's; the buffers outlive the queued product because
+        // every later use of them is on the same stream, and freeing is stream-ordered.
+        unsafe { self.blas.sgemm(g, pa, pb, pc, beta) }.map_err(device)
+    }
+
+    fn fill_rows(
+        &self,
+        out: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        (bias, at): (&Self::Buf, usize),
+    ) -> Result<(), Error> {
+        let o = self.at(out, 0, rows * cols, "fill_rows out")?;
+        let b = self.at(bias, at, cols, "fill_rows bias")?;
+        let args = [Ptr(o), Ptr(b), Size(rows as u64), Size(cols as u64)];
+        self.launch("fill_rows_f32", rows * cols, &args)
+    }
+
+    fn relu(&self, x: &mut Self::Buf, n: usize) -> Result<(), Error> {
+        let p = self.at(x, 0, n, "relu")?;
+        self.launch("relu_f32", n, &[Ptr(p), Size(n as u64)])
+    }
+
+    fn relu_mask(&self, delta: &mut Self::Buf, act: &Self::Buf, n: usize) -> Result<(), Error> {
+        let d = self.at(delta, 0, n, "relu_mask delta")?;
+        let a = self.at(act, 0, n, "relu_mask act")?;
+        self.launch("relu_mask_f32", n, &[Ptr(d), Ptr(a), Size(n as u64)])
+    }
+
+    fn column_sums(
+        &self,
+        m: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        (out, at): (&mut Self::Buf, usize),
+    ) -> Result<(), Error> {
+        let src = self.at(m, 0, rows * cols, "column_sums m")?;
+        let dst = self.at(out, at, cols, "column_sums out")?;
+        let args = [Ptr(src), Ptr(dst), Size(rows as u64), Size(cols as u64)];
+        self.launch("column_sums_f32", cols, &args)
+    }
+
+    fn softmax_loss(
+        &self,
+        logits: &Self::Buf,
+        labels: &Self::Labels,
+        rows: usize,
+        classes: usize,
+    ) -> Result<(f64, usize), Error> {
+        let z = self.at(logits, 0, rows * classes, "softmax_loss logits")?;
+        let y = self.at(labels, 0, rows, "softmax_loss labels")?;
+        let loss: DeviceBuffer<f64> = self.gpu.alloc(rows).map_err(device)?;
+        let correct: DeviceBuffer<i32> = self.gpu.alloc(rows).map_err(device)?;
+        let (l, c) = (
+            self.at(&loss, 0, rows, "loss")?,
+            self.at(&correct, 0, rows, "correct")?,
+        );
+        let args = [
+            Ptr(z),
+            Ptr(y),
+            Ptr(l),
+            Ptr(c),
+            Size(rows as u64),
+            Size(classes as u64),
+        ];
+        self.launch("softmax_loss_f32", rows, &args)?;
+        let mut per_row = vec![0.0f64; rows];
+        let mut hits = vec![0i32; rows];
+        self.gpu.read(&loss, &mut per_row).map_err(device)?;
+        self.gpu.read(&correct, &mut hits).map_err(device)?;
+        // Summed on the host in row order, as the CPU sums.
+        Ok((per_row.iter().sum(), hits.iter().map(|&h| h as usize).sum()))
+    }
+
+    fn softmax_grad(
+        &self,
+        logits: &Self::Buf,
+        labels: &Self::Labels,
+        rows: usize,
+        classes: usize,
+        delta: &mut Self::Buf,
+    ) -> Result<(), Error> {
+        let z = self.at(logits, 0, rows * classes, "softmax_grad logits")?;
+        let y = self.at(labels, 0, rows, "softmax_grad labels")?;
+        let d = self.at(delta, 0, rows * classes, "softmax_grad delta")?;
+        let args = [
+            Ptr(z),
+            Ptr(y),
+            Ptr(d),
+            Size(rows as u64),
+            Size(classes as u64),
+        ];
+        self.launch("softmax_grad_f32", rows, &args)
+    }
+
+    fn sgd(
+        &self,
+        opt: &Sgd,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        v: &mut Self::Buf,
+        grad_scale: f32,
+    ) -> Result<(), Error> {
+        let n = p.len();
+        let ptrs = [
+            self.at(p, 0, n, "sgd p")?,
+            self.at(g, 0, n, "sgd g")?,
+            self.at(v, 0, n, "sgd v")?,
+        ];
+        // SAFETY: `at` checked that each address holds n f32.
+        unsafe { self.gpu.kernels.sgd_at(opt, ptrs, n, grad_scale) }.map_err(device)
+    }
+
+    fn adamw(
+        &self,
+        opt: &AdamW,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        grad_scale: f32,
+        t: u32,
+    ) -> Result<(), Error> {
+        let n = p.len();
+        let ptrs = [
+            self.at(p, 0, n, "adamw p")?,
+            self.at(g, 0, n, "adamw g")?,
+            self.at(m, 0, n, "adamw m")?,
+            self.at(v, 0, n, "adamw v")?,
+        ];
+        // SAFETY: `at` checked that each address holds n f32.
+        unsafe { self.gpu.kernels.adamw_at(opt, ptrs, n, grad_scale, t) }.map_err(device)
+    }
+}
+
+/// Run where a GPU is (scripts/gpu-check.sh runs this test binary); elsewhere they skip, saying
+/// why.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mlp, Workspace};
+    use crate::tensor::Host;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn gpu() -> Option<GpuBackend> {
+        match GpuBackend::new(0) {
+            Ok(g) => {
+                println!("{}", g.describe());
+                Some(g)
+            }
+            Err(e) => {
+                println!("SKIPPED: no GPU to run the model on ({e})");
+                None
+            }
+        }
+    }
+
+    fn worst(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).abs() / (1.0 + y.abs() as f64))
+            .fold(0.0, f64::max)
+    }
+
+    /// Forward, backward (gradients read layer by layer as the all-reduce reads them), and
+    /// training steps with both optimizers: the GPU within FP32 rounding of the CPU.
+    #[test]
+    fn the_gpu_model_matches_the_cpu_model() {
+        let Some(be) = gpu() else { return };
+        let mlp = Mlp::new(vec![64, 96, 48, 10]).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let batch = 200;
+        let x: Vec<f32> = (0..batch * 64)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let y: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10)).collect();
+        let host_p = mlp.init(1);
+        let dev_p = be.upload(&host_p).unwrap();
+
+        let mut hws = Workspace::default();
+        let mut dws = Workspace::default();
+        let (hl, hc) = mlp.forward(&Host, &host_p, &x, &y, &mut hws).unwrap();
+        let (dl, dc) = mlp.forward(&be, &dev_p, &x, &y, &mut dws).unwrap();
+        println!("loss CPU {hl} GPU {dl}; correct CPU {hc} GPU {dc}");
+        assert!((hl - dl).abs() <= 1e-5 * hl.abs(), "loss {dl} vs {hl}");
+        assert!(hc.abs_diff(dc) <= 1, "correct {dc} vs {hc}");
+
+        let mut hg = vec![0.0f32; host_p.len()];
+        mlp.backward(&Host, &host_p, &mut hws, &mut hg, |_, _| Ok(()))
+            .unwrap();
+        let mut dg = be.zeros(host_p.len()).unwrap();
+        let mut streamed = vec![0.0f32; host_p.len()];
+        let mut order = Vec::new();
+        let layers = mlp.layers();
+        mlp.backward(&be, &dev_p, &mut dws, &mut dg, |i, g| {
+            order.push(i);
+            let r = layers[i].range();
+            be.read(g, r.start, &mut streamed[r])
+        })
+        .unwrap();
+        assert_eq!(order, vec![2, 1, 0]);
+        let whole = be.download(&dg).unwrap();
+        assert_eq!(
+            whole, streamed,
+            "a layer's gradient is final when handed over"
+        );
+        let w = worst(&whole, &hg);
+        println!("gradient: worst relative difference {w:.2e}");
+        assert!(w < 1e-4, "gradient differs by {w}");
+
+        // The optimizers run the kernels of optim.cu (--fmad=false): from the same gradient,
+        // the same bits as the CPU reference.
+        let sgd = Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        };
+        let adamw = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let g = be.upload(&hg).unwrap();
+        let (mut hp, mut hv) = (host_p.clone(), vec![0.0; host_p.len()]);
+        let (mut dp, mut dv) = (be.upload(&host_p).unwrap(), be.zeros(hp.len()).unwrap());
+        for _ in 0..3 {
+            Host.sgd(&sgd, &mut hp, &hg, &mut hv, 1.0 / 200.0).unwrap();
+            be.sgd(&sgd, &mut dp, &g, &mut dv, 1.0 / 200.0).unwrap();
+        }
+        assert_eq!(be.download(&dp).unwrap(), hp, "sgd");
+        let (mut hp, mut hm, mut hv) = (host_p.clone(), vec![0.0; hp.len()], vec![0.0; hp.len()]);
+        let mut dp = be.upload(&host_p).unwrap();
+        let (mut dm, mut dv) = (be.zeros(hp.len()).unwrap(), be.zeros(hp.len()).unwrap());
+        for t in 1..=3 {
+            Host.adamw(&adamw, &mut hp, &hg, &mut hm, &mut hv, 1.0 / 200.0, t)
+                .unwrap();
+            be.adamw(&adamw, &mut dp, &g, &mut dm, &mut dv, 1.0 / 200.0, t)
+                .unwrap();
+        }
+        assert_eq!(be.download(&dp).unwrap(), hp, "adamw");
+
+        // A view past a buffer's end is an error naming it, not a CUDA fault.
+        let short = be.zeros(10).unwrap();
+        let e = be.read(&short, 5, &mut [0.0; 6]).unwrap_err().to_string();
+        assert!(e.contains("read: elements 5..11 of a buffer of 10"), "{e}");
+    }
+}
