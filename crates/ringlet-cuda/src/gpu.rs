@@ -153,7 +153,10 @@ impl Gpu {
         buf: &mut DeviceBuffer<T>,
         at: usize,
     ) -> Result<(), CudaError> {
-        assert!(at + host.len() <= buf.len, "write_at out of bounds");
+        assert!(
+            at.checked_add(host.len()).is_some_and(|end| end <= buf.len),
+            "write_at out of bounds"
+        );
         self.bind()?;
         let dst = self.addr(buf, at);
         // SAFETY: dst addresses host.len() elements of buf; the copy is waited for below, so
@@ -176,7 +179,10 @@ impl Gpu {
         at: usize,
         host: &mut [T],
     ) -> Result<(), CudaError> {
-        assert!(at + host.len() <= buf.len, "read_at out of bounds");
+        assert!(
+            at.checked_add(host.len()).is_some_and(|end| end <= buf.len),
+            "read_at out of bounds"
+        );
         self.bind()?;
         let src = self.addr(buf, at);
         // SAFETY: src addresses host.len() elements of buf; waited for below.

@@ -6,8 +6,8 @@ use crate::reference::{AdamW, Sgd};
 use crate::{device, CudaError};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use ringlet_core::{Element, ReduceOp};
@@ -133,7 +133,10 @@ impl Kernels {
         let n = p.len();
         assert!(g.len() >= n && v.len() >= n, "sgd: buffers shorter than p");
         let s = &self.stream;
-        let (p, g, v) = (p.device_ptr(s).0, g.device_ptr(s).0, v.device_ptr(s).0);
+        // The guards record the kernel's reads and writes for cudarc when dropped, after it.
+        let (p, _p) = p.device_ptr_mut(s);
+        let (g, _g) = g.device_ptr(s);
+        let (v, _v) = v.device_ptr_mut(s);
         // SAFETY: each buffer holds at least n elements (asserted), on this context.
         unsafe { self.sgd_at(opt, [p, g, v], n, grad_scale) }
     }
@@ -181,14 +184,13 @@ impl Kernels {
             "adamw: buffers shorter than p"
         );
         let s = &self.stream;
-        let ptrs = [
-            p.device_ptr(s).0,
-            g.device_ptr(s).0,
-            m.device_ptr(s).0,
-            v.device_ptr(s).0,
-        ];
+        // The guards record the kernel's reads and writes for cudarc when dropped, after it.
+        let (p, _p) = p.device_ptr_mut(s);
+        let (g, _g) = g.device_ptr(s);
+        let (m, _m) = m.device_ptr_mut(s);
+        let (v, _v) = v.device_ptr_mut(s);
         // SAFETY: each buffer holds at least n elements (asserted), on this context.
-        unsafe { self.adamw_at(opt, ptrs, n, grad_scale, t) }
+        unsafe { self.adamw_at(opt, [p, g, m, v], n, grad_scale, t) }
     }
 
     /// [`adamw`](Self::adamw) on raw addresses `[p, g, m, v]`.

@@ -16,8 +16,9 @@ fn device(e: CudaError) -> Error {
 
 /// One GPU running the model.
 pub struct GpuBackend {
-    gpu: Gpu,
+    // Dropped first: destroying the handle waits for its work before the kernels' modules go.
     blas: Blas,
+    gpu: Gpu,
     name: String,
 }
 

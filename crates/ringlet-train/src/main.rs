@@ -29,7 +29,7 @@ struct Args {
     /// the test set if present).
     #[arg(long, default_value = "digits")]
     dataset: String,
-    /// What computes the model on each rank: `gpu` (GPU LOCAL_RANK modulo the GPUs present;
+    /// What computes the model on each rank: `gpu` (GPU <local rank> modulo the GPUs present;
     /// cuBLAS for the matrix products, kernels/ compiled by NVRTC for the rest), `cpu`, or `auto`
     /// (the GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU). Ranks may
     /// differ; --balance auto then gives the faster ones larger batches.

@@ -114,6 +114,13 @@ impl Mlp {
         ws: &mut Workspace<B>,
     ) -> Result<(f64, usize), Error> {
         let batch = y.len();
+        if x.len() != batch * self.sizes[0] {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {batch} labels needs {} inputs, not {}",
+                batch * self.sizes[0],
+                x.len()
+            )));
+        }
         let layers = self.layers();
         ws.acts.resize_with(layers.len() + 1, || None);
         ws.batch = batch;
@@ -286,6 +293,20 @@ mod tests {
         assert_eq!(mlp.param_count(), 2410);
         assert_eq!(mlp.init(1), mlp.init(1));
         assert!(Mlp::new(vec![64]).is_err());
+        let e = mlp
+            .forward(
+                &Host,
+                &mlp.init(1),
+                &[0.0; 64 * 3 - 1],
+                &[0, 1, 2],
+                &mut Workspace::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a batch of 3 labels needs 192 inputs, not 191"),
+            "{e}"
+        );
         assert!(Mlp::new(vec![64, 0, 10]).is_err());
     }
 }

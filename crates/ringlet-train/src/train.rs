@@ -54,7 +54,7 @@ impl OptimizerKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
     Cpu,
-    /// GPU `LOCAL_RANK` modulo the number of GPUs; an error where there is none.
+    /// GPU local rank modulo the number of GPUs; an error where there is none.
     Gpu,
     /// The GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU.
     Auto,
@@ -219,7 +219,7 @@ pub fn train(
 ) -> Result<Summary, Error> {
     let gpu = match opts.device {
         DeviceChoice::Cpu => Ok(None),
-        choice => match open_gpu() {
+        choice => match open_gpu(comm.local_rank()) {
             Ok(g) => Ok(Some(g)),
             Err(why) if choice == DeviceChoice::Auto => {
                 tracing::info!("rank {}: training on the CPU ({why})", comm.rank());
@@ -237,18 +237,15 @@ pub fn train(
     }
 }
 
-/// GPU `LOCAL_RANK` modulo the number of GPUs (each container of `ringrun --image` sees its
-/// own as 0).
-fn open_gpu() -> Result<GpuBackend, String> {
+/// GPU `local_rank` modulo the number of GPUs: the rank's index on its host, from whichever
+/// launcher started it (LOCAL_RANK, Open MPI, Slurm, PMI, Volcano); each container of
+/// `ringrun --image` sees its own GPUs from 0.
+fn open_gpu(local_rank: usize) -> Result<GpuBackend, String> {
     let count = ringlet_cuda::devices().map_err(|e| e.to_string())?.len();
     if count == 0 {
         return Err("no CUDA device".into());
     }
-    let local: usize = std::env::var("LOCAL_RANK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    GpuBackend::new(local % count).map_err(|e| e.to_string())
+    GpuBackend::new(local_rank % count).map_err(|e| e.to_string())
 }
 
 fn run<B: Backend>(

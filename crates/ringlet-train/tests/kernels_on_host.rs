@@ -14,12 +14,23 @@ use std::ffi::{c_void, CString};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The shim library, built once per test process.
+/// The shim library, built once per test process (tests run on several threads).
 struct Kernels {
     handle: *mut c_void,
 }
 
+// SAFETY: the handle is only passed to dlsym, which is thread-safe; the library's launch state
+// is thread_local (cuda_host.h).
+unsafe impl Send for Kernels {}
+// SAFETY: as above.
+unsafe impl Sync for Kernels {}
+
 impl Kernels {
+    fn get_or_build() -> Option<&'static Kernels> {
+        static BUILT: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
+        BUILT.get_or_init(Kernels::build).as_ref()
+    }
+
     fn build() -> Option<Kernels> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let shim = root.join("tests/shim");
@@ -90,7 +101,9 @@ fn same_bits(got: &[f32], want: &[f32], what: &str) {
 
 #[test]
 fn model_kernels_match_the_cpu_backend() {
-    let Some(k) = Kernels::build() else { return };
+    let Some(k) = Kernels::get_or_build() else {
+        return;
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let (rows, cols) = (37usize, 23usize);
     let (r64, c64) = (rows as u64, cols as u64);
@@ -229,7 +242,9 @@ fn model_kernels_match_the_cpu_backend() {
 
 #[test]
 fn optimizer_kernels_match_the_reference_bit_for_bit() {
-    let Some(k) = Kernels::build() else { return };
+    let Some(k) = Kernels::get_or_build() else {
+        return;
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let n = 1000;
     let sgd = Sgd {

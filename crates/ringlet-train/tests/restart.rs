@@ -81,6 +81,8 @@ impl Launch {
             .arg(TRAIN)
             .args(program_args)
             .env("RINGLET_TIMEOUT", "5")
+            // The same device on every machine that runs this test (ringrun passes it on).
+            .env("RINGLET_DEVICE", "cpu")
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .stdin(Stdio::null())

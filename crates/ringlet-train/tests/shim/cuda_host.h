@@ -7,7 +7,8 @@
 struct ShimDim {
   unsigned x = 0, y = 0, z = 0;
 };
-static ShimDim threadIdx, blockIdx, blockDim, gridDim;
+// Per thread: tests may launch from several threads at once.
+static thread_local ShimDim threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
