@@ -36,6 +36,19 @@ pub struct AdamW {
     pub weight_decay: f32,
 }
 
+/// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
 impl AdamW {
     /// `(1 - beta1^t, 1 - beta2^t)` for step `t` (from 1), computed once on the host and passed
     /// to the kernel as they are.

@@ -336,13 +336,7 @@ mod tests {
             momentum: 0.9,
             weight_decay: 1e-4,
         };
-        let adamw = AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
+        let adamw = AdamW::default();
         let g = be.upload(&hg).unwrap();
         let (mut hp, mut hv) = (host_p.clone(), vec![0.0; host_p.len()]);
         let (mut dp, mut dv) = (be.upload(&host_p).unwrap(), be.zeros(hp.len()).unwrap());

@@ -171,18 +171,22 @@ fn model_kernels_match_the_cpu_backend() {
         z[3 * classes + 4] = 50.0;
         z[3 * classes + 6] = 50.0;
         type Loss = extern "C" fn(u32, u32, *const f32, *const u32, *mut f64, *mut u32, u64, u64);
-        let mut loss = vec![0.0f64; rows];
-        let mut hits = vec![7u32; rows];
-        k.get::<Loss>("softmax_loss_f32")(
-            grid,
-            block,
-            z.as_ptr(),
-            y.as_ptr(),
-            loss.as_mut_ptr(),
-            hits.as_mut_ptr(),
-            r64,
-            classes as u64,
-        );
+        let loss_kernel = |y: &[u32]| {
+            let mut loss = vec![0.0f64; rows];
+            let mut hits = vec![7u32; rows];
+            k.get::<Loss>("softmax_loss_f32")(
+                grid,
+                block,
+                z.as_ptr(),
+                y.as_ptr(),
+                loss.as_mut_ptr(),
+                hits.as_mut_ptr(),
+                r64,
+                classes as u64,
+            );
+            (loss, hits)
+        };
+        let (loss, hits) = loss_kernel(&y);
         let (want_loss, want_hits) = Host.softmax_loss(&z, &y, rows, classes).unwrap();
         let got_loss: f64 = loss.iter().sum();
         assert!(
@@ -225,16 +229,7 @@ fn model_kernels_match_the_cpu_backend() {
 
         // A label out of range: NaN loss on both, no write out of the row.
         y[0] = classes as u32;
-        k.get::<Loss>("softmax_loss_f32")(
-            grid,
-            block,
-            z.as_ptr(),
-            y.as_ptr(),
-            loss.as_mut_ptr(),
-            hits.as_mut_ptr(),
-            r64,
-            classes as u64,
-        );
+        let (loss, hits) = loss_kernel(&y);
         assert!(loss[0].is_nan() && hits[0] == 0);
         assert!(Host.softmax_loss(&z, &y, rows, classes).unwrap().0.is_nan());
     }
@@ -252,13 +247,7 @@ fn optimizer_kernels_match_the_reference_bit_for_bit() {
         momentum: 0.9,
         weight_decay: 1e-4,
     };
-    let adamw = AdamW {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let adamw = AdamW::default();
     type SgdK = extern "C" fn(u32, u32, *mut f32, *const f32, *mut f32, u64, f32, f32, f32, f32);
     type AdamK = extern "C" fn(
         u32,

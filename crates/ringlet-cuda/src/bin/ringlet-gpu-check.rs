@@ -92,13 +92,7 @@ fn check_optimizers(k: &Kernels, rng: &mut Rng, n: usize) -> Result<usize, CudaE
         momentum: 0.9,
         weight_decay: 1e-4,
     };
-    let adamw = AdamW {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let adamw = AdamW::default();
     let (p0, g): (Vec<f32>, Vec<f32>) = (rng.vec(n, 1.0), rng.vec(n, 10.0));
     let mut wrong = 0;
     // SGD, three steps.
