@@ -24,20 +24,14 @@ pub struct GpuBackend<'a> {
     resident: RefCell<Option<Box<dyn Any>>>,
 }
 
-fn device(e: ringlet::cuda::CudaError) -> Error {
-    Error::Device(e.to_string())
-}
-
 /// The GPU this rank uses: its local rank's, modulo the devices this host has (ranks share a
 /// GPU when there are more ranks than GPUs, as in gpu-check's fallback runs).
 pub fn open_gpu(ring: &Communicator) -> Result<Arc<Gpu>, Error> {
-    let count = ringlet::cuda::devices().map_err(device)?.len();
+    let count = ringlet::cuda::devices()?.len();
     if count == 0 {
         return Err(Error::Device("this host has no CUDA device".into()));
     }
-    Ok(Arc::new(
-        Gpu::new(ring.local_rank() % count).map_err(device)?,
-    ))
+    Ok(Arc::new(Gpu::new(ring.local_rank() % count)?))
 }
 
 impl<'a> GpuBackend<'a> {
@@ -74,13 +68,13 @@ impl Backend for GpuBackend<'_> {
         false
     }
     fn upload<T: Element>(&self, b: &Buffers<T>) -> Result<(), Error> {
-        let send = self.gpu.upload(&b.send).map_err(device)?;
-        let recv = self.gpu.upload(&b.recv).map_err(device)?;
+        let send = self.gpu.upload(&b.send)?;
+        let recv = self.gpu.upload(&b.recv)?;
         *self.resident.borrow_mut() = Some(Box::new((send, recv)));
         Ok(())
     }
     fn download<T: Element>(&self, b: &mut Buffers<T>) -> Result<(), Error> {
-        self.with::<T, _>(|_, recv| self.gpu.read(recv, &mut b.recv).map_err(device))
+        self.with::<T, _>(|_, recv| self.gpu.read(recv, &mut b.recv).map_err(Error::from))
     }
     fn all_reduce<T: Element>(&self, _: &mut Buffers<T>, op: ReduceOp) -> Result<(), Error> {
         self.with::<T, _>(|_, recv| match &self.engine {

@@ -33,3 +33,10 @@ impl CudaError {
         }
     }
 }
+
+/// CUDA's errors as the collectives report them.
+impl From<CudaError> for ringlet_core::Error {
+    fn from(e: CudaError) -> Self {
+        ringlet_core::Error::Device(e.to_string())
+    }
+}

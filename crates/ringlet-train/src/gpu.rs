@@ -10,10 +10,6 @@ use ringlet_cuda::launch::ModelArg::{self, Ptr, Size};
 use ringlet_cuda::reference::{AdamW, Sgd};
 use ringlet_cuda::{Blas, CudaError, DeviceBuffer, Gpu};
 
-fn device(e: CudaError) -> Error {
-    Error::Device(e.to_string())
-}
-
 /// One GPU running the model.
 pub struct GpuBackend {
     // Dropped first: destroying the handle waits for its work before the kernels' modules go.
@@ -67,7 +63,7 @@ impl GpuBackend {
         // SAFETY: every caller below passes the kernel's parameters in model.cu's order, with
         // addresses from `at`, which checked that each holds what the kernel touches for the
         // sizes passed alongside.
-        unsafe { self.gpu.kernels.model(kernel, work as u64, args) }.map_err(device)
+        unsafe { self.gpu.kernels.model(kernel, work as u64, args) }.map_err(Error::from)
     }
 }
 
@@ -81,7 +77,7 @@ impl Backend for GpuBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Buf, Error> {
-        self.gpu.alloc(len).map_err(device)
+        self.gpu.alloc(len).map_err(Error::from)
     }
 
     fn len(&self, buf: &Self::Buf) -> usize {
@@ -90,17 +86,17 @@ impl Backend for GpuBackend {
 
     fn write(&self, host: &[f32], buf: &mut Self::Buf, at: usize) -> Result<(), Error> {
         self.at(buf, at, host.len(), "write")?;
-        self.gpu.write_at(host, buf, at).map_err(device)
+        self.gpu.write_at(host, buf, at).map_err(Error::from)
     }
 
     fn read(&self, buf: &Self::Buf, at: usize, host: &mut [f32]) -> Result<(), Error> {
         self.at(buf, at, host.len(), "read")?;
-        self.gpu.read_at(buf, at, host).map_err(device)
+        self.gpu.read_at(buf, at, host).map_err(Error::from)
     }
 
     fn labels(&self, y: &[u32]) -> Result<Self::Labels, Error> {
         let signed: Vec<i32> = y.iter().map(|&v| v as i32).collect();
-        self.gpu.upload(&signed).map_err(device)
+        self.gpu.upload(&signed).map_err(Error::from)
     }
 
     fn gemm(
@@ -120,7 +116,7 @@ impl Backend for GpuBackend {
         // SAFETY: `at` checked that each address holds the product's operand; c is a &mut
         // buffer, so it is neither a's nor b's; the buffers outlive the queued product because
         // every later use of them is on the same stream, and freeing is stream-ordered.
-        unsafe { self.blas.sgemm(g, pa, pb, pc, beta) }.map_err(device)
+        unsafe { self.blas.sgemm(g, pa, pb, pc, beta) }.map_err(Error::from)
     }
 
     fn fill_rows(
@@ -169,8 +165,8 @@ impl Backend for GpuBackend {
     ) -> Result<(f64, usize), Error> {
         let z = self.at(logits, 0, rows * classes, "softmax_loss logits")?;
         let y = self.at(labels, 0, rows, "softmax_loss labels")?;
-        let loss: DeviceBuffer<f64> = self.gpu.alloc(rows).map_err(device)?;
-        let correct: DeviceBuffer<i32> = self.gpu.alloc(rows).map_err(device)?;
+        let loss: DeviceBuffer<f64> = self.gpu.alloc(rows)?;
+        let correct: DeviceBuffer<i32> = self.gpu.alloc(rows)?;
         let (l, c) = (
             self.at(&loss, 0, rows, "loss")?,
             self.at(&correct, 0, rows, "correct")?,
@@ -186,8 +182,8 @@ impl Backend for GpuBackend {
         self.launch("softmax_loss_f32", rows, &args)?;
         let mut per_row = vec![0.0f64; rows];
         let mut hits = vec![0i32; rows];
-        self.gpu.read(&loss, &mut per_row).map_err(device)?;
-        self.gpu.read(&correct, &mut hits).map_err(device)?;
+        self.gpu.read(&loss, &mut per_row)?;
+        self.gpu.read(&correct, &mut hits)?;
         // Summed on the host in row order, as the CPU sums.
         Ok((per_row.iter().sum(), hits.iter().map(|&h| h as usize).sum()))
     }
@@ -228,7 +224,7 @@ impl Backend for GpuBackend {
             self.at(v, 0, n, "sgd v")?,
         ];
         // SAFETY: `at` checked that each address holds n f32.
-        unsafe { self.gpu.kernels.sgd_at(opt, ptrs, n, grad_scale) }.map_err(device)
+        unsafe { self.gpu.kernels.sgd_at(opt, ptrs, n, grad_scale) }.map_err(Error::from)
     }
 
     fn adamw(
@@ -249,7 +245,7 @@ impl Backend for GpuBackend {
             self.at(v, 0, n, "adamw v")?,
         ];
         // SAFETY: `at` checked that each address holds n f32.
-        unsafe { self.gpu.kernels.adamw_at(opt, ptrs, n, grad_scale, t) }.map_err(device)
+        unsafe { self.gpu.kernels.adamw_at(opt, ptrs, n, grad_scale, t) }.map_err(Error::from)
     }
 }
 

@@ -2,11 +2,12 @@
 //! stop the job and start every rank again; training resumes from the newest checkpoint and ends
 //! with exactly the parameters of an uninterrupted run.
 
+mod common;
+
+use common::{args, committed, Scratch, INTERRUPTED_RUN, TRAIN};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const TRAIN: &str = env!("CARGO_BIN_EXE_ringlet-train");
 
 /// `ringrun`, built by the same `cargo test --workspace` next to ringlet-train.
 fn ringrun() -> PathBuf {
@@ -19,51 +20,20 @@ fn ringrun() -> PathBuf {
     p
 }
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let p = std::env::temp_dir().join(format!("ringlet-restart-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Scratch(p)
-}
-
 fn train_args(dir: &Path, out: &str) -> Vec<String> {
-    [
-        "--dataset",
-        "synthetic:20000",
-        "--steps",
-        "200",
-        "--global-batch",
-        "96",
-        "--hidden",
-        "512,512",
-        "--balance",
-        "static:2,1",
-        "--seed",
-        "9",
-        "--checkpoint-every",
-        "10",
-        "--checkpoint-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        dir.join("ckpt").display().to_string(),
-        "--dump-params".into(),
-        dir.join(out).display().to_string(),
-        "--metrics".into(),
-        dir.join(format!("{out}-m-{{rank}}.jsonl"))
-            .display()
-            .to_string(),
-    ])
-    .collect()
+    args(&INTERRUPTED_RUN)
+        .into_iter()
+        .chain([
+            "--checkpoint-dir".into(),
+            dir.join("ckpt").display().to_string(),
+            "--dump-params".into(),
+            dir.join(out).display().to_string(),
+            "--metrics".into(),
+            dir.join(format!("{out}-m-{{rank}}.jsonl"))
+                .display()
+                .to_string(),
+        ])
+        .collect()
 }
 
 /// A ringrun job whose output goes to a file; killed (its whole group) if still running on drop.
@@ -142,14 +112,7 @@ impl Drop for Launch {
 fn await_commits(dir: &Path, n: usize, job: &Launch) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let committed = std::fs::read_dir(dir.join("ckpt"))
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("manifest.json").exists())
-                    .count()
-            })
-            .unwrap_or(0);
-        if committed >= n {
+        if committed(&dir.join("ckpt")) >= n {
             return;
         }
         assert!(
@@ -180,7 +143,7 @@ fn uninterrupted(dir: &Path) -> Vec<u8> {
 /// from the newest checkpoint, and the final parameters equal an uninterrupted run's bitwise.
 #[test]
 fn a_killed_rank_restarts_the_job_from_its_checkpoint() {
-    let dir = scratch("kill");
+    let dir = Scratch::new("restart-kill");
     let want = uninterrupted(&dir.0);
     let job = Launch::start(
         &["-n", "2", "--max-restarts", "2"],
@@ -214,7 +177,7 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint() {
 /// restarts the job, which finishes with the uninterrupted run's parameters.
 #[test]
 fn a_hung_rank_is_caught_by_the_deadline_and_restarted() {
-    let dir = scratch("hang");
+    let dir = Scratch::new("restart-hang");
     let want = uninterrupted(&dir.0);
     let job = Launch::start(
         &["-n", "2", "--max-restarts", "1", "--kill-grace", "1"],
@@ -238,7 +201,7 @@ fn a_hung_rank_is_caught_by_the_deadline_and_restarted() {
 /// Without --max-restarts a failure ends the job, and the restart count reaches the program.
 #[test]
 fn restarts_are_bounded_and_counted() {
-    let dir = scratch("bounded");
+    let dir = Scratch::new("restart-bounded");
     // A program that always fails: every attempt fails, ringrun gives up after K restarts.
     let log = dir.0.join("fail.log");
     let f = std::fs::File::create(&log).unwrap();

@@ -2,11 +2,12 @@
 //! splits, overlap changing nothing, checkpoints surviving kills and corruption, and resumed
 //! training ending bit for bit where an uninterrupted run ends.
 
+mod common;
+
+use common::{args, committed, Scratch, INTERRUPTED_RUN, TRAIN};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const TRAIN: &str = env!("CARGO_BIN_EXE_ringlet-train");
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -14,27 +15,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("ringlet-train-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn join(&self, s: &str) -> PathBuf {
-        self.0.join(s)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The ranks of one job, their output in files; killed if still running when dropped.
@@ -142,10 +122,6 @@ impl Drop for Job {
     }
 }
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 fn params(path: &Path) -> Vec<f32> {
     std::fs::read(path)
         .unwrap()
@@ -225,25 +201,8 @@ fn interrupted_training_resumes_bit_for_bit() {
     let dir = Scratch::new("resume");
     let ckpt = dir.join("ckpt");
     let base = |out: &str, extra: &[&str]| {
-        let mut a = args(&[
-            "--dataset",
-            "synthetic:20000",
-            "--steps",
-            "200",
-            "--global-batch",
-            "96",
-            "--hidden",
-            "512,512",
-            "--balance",
-            "static:2,1",
-            "--seed",
-            "9",
-            "--checkpoint-every",
-            "10",
-            "--keep",
-            "3",
-            "--dump-params",
-        ]);
+        let mut a = args(&INTERRUPTED_RUN);
+        a.extend(args(&["--keep", "3", "--dump-params"]));
         a.push(dir.join(out).display().to_string());
         a.extend(args(extra));
         a
@@ -259,14 +218,7 @@ fn interrupted_training_resumes_bit_for_bit() {
     let deadline = Instant::now() + Duration::from_secs(120);
     // Kill once a few checkpoints are committed, mid-way through the run.
     loop {
-        let committed = std::fs::read_dir(&ckpt)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().join("manifest.json").exists())
-                    .count()
-            })
-            .unwrap_or(0);
-        if committed >= 2 {
+        if committed(&ckpt) >= 2 {
             break;
         }
         assert!(

@@ -4,12 +4,8 @@
 use crate::staged::Device;
 use ringlet_core::{Element, Error, ReduceOp, Result};
 use ringlet_cuda::gpu::CudaEvent;
-use ringlet_cuda::{CudaError, DeviceBuffer, Gpu, Pinned};
+use ringlet_cuda::{DeviceBuffer, Gpu, Pinned};
 use std::ops::Range;
-
-pub(crate) fn device_error(e: CudaError) -> Error {
-    Error::Device(e.to_string())
-}
 
 impl<T: Element> Device<T> for Gpu {
     type Buffer = DeviceBuffer<T>;
@@ -21,10 +17,10 @@ impl<T: Element> Device<T> for Gpu {
         buf.len()
     }
     fn block(&self, len: usize) -> Result<Pinned<T>> {
-        self.pinned(len).map_err(device_error)
+        self.pinned(len).map_err(Error::from)
     }
     fn scratch(&self, len: usize) -> Result<DeviceBuffer<T>> {
-        self.alloc(len).map_err(device_error)
+        self.alloc(len).map_err(Error::from)
     }
     fn download(
         &self,
@@ -32,7 +28,7 @@ impl<T: Element> Device<T> for Gpu {
         range: Range<usize>,
         block: &mut Pinned<T>,
     ) -> Result<()> {
-        Gpu::download(self, buf, range, block).map_err(device_error)
+        Gpu::download(self, buf, range, block).map_err(Error::from)
     }
     fn upload(
         &self,
@@ -43,15 +39,15 @@ impl<T: Element> Device<T> for Gpu {
         reduce: Option<ReduceOp>,
     ) -> Result<()> {
         self.upload_range(block, buf, range, scratch, reduce)
-            .map_err(device_error)
+            .map_err(Error::from)
     }
     fn divide(&self, buf: &mut DeviceBuffer<T>, range: Range<usize>, n: usize) -> Result<()> {
-        Gpu::divide(self, buf, range, n).map_err(device_error)
+        Gpu::divide(self, buf, range, n).map_err(Error::from)
     }
     fn record(&self) -> Result<CudaEvent> {
-        Gpu::record(self).map_err(device_error)
+        Gpu::record(self).map_err(Error::from)
     }
     fn complete(&self, event: &CudaEvent) -> Result<bool> {
-        Gpu::complete(self, event).map_err(device_error)
+        Gpu::complete(self, event).map_err(Error::from)
     }
 }

@@ -8,7 +8,6 @@
 //! rendezvous built (the store itself is closed once the ring stands); a rank that cannot load
 //! NCCL makes every rank fail with its reason.
 
-use crate::gpu::device_error;
 use crate::Communicator;
 use ringlet_core::{Element, Error, ReduceOp, Result};
 use ringlet_cuda::nccl::{self, Api, Comm, Progress};
@@ -352,7 +351,7 @@ impl NcclCommunicator {
         }
         // Run: the stream passes an event recorded after the kernels; a peer's failure shows
         // as an asynchronous error meanwhile.
-        let event = self.gpu.record().map_err(device_error)?;
+        let event = self.gpu.record()?;
         loop {
             comm.state().map_err(|e| failed(e.to_string()))?;
             if self
