@@ -12,7 +12,7 @@
 //! every engine is local, else `--master-addr`).
 
 use crate::job::{Ended, JobSpec, Outcome};
-use crate::output::{prefixed, Target};
+use crate::output::{prefixed, write_whole, Target, MAX_LINE};
 use crate::signals::Signals;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
@@ -22,7 +22,6 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -104,6 +103,8 @@ pub struct ContainerSpec {
     pub gpus_per_rank: u32,
     /// Explicit device ids per rank (`--gpus 0;1;2,3`): overrides `gpus_per_rank`.
     pub gpu_map: Vec<Vec<String>>,
+    /// `--master-addr` when given: where rank 0's host is reachable across several engines.
+    pub master_addr: Option<String>,
 }
 
 struct Placed {
@@ -239,8 +240,8 @@ impl JobRun {
         let network = format!("{}-net", self.job);
         let master_addr = if single {
             format!("{}-r0", self.job)
-        } else if spec.master_addr != "127.0.0.1" {
-            spec.master_addr.clone()
+        } else if let Some(addr) = &cs.master_addr {
+            addr.clone()
         } else if let Some(host) = self.hosts[0]
             .url
             .strip_prefix("tcp://")
@@ -409,6 +410,8 @@ impl JobRun {
         // one killed from outside can be named as the cause.
         let mut term_at: Option<Instant> = None;
         let mut termed = false;
+        // What stops the containers: the user's signal, forwarded, or SIGTERM after a failure.
+        let mut stop_signal = "SIGTERM";
         let mut killed: Option<Instant> = None;
         let mut reported = vec![false; self.placed.len()];
         while running > 0 {
@@ -424,6 +427,7 @@ impl JobRun {
                     );
                     stopping = Some(Instant::now());
                     term_at = Some(Instant::now());
+                    stop_signal = crate::signals::name(sig);
                 } else if killed.is_none() {
                     killed = Some(Instant::now());
                     self.signal_all("SIGKILL").await;
@@ -432,7 +436,7 @@ impl JobRun {
             if term_at.is_some_and(|t| !termed && Instant::now() >= t) {
                 termed = true;
                 stopping = Some(Instant::now());
-                self.signal_all("SIGTERM").await;
+                self.signal_all(stop_signal).await;
             }
             if let Some(t) = stopping.filter(|_| termed) {
                 if killed.is_none() && t.elapsed() >= spec.kill_grace {
@@ -608,17 +612,29 @@ impl JobRun {
     }
 }
 
+/// A container's exit status; 128 + n is how its init reports death by signal n.
 fn describe_exit(code: i64) -> String {
     match code {
-        137 => "was killed (exit status 137: SIGKILL, e.g. docker kill or out of memory)".into(),
-        143 => "was terminated (exit status 143: SIGTERM)".into(),
-        c if c > 128 && c < 160 => format!("was killed by signal {} (exit status {c})", c - 128),
+        129..=159 => {
+            let sig = (code - 128) as libc::c_int;
+            let hint = if sig == libc::SIGKILL {
+                ", e.g. docker kill or out of memory"
+            } else {
+                ""
+            };
+            format!(
+                "was killed by signal {sig} ({}{hint}; exit status {code})",
+                crate::signals::name(sig)
+            )
+        }
         c => format!("exited with status {c}"),
     }
 }
 
-/// Relays one container's output with its rank prefix, line by line, to the writer thread.
-async fn pump_logs(docker: Docker, name: String, rank: usize, out: std::sync::mpsc::Sender<Line>) {
+/// Relays one container's output with its rank prefix, line by line, to the writer thread. A
+/// line longer than `MAX_LINE` goes out in pieces, as local ranks' do; a full queue (our stdout
+/// stuck) holds this task back, not the supervision loop.
+async fn pump_logs(docker: Docker, name: String, rank: usize, out: Writer) {
     let opts = LogsOptions {
         follow: true,
         stdout: true,
@@ -627,6 +643,7 @@ async fn pump_logs(docker: Docker, name: String, rank: usize, out: std::sync::mp
     };
     let mut logs = docker.logs(&name, Some(opts));
     let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let target = |idx: usize| [Target::Stdout, Target::Stderr][idx];
     while let Some(item) = logs.next().await {
         let Ok(chunk) = item else { break };
         let (idx, bytes) = match chunk {
@@ -637,45 +654,35 @@ async fn pump_logs(docker: Docker, name: String, rank: usize, out: std::sync::mp
         };
         let buf = &mut partial[idx];
         buf.extend_from_slice(&bytes);
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let _ = out.send((idx, prefixed(rank, &line)));
+        loop {
+            let end = match buf.iter().position(|&b| b == b'\n') {
+                Some(nl) => nl + 1,
+                None if buf.len() >= MAX_LINE => MAX_LINE,
+                None => break,
+            };
+            let line: Vec<u8> = buf.drain(..end).collect();
+            let _ = out.send((target(idx), prefixed(rank, &line))).await;
         }
     }
     for (idx, rest) in partial.iter().enumerate() {
         if !rest.is_empty() {
-            let _ = out.send((idx, prefixed(rank, rest)));
+            let _ = out.send((target(idx), prefixed(rank, rest))).await;
         }
     }
 }
 
-/// A prefixed line for stdout (0) or stderr (1).
-type Line = (usize, Vec<u8>);
-type Writer = std::sync::mpsc::Sender<Line>;
+type Line = (Target, Vec<u8>);
+type Writer = mpsc::Sender<Line>;
 
 /// Writes relayed lines on a thread of its own: a reader that stops reading our stdout blocks it,
 /// never the loop that supervises the containers and answers signals.
-fn spawn_writer() -> (
-    std::sync::mpsc::Sender<Line>,
-    Option<std::thread::JoinHandle<()>>,
-) {
-    let (tx, rx) = std::sync::mpsc::channel::<Line>();
+fn spawn_writer() -> (Writer, Option<std::thread::JoinHandle<()>>) {
+    let (tx, mut rx) = mpsc::channel::<Line>(1024);
     let spawned = std::thread::Builder::new()
         .name("ringrun-out".into())
         .spawn(move || {
-            for (idx, bytes) in rx {
-                let target = if idx == 0 {
-                    Target::Stdout
-                } else {
-                    Target::Stderr
-                };
-                let _ = match target {
-                    Target::Stdout => {
-                        let mut o = std::io::stdout().lock();
-                        o.write_all(&bytes).and_then(|_| o.flush())
-                    }
-                    Target::Stderr => std::io::stderr().lock().write_all(&bytes),
-                };
+            while let Some((target, bytes)) = rx.blocking_recv() {
+                let _ = write_whole(target, &bytes);
             }
         });
     match spawned {

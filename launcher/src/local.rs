@@ -404,23 +404,21 @@ impl<'a> Supervisor<'a> {
 
     fn on_signal(&mut self, sig: libc::c_int) {
         let name = signals::name(sig);
-        if self.shutdown.is_none() {
+        let Some(s) = self.shutdown.as_mut() else {
             note!(
                 "got {name}; forwarding it to the ranks (SIGKILL after {} s)",
                 secs(self.spec.kill_grace)
             );
             self.begin_shutdown(Outcome::Signalled(sig), sig);
-        } else if !self.shutdown.as_ref().is_some_and(|s| s.killed) {
-            // Asked while stopping (twice, or after a rank failed): the user does not want to
-            // wait out the grace period, and the signal decides the exit status (no restart).
-            if let Some(s) = self.shutdown.as_mut() {
-                s.outcome = Outcome::Signalled(sig);
-            }
+            return;
+        };
+        // Asked while stopping (twice, or after a rank failed): the signal decides the exit
+        // status (no restart), even when the ranks are already being killed; and the user does
+        // not want to wait out the grace period.
+        s.outcome = Outcome::Signalled(sig);
+        if !s.killed {
+            let since = s.started.elapsed();
             note!("got {name} while stopping the ranks; killing them now");
-            let since = self
-                .shutdown
-                .as_ref()
-                .map_or(Duration::ZERO, |s| s.started.elapsed());
             self.kill_remaining(since);
         }
     }

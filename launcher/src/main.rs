@@ -96,9 +96,10 @@ struct Cli {
     nproc: u32,
 
     /// Address of the rendezvous store that rank 0 hosts and the other ranks connect to
-    /// (MASTER_ADDR).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
-    master_addr: String,
+    /// (MASTER_ADDR). Default: 127.0.0.1; with --image on one engine, rank 0's container; with
+    /// several engines, the host of the first tcp:// engine (127.0.0.1 when all are local).
+    #[arg(long, value_name = "ADDR")]
+    master_addr: Option<String>,
 
     /// Port of the rendezvous store (MASTER_PORT). Default: a port free on 127.0.0.1 at launch,
     /// found by binding port 0 and releasing it.
@@ -286,6 +287,7 @@ fn run(cli: Cli) -> Outcome {
         volumes: cli.volumes,
         cpus: cli.cpus,
         gpus_per_rank: cli.gpus_per_rank,
+        master_addr: cli.master_addr.clone(),
         gpu_map: cli
             .gpus
             .map(|m| {
@@ -299,7 +301,7 @@ fn run(cli: Cli) -> Outcome {
     let program = command.next().expect("clap requires PROGRAM");
     let mut spec = JobSpec {
         world_size: cli.nproc as usize,
-        master_addr: cli.master_addr,
+        master_addr: cli.master_addr.unwrap_or_else(|| "127.0.0.1".into()),
         master_port: 0,
         token: job::job_token(),
         // f64's Display never uses exponent notation, so any rank can parse it back.

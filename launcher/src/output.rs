@@ -28,7 +28,7 @@ pub enum Target {
 
 /// A line longer than this is cut and relayed in pieces, so a rank that never writes a newline
 /// (a progress bar redrawn with `\r`) cannot make ringrun buffer without bound.
-const MAX_LINE: u64 = 1 << 20;
+pub const MAX_LINE: usize = 1 << 20;
 
 /// The line as written: prefix, the rank's bytes untouched (they need not be UTF-8), and a newline
 /// if the rank's last line had none, so the next prefix starts on a fresh line.
@@ -66,7 +66,11 @@ fn pump(rank: usize, source: impl Read, target: Target) {
     let mut sink_ok = true;
     loop {
         line.clear();
-        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+        match reader
+            .by_ref()
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
             Ok(0) => return,
             Ok(_) => {
                 if sink_ok {
@@ -86,7 +90,7 @@ fn pump(rank: usize, source: impl Read, target: Target) {
 }
 
 /// One locked write per line: the lock is what keeps two ranks' lines from interleaving.
-fn write_whole(target: Target, bytes: &[u8]) -> io::Result<()> {
+pub fn write_whole(target: Target, bytes: &[u8]) -> io::Result<()> {
     match target {
         Target::Stdout => {
             let mut out = io::stdout().lock();
