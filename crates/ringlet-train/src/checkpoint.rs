@@ -153,6 +153,8 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, reason: String },
     #[error("checkpoint writer thread for {} panicked", .path.display())]
     WriterPanicked { path: PathBuf },
+    #[error("writing checkpoint {} did not finish within {} s (storage hung?)", .path.display(), .secs)]
+    WriteTimedOut { path: PathBuf, secs: f64 },
 }
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
@@ -209,6 +211,8 @@ pub struct Checkpointer {
     dir: PathBuf,
     keep: usize,
     in_flight: Option<InFlight>,
+    /// The longest a save may take before waiting for it gives up (the writer is abandoned).
+    deadline: Duration,
 }
 
 impl Checkpointer {
@@ -224,7 +228,14 @@ impl Checkpointer {
             dir,
             keep,
             in_flight: None,
+            deadline: ringlet_core::DEFAULT_TIMEOUT,
         })
+    }
+
+    /// Bounds every wait for a save (default: Ringlet's default collective timeout).
+    pub fn with_deadline(mut self, deadline: Duration) -> Checkpointer {
+        self.deadline = deadline;
+        self
     }
 
     /// Starts writing `snap` on a background thread and returns at once, after waiting for the
@@ -267,6 +278,16 @@ impl Checkpointer {
         let Some(InFlight { target, handle }) = self.in_flight.take() else {
             return Ok(None);
         };
+        let until = Instant::now() + self.deadline;
+        while !handle.is_finished() {
+            if Instant::now() >= until {
+                return Err(CheckpointError::WriteTimedOut {
+                    path: target,
+                    secs: self.deadline.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         match handle.join() {
             Ok(result) => result.map(Some),
             Err(_) => Err(CheckpointError::WriterPanicked { path: target }),
@@ -1188,6 +1209,27 @@ mod tests {
         }
         assert_eq!(names(&tmp.0), ["step-000000000003"]);
         assert_eq!(load(&tmp.0.join("step-000000000003")).unwrap(), snapshot(3));
+    }
+
+    /// Storage that does not finish in time: the wait gives up at the deadline, naming the
+    /// checkpoint, instead of holding rank 0 (and the job) forever.
+    #[test]
+    fn a_save_slower_than_the_deadline_is_an_error_not_a_hang() {
+        let tmp = TempDir::new("deadline");
+        let mut ck = Checkpointer::new(&tmp.0, 1)
+            .unwrap()
+            .with_deadline(Duration::from_micros(1));
+        let mut big = snapshot(4);
+        big.model.push(tensor("big", &[8 << 20], 1.0));
+        ck.save(big).unwrap();
+        let t = Instant::now();
+        match ck.wait() {
+            Err(CheckpointError::WriteTimedOut { path, .. }) => {
+                assert_eq!(path, tmp.0.join("step-000000000004"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

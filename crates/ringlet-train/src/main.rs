@@ -128,8 +128,12 @@ fn main() {
     let code = match run(&args) {
         Ok(()) => 0,
         Err(e) => {
-            let rank = std::env::var("RANK").unwrap_or_else(|_| "?".into());
-            eprintln!("ringlet-train: rank {rank}: {e}");
+            // The rank as whichever launcher started us numbers it (torchrun, mpirun, Slurm...).
+            let env = std::env::vars().collect();
+            let rank = ringlet::bootstrap::detect(&env)
+                .map_or_else(|_| "?".to_string(), |p| p.rank.to_string());
+            let host = ringlet::topology::hostname();
+            eprintln!("ringlet-train: rank {rank} on {host}: {e}");
             1
         }
     };
@@ -147,11 +151,9 @@ fn run(args: &Args) -> Result<(), Error> {
     )?;
     let optimizer = match args.optimizer.as_str() {
         "adamw" => OptimizerKind::AdamW(AdamW {
-            lr: args.lr.unwrap_or(1e-3),
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            lr: args.lr.unwrap_or(AdamW::default().lr),
             weight_decay: args.weight_decay,
+            ..AdamW::default()
         }),
         _ => OptimizerKind::Sgd(Sgd {
             lr: args.lr.unwrap_or(0.05),

@@ -294,7 +294,7 @@ fn run<B: Backend>(
         Some(c) => {
             let opened = match rank {
                 0 => Checkpointer::new(&c.dir, c.keep)
-                    .map(Some)
+                    .map(|saver| Some(saver.with_deadline(comm.timeout())))
                     .map_err(|e| e.to_string()),
                 _ => Ok(None),
             };
@@ -304,7 +304,7 @@ fn run<B: Backend>(
     };
     if let Some(c) = &opts.checkpoint {
         if let Some((path, snap)) = choose_resume(comm, c)? {
-            check_compatible(&snap, &model_config, opts.seed, &path)?;
+            check_compatible(&snap, &model_config, opts.seed, data.train_len(), &path)?;
             let s = &snap.state;
             restore(&layers, &snap.model, "", &mut params, &path)?;
             match &mut optim {
@@ -347,6 +347,13 @@ fn run<B: Backend>(
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut grads = be.zeros(count)?;
     let plan = buckets(&layers, opts.first_bucket_bytes, opts.bucket_cap_bytes);
+    // Bucket buffers, handed to the all-reduce and back each step; the first carries this rank's
+    // loss in one extra slot.
+    let mut bufs: Vec<Vec<f32>> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, b)| vec![0.0; b.range.len() + usize::from(i == 0)])
+        .collect();
     let mut batches = match batches {
         Some(b) => b,
         None => initial_split(comm, data, &mlp, be, &params, opts, &mut ws)?,
@@ -371,12 +378,7 @@ fn run<B: Backend>(
         data.gather(&order[from..from + batches[rank]], &mut x, &mut y);
         let (loss, _) = mlp.forward(be, &params, &x, &y, &mut ws)?;
 
-        // Bucket buffers; the first carries this rank's loss in one extra slot.
-        let mut bufs: Vec<Vec<f32>> = plan
-            .iter()
-            .enumerate()
-            .map(|(i, b)| vec![0.0; b.range.len() + usize::from(i == 0)])
-            .collect();
+        // Every element of every bucket is written below (each layer's gradient, the loss slot).
         bufs[0][plan[0].range.len()] = loss as f32;
         let mut handles: Vec<Option<AllReduceHandle<f32>>> =
             (0..plan.len()).map(|_| None).collect();
@@ -411,6 +413,7 @@ fn run<B: Backend>(
             if b == 0 {
                 global_loss = summed[r.len()] as f64 / global as f64;
             }
+            bufs[b] = summed;
         }
         let wait = t1.elapsed();
 
@@ -449,7 +452,9 @@ fn run<B: Backend>(
                 let t = Instant::now();
                 let mut saved = Ok(());
                 if let Some(saver) = saver.as_mut() {
-                    let snap = snapshot(
+                    // A failed copy off the device is this rank's failure to save: agreed below,
+                    // so the others hear of it at once.
+                    saved = snapshot(
                         be,
                         &layers,
                         &params,
@@ -464,8 +469,9 @@ fn run<B: Backend>(
                             world_size: n,
                             model: model_config.clone(),
                         },
-                    )?;
-                    saved = saver.save(snap).map(drop).map_err(|e| e.to_string());
+                    )
+                    .map_err(|e| e.to_string())
+                    .and_then(|snap| saver.save(snap).map(drop).map_err(|e| e.to_string()));
                 }
                 stall = t.elapsed();
                 agree(comm, saved, "saving a checkpoint")?;
@@ -647,8 +653,27 @@ fn check_compatible(
     snap: &Snapshot,
     config: &serde_json::Value,
     seed: u64,
+    train_len: usize,
     path: &std::path::Path,
 ) -> Result<(), Error> {
+    // The manifest is what the checksums cannot vouch for: its numbers must make sense here
+    // before any of them indexes anything.
+    let s = &snap.state;
+    if s.batches.len() != s.world_size {
+        return Err(Error::Config(format!(
+            "{}: the manifest's batch vector {:?} does not fit its world size {}",
+            path.display(),
+            s.batches,
+            s.world_size
+        )));
+    }
+    if s.cursor > train_len as u64 {
+        return Err(Error::Config(format!(
+            "{}: data cursor {} is past the {train_len} training samples of this dataset",
+            path.display(),
+            s.cursor
+        )));
+    }
     if snap.state.seed != seed {
         return Err(Error::Config(format!(
             "{} was saved by a run with --seed {}, this one has --seed {seed} (the sample order would differ)",
@@ -826,6 +851,39 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].range, 0..mlp.param_count());
         assert_eq!(one[0].last_layer, 0);
+    }
+
+    /// A manifest whose numbers do not fit (edited, or written by something else) is refused
+    /// naming the checkpoint, before a batch vector or cursor from it indexes anything.
+    #[test]
+    fn a_manifest_that_does_not_fit_is_refused() {
+        let config = serde_json::json!({"sizes": [64, 10], "optimizer": "sgd"});
+        let snap = |batches: Vec<usize>, world_size, cursor| Snapshot {
+            state: State {
+                step: 10,
+                epoch: 0,
+                cursor,
+                seed: 1,
+                rng: Vec::new(),
+                batches,
+                world_size,
+                model: config.clone(),
+            },
+            model: Vec::new(),
+            optimizer: Vec::new(),
+        };
+        let path = std::path::Path::new("/ckpt/step-000000000010");
+        let check = |s: Snapshot| check_compatible(&s, &config, 1, 1000, path);
+        assert!(check(snap(vec![32, 32], 2, 640)).is_ok());
+        let e = check(snap(vec![64], 2, 640)).unwrap_err().to_string();
+        assert!(
+            e.contains("/ckpt/step-000000000010: the manifest's batch vector [64] does not fit its world size 2"),
+            "{e}"
+        );
+        let e = check(snap(vec![32, 32], 2, u64::MAX - 15))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is past the 1000 training samples"), "{e}");
     }
 
     #[test]

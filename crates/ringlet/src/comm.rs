@@ -15,7 +15,7 @@ use ringlet_transport::{form_ring, Link, RingOptions, TcpLink};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A member of a ring of ranks. Cheap to share across threads (`&self` everywhere).
 pub struct Communicator {
@@ -318,6 +318,12 @@ impl Communicator {
 
     pub fn local_rank(&self) -> usize {
         self.local_rank
+    }
+
+    /// `RINGLET_TIMEOUT`: how long a collective may make no progress; programs bound their own
+    /// waits (a checkpoint write, say) by it too.
+    pub fn timeout(&self) -> Duration {
+        self.inner.deadlines.timeout
     }
 
     pub(crate) fn chunk_elems<T>(&self) -> usize {

@@ -129,7 +129,7 @@ fn short(e: ringlet_cuda::CudaError) -> String {
     }
 }
 
-pub(crate) fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
