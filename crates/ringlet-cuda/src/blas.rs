@@ -120,10 +120,7 @@ impl Blas {
     /// makes a handle that queues its work on `kernels`' stream.
     pub fn new(kernels: &Kernels) -> Result<Blas, CudaError> {
         load()?;
-        kernels
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        kernels.ctx.bind_to_thread()?;
         let handle = result::create_handle().map_err(blas)?;
         let blas_handle = Blas {
             handle,
@@ -167,9 +164,7 @@ impl Blas {
             }
         };
         let alpha = 1.0f32;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        self.ctx.bind_to_thread()?;
         // SAFETY: the caller vouches for the three buffers; the leading dimensions are those of
         // the row-major operands as stored (see Gemm::column_major), alpha and beta are host
         // values read during the call.

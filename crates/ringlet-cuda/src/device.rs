@@ -24,28 +24,25 @@ impl DeviceInfo {
     }
 }
 
-fn driver(e: result::DriverError) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
-}
-
 /// Loads the driver and initialises it: [`CudaError::NoCuda`] where there is none.
 pub fn init_driver() -> Result<(), CudaError> {
     // SAFETY: is_culib_present only asks whether cudarc can open the library; no CUDA call.
     libs::require(CudaLib::Driver, || unsafe {
         cudarc::driver::sys::is_culib_present()
     })?;
-    result::init().map_err(driver)
+    result::init().map_err(CudaError::from)
 }
 
 /// Every device the driver sees, in ordinal order.
 pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
     init_driver()?;
-    let count = result::device::get_count().map_err(driver)?;
+    let count = result::device::get_count()?;
     (0..count)
         .map(|ordinal| {
-            let dev = result::device::get(ordinal).map_err(driver)?;
+            let dev = result::device::get(ordinal)?;
             // SAFETY: `dev` is a valid device handle from cuDeviceGet after cuInit succeeded.
-            let attr = |a: Attr| unsafe { result::device::get_attribute(dev, a) }.map_err(driver);
+            let attr =
+                |a: Attr| unsafe { result::device::get_attribute(dev, a) }.map_err(CudaError::from);
             let major = attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
             let minor = attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
             let domain = attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?;
@@ -53,10 +50,10 @@ pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
             let slot = attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?;
             Ok(DeviceInfo {
                 ordinal: ordinal as usize,
-                name: result::device::get_name(dev).map_err(driver)?,
+                name: result::device::get_name(dev)?,
                 compute_capability: (major as u32, minor as u32),
                 // SAFETY: as above.
-                total_memory: unsafe { result::device::total_mem(dev) }.map_err(driver)? as u64,
+                total_memory: unsafe { result::device::total_mem(dev) }? as u64,
                 pci_bus_id: format!("{domain:08x}:{bus:02x}:{slot:02x}.0"),
             })
         })

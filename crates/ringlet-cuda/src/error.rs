@@ -40,3 +40,9 @@ impl From<CudaError> for ringlet_core::Error {
         ringlet_core::Error::Device(e.to_string())
     }
 }
+
+impl From<cudarc::driver::DriverError> for CudaError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaError::Driver(format!("{e:?}"))
+    }
+}

@@ -15,10 +15,6 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-fn driver(e: cudarc::driver::DriverError) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
-}
-
 /// `len` elements of `T` in device memory.
 pub struct DeviceBuffer<T> {
     bytes: CudaSlice<u8>,
@@ -68,7 +64,7 @@ impl<T: Element> AsRef<[T]> for Pinned<T> {
     fn as_ref(&self) -> &[T] {
         let b = self.bytes.as_ref().expect("present until drop");
         // SAFETY: the allocation holds at least len * size_of::<T>() bytes, is page-aligned
-        // (so aligned for T), zero-initialised when taken, and T is plain old data.
+        // (so aligned for T), initialised (zeroed when allocated), and T is plain old data.
         unsafe { std::slice::from_raw_parts(b.ptr.cast::<T>(), self.len) }
     }
 }
@@ -105,7 +101,7 @@ impl Gpu {
     }
 
     fn bind(&self) -> Result<(), CudaError> {
-        self.kernels.ctx.bind_to_thread().map_err(driver)
+        self.kernels.ctx.bind_to_thread().map_err(CudaError::from)
     }
 
     /// The device address of element `at` of `buf`.
@@ -120,8 +116,7 @@ impl Gpu {
         let bytes = self
             .kernels
             .stream
-            .alloc_zeros::<u8>((len * std::mem::size_of::<T>()).max(1))
-            .map_err(driver)?;
+            .alloc_zeros::<u8>((len * std::mem::size_of::<T>()).max(1))?;
         Ok(DeviceBuffer {
             bytes,
             len,
@@ -161,9 +156,8 @@ impl Gpu {
         let dst = self.addr(buf, at);
         // SAFETY: dst addresses host.len() elements of buf; the copy is waited for below, so
         // `host` outlives it.
-        unsafe { result::memcpy_htod_async(dst, host, self.kernels.stream.cu_stream()) }
-            .map_err(driver)?;
-        self.kernels.stream.synchronize().map_err(driver)
+        unsafe { result::memcpy_htod_async(dst, host, self.kernels.stream.cu_stream()) }?;
+        self.kernels.stream.synchronize().map_err(CudaError::from)
     }
 
     /// `host = buf` (waits for the copy).
@@ -186,9 +180,8 @@ impl Gpu {
         self.bind()?;
         let src = self.addr(buf, at);
         // SAFETY: src addresses host.len() elements of buf; waited for below.
-        unsafe { result::memcpy_dtoh_async(host, src, self.kernels.stream.cu_stream()) }
-            .map_err(driver)?;
-        self.kernels.stream.synchronize().map_err(driver)
+        unsafe { result::memcpy_dtoh_async(host, src, self.kernels.stream.cu_stream()) }?;
+        self.kernels.stream.synchronize().map_err(CudaError::from)
     }
 
     /// A pinned host block of `len` elements, from the pool when one is large enough.
@@ -207,7 +200,10 @@ impl Gpu {
             None => {
                 self.bind()?;
                 // SAFETY: a plain host allocation of `need` bytes in the current context.
-                let ptr = unsafe { result::malloc_host(need, 0) }.map_err(driver)?;
+                let ptr = unsafe { result::malloc_host(need, 0) }?;
+                // SAFETY: the fresh allocation holds `need` bytes; zeroed once, so every block
+                // (fresh or reused) is initialised memory.
+                unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, need) };
                 PinnedBytes {
                     ptr: ptr.cast(),
                     cap: need,
@@ -215,9 +211,6 @@ impl Gpu {
                 }
             }
         };
-        // SAFETY: the allocation holds `cap` >= need bytes and no copy is in flight into it
-        // (blocks go back to the pool only when their owner has waited for its copies).
-        unsafe { std::ptr::write_bytes(bytes.ptr, 0, need) };
         Ok(Pinned {
             bytes: Some(bytes),
             len,
@@ -243,7 +236,7 @@ impl Gpu {
         // SAFETY: both ends hold range.len() elements; the block is pinned and its owner keeps
         // it untouched until an event recorded after this copy has completed.
         unsafe { result::memcpy_dtoh_async(dst, src, self.kernels.stream.cu_stream()) }
-            .map_err(driver)
+            .map_err(CudaError::from)
     }
 
     /// Queues `buf[range] = block[..]`, or with `reduce`: the block copied to `scratch` and
@@ -268,13 +261,13 @@ impl Gpu {
         match reduce {
             None => {
                 // SAFETY: as in download, the other way round.
-                unsafe { result::memcpy_htod_async(at, src, stream) }.map_err(driver)
+                unsafe { result::memcpy_htod_async(at, src, stream) }.map_err(CudaError::from)
             }
             Some(op) => {
                 assert!(n <= scratch.len, "scratch shorter than the chunk");
                 let tmp = self.addr(scratch, 0);
                 // SAFETY: as in download; scratch holds n elements.
-                unsafe { result::memcpy_htod_async(tmp, src, stream) }.map_err(driver)?;
+                unsafe { result::memcpy_htod_async(tmp, src, stream) }?;
                 self.kernels.reduce_at::<T>(op, at, tmp, n)
             }
         }
@@ -293,19 +286,6 @@ impl Gpu {
         self.kernels.divide_at::<T>(at, range.len(), n)
     }
 
-    /// Queues `acc = op(acc, src)` over whole buffers.
-    pub fn reduce<T: Element>(
-        &self,
-        op: ReduceOp,
-        acc: &mut DeviceBuffer<T>,
-        src: &DeviceBuffer<T>,
-    ) -> Result<(), CudaError> {
-        self.bind()?;
-        let n = acc.len.min(src.len);
-        let (a, s) = (self.addr(acc, 0), self.addr(src, 0));
-        self.kernels.reduce_at::<T>(op, a, s, n)
-    }
-
     /// An event marking everything queued so far.
     pub fn record(&self) -> Result<CudaEvent, CudaError> {
         self.bind()?;
@@ -314,12 +294,12 @@ impl Gpu {
             .record_event(Some(
                 cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
             ))
-            .map_err(driver)
+            .map_err(CudaError::from)
     }
 
     /// Whether `event`'s work is done; an error of earlier asynchronous work shows here.
     pub fn complete(&self, event: &CudaEvent) -> Result<bool, CudaError> {
-        event.try_is_complete().map_err(driver)
+        event.try_is_complete().map_err(CudaError::from)
     }
 
     /// The raw stream, for NCCL calls.
@@ -327,13 +307,8 @@ impl Gpu {
         self.kernels.stream.cu_stream()
     }
 
-    /// Device addresses of `buf`, for NCCL calls.
-    pub fn device_addr<T: Element>(&self, buf: &DeviceBuffer<T>) -> CUdeviceptr {
-        self.addr(buf, 0)
-    }
-
-    /// The device address of element `at` of `buf` (at most its length), for cuBLAS and the
-    /// model's kernels.
+    /// The device address of element `at` of `buf` (at most its length), for NCCL, cuBLAS and
+    /// the model's kernels.
     pub fn device_addr_at<T: Element>(&self, buf: &DeviceBuffer<T>, at: usize) -> CUdeviceptr {
         assert!(at <= buf.len, "device_addr_at out of bounds");
         self.addr(buf, at)

@@ -13,10 +13,6 @@ use cudarc::nvrtc::Ptx;
 use ringlet_core::{Element, ReduceOp};
 use std::sync::Arc;
 
-fn driver(e: cudarc::driver::DriverError) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
-}
-
 /// One device's context, stream and loaded kernels.
 pub struct Kernels {
     pub ctx: Arc<CudaContext>,
@@ -36,10 +32,10 @@ impl Kernels {
             .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
         let arch = info.arch();
         let cache = kernels::cache_dir();
-        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        let ctx = CudaContext::new(ordinal)?;
         let load = |source| -> Result<Arc<CudaModule>, CudaError> {
             let ptx = kernels::ptx(source, arch, Some(&cache))?;
-            ctx.load_module(Ptx::from_src(ptx)).map_err(driver)
+            ctx.load_module(Ptx::from_src(ptx)).map_err(CudaError::from)
         };
         Ok(Kernels {
             reduce: load(&REDUCE)?,
@@ -52,7 +48,7 @@ impl Kernels {
     }
 
     fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, CudaError> {
-        module.load_function(name).map_err(driver)
+        module.load_function(name).map_err(CudaError::from)
     }
 
     /// `acc = op(acc, src)` element-wise on the device (`Avg` sums; see [`divide`](Self::divide)).
@@ -62,14 +58,11 @@ impl Kernels {
         acc: &mut CudaSlice<T>,
         src: &CudaSlice<T>,
     ) -> Result<(), CudaError> {
-        let n = acc.len().min(src.len()) as u64;
-        let f = Self::function(&self.reduce, &format!("{}_{}", op_name(op), suffix::<T>()))?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(acc).arg(src).arg(&n);
-        // SAFETY: the kernel takes (T*, const T*, u64) and touches the first n elements of both
-        // buffers, which hold at least n elements each.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
-        Ok(())
+        let n = acc.len().min(src.len());
+        // The guards record the kernel's reads and writes for cudarc when dropped, after it.
+        let (a, _a) = acc.device_ptr_mut(&self.stream);
+        let (s, _s) = src.device_ptr(&self.stream);
+        self.reduce_at::<T>(op, a, s, n)
     }
 
     /// `x /= divisor` element-wise (an average's last step), as the host ring divides.
@@ -78,13 +71,9 @@ impl Kernels {
         x: &mut CudaSlice<T>,
         divisor: usize,
     ) -> Result<(), CudaError> {
-        let (n, d) = (x.len() as u64, divisor as i64);
-        let f = Self::function(&self.reduce, &format!("divide_{}", suffix::<T>()))?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(&n).arg(&d);
-        // SAFETY: the kernel takes (T*, u64, i64) and touches the first n elements of x.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
-        Ok(())
+        let n = x.len();
+        let (p, _p) = x.device_ptr_mut(&self.stream);
+        self.divide_at::<T>(p, n, divisor)
     }
 
     /// `acc[..n] = op(acc[..n], src[..n])` on raw device addresses (see [`crate::gpu`]).
@@ -101,7 +90,7 @@ impl Kernels {
         launch.arg(&acc).arg(&src).arg(&n);
         // SAFETY: the kernel takes (T*, const T*, u64); the caller's addresses hold n elements
         // of T each, on this context.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        unsafe { launch.launch(config(n)) }?;
         Ok(())
     }
 
@@ -117,7 +106,7 @@ impl Kernels {
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(&x).arg(&n).arg(&d);
         // SAFETY: the kernel takes (T*, u64, i64); the caller's address holds n elements.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        unsafe { launch.launch(config(n)) }?;
         Ok(())
     }
 
@@ -162,7 +151,7 @@ impl Kernels {
             .arg(&opt.weight_decay)
             .arg(&grad_scale);
         // SAFETY: matches optim.cu's signature; the caller vouches for the n elements.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        unsafe { launch.launch(config(n)) }?;
         Ok(())
     }
 
@@ -221,7 +210,7 @@ impl Kernels {
             .arg(&bias1)
             .arg(&bias2);
         // SAFETY: matches optim.cu's signature; the caller vouches for the n elements.
-        unsafe { launch.launch(config(n)) }.map_err(driver)?;
+        unsafe { launch.launch(config(n)) }?;
         Ok(())
     }
 
@@ -240,7 +229,7 @@ impl Kernels {
             };
         }
         // SAFETY: the caller vouches for the arguments (see above).
-        unsafe { launch.launch(config(work)) }.map_err(driver)?;
+        unsafe { launch.launch(config(work)) }?;
         Ok(())
     }
 }

@@ -90,13 +90,36 @@ impl Communicator {
             Ok(api) => api,
         };
         let id: [u8; 128] = msg[1..129].try_into().expect("128 bytes");
-        gpu.kernels
+        let started = gpu
+            .kernels
             .ctx
             .bind_to_thread()
-            .map_err(|e| Error::Device(format!("{e:?}")))?;
-        let mut comm = Comm::start(api, &id, n, rank).map_err(|e| {
-            Error::Device(format!("rank {rank} ({}) joining NCCL: {e}", hosts[rank]))
-        })?;
+            .map_err(|e| format!("{e:?}"))
+            .and_then(|()| Comm::start(api, &id, n, rank).map_err(|e| e.to_string()));
+        // As with loading: a rank that cannot start fails everyone at once, named, instead of
+        // leaving the others polling until their deadline.
+        let mut ok = vec![0u8; n];
+        self.all_gather(&[u8::from(started.is_ok())], &mut ok)?;
+        let failed: Vec<String> = (0..n)
+            .filter(|&r| ok[r] == 0)
+            .map(|r| format!("rank {r} ({})", hosts[r]))
+            .collect();
+        let mut comm = match started {
+            Err(e) => {
+                return Err(Error::Device(format!(
+                    "rank {rank} ({}) joining NCCL: {e}",
+                    hosts[rank]
+                )))
+            }
+            Ok(mut comm) if !failed.is_empty() => {
+                comm.abort();
+                return Err(Error::Device(format!(
+                    "joining NCCL failed on {}",
+                    failed.join(", ")
+                )));
+            }
+            Ok(comm) => comm,
+        };
         let start = Instant::now();
         loop {
             match comm.state() {
@@ -181,7 +204,7 @@ impl NcclCommunicator {
 
     /// In-place all-reduce of `buf`.
     pub fn all_reduce<T: Element>(&self, buf: &mut DeviceBuffer<T>, op: ReduceOp) -> Result<()> {
-        let p = self.gpu.device_addr(buf);
+        let p = self.gpu.device_addr_at(buf, 0);
         let what = format!(
             "all_reduce(count={}, dtype={}, op={})",
             buf.len(),
@@ -212,7 +235,7 @@ impl NcclCommunicator {
                 self.world_size
             )));
         }
-        let p = self.gpu.device_addr(buf);
+        let p = self.gpu.device_addr_at(buf, 0);
         let what = format!(
             "broadcast(count={}, dtype={}, root={root})",
             buf.len(),
@@ -238,7 +261,10 @@ impl NcclCommunicator {
                 self.world_size
             )));
         }
-        let (sp, rp) = (self.gpu.device_addr(send), self.gpu.device_addr(recv));
+        let (sp, rp) = (
+            self.gpu.device_addr_at(send, 0),
+            self.gpu.device_addr_at(recv, 0),
+        );
         let what = format!("all_gather(count={count}, dtype={})", T::DTYPE.name());
         self.run(what, |c, s| {
             // SAFETY: sizes checked above; as in all_reduce.
@@ -261,7 +287,10 @@ impl NcclCommunicator {
                 self.world_size
             )));
         }
-        let (sp, rp) = (self.gpu.device_addr(send), self.gpu.device_addr(recv));
+        let (sp, rp) = (
+            self.gpu.device_addr_at(send, 0),
+            self.gpu.device_addr_at(recv, 0),
+        );
         let what = format!(
             "reduce_scatter(count={count}, dtype={}, op={})",
             T::DTYPE.name(),

@@ -82,6 +82,9 @@ pub struct Staged<'a, T: Element, D: Device<T>> {
     buf: &'a mut D::Buffer,
     outs: Vec<OutBlock<D, T>>,
     ins: Vec<InBlock<D, T>>,
+    /// Device work on a block may be queued that no event covers (recording one failed): the
+    /// blocks must never go back to their pool.
+    uncovered: bool,
 }
 
 impl<'a, T: Element, D: Device<T>> Staged<'a, T, D> {
@@ -112,6 +115,7 @@ impl<'a, T: Element, D: Device<T>> Staged<'a, T, D> {
             buf,
             outs,
             ins,
+            uncovered: false,
         })
     }
 
@@ -135,7 +139,7 @@ impl<T: Element, D: Device<T>> Drop for Staged<'_, T, D> {
     /// So wait for them, and if the device does not finish in time, leak the blocks instead.
     fn drop(&mut self) {
         let start = std::time::Instant::now();
-        loop {
+        while !self.uncovered {
             match self.busy() {
                 Ok(false) => return,
                 Ok(true) if start.elapsed() < DRAIN => {
@@ -166,9 +170,16 @@ impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
         };
         let b = &mut self.outs[i];
         b.len = range.len();
-        self.dev.download(self.buf, range, &mut b.block)?;
-        b.busy = Some(self.dev.record()?);
-        Ok(Some(i))
+        let queued = self.dev.download(self.buf, range, &mut b.block);
+        // Even a failed download may have queued its copy: an event must cover the block.
+        match self.dev.record() {
+            Ok(e) => b.busy = Some(e),
+            Err(e) => {
+                self.uncovered = true;
+                return Err(queued.err().unwrap_or(e));
+            }
+        }
+        queued.map(|()| Some(i))
     }
 
     fn staged_bytes(&mut self, i: usize) -> Result<Option<&[u8]>> {
@@ -205,14 +216,24 @@ impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
     fn apply(&mut self, i: usize, op: ReduceOp, apply: Apply, divide: Option<usize>) -> Result<()> {
         let b = &mut self.ins[i];
         let reduce = (apply == Apply::Reduce).then_some(op);
-        self.dev
-            .upload(&b.block, self.buf, b.range.clone(), &mut b.scratch, reduce)?;
-        if let Some(n) = divide {
-            self.dev.divide(self.buf, b.range.clone(), n)?;
-        }
+        let queued = self
+            .dev
+            .upload(&b.block, self.buf, b.range.clone(), &mut b.scratch, reduce)
+            .and_then(|()| match divide {
+                Some(n) => self.dev.divide(self.buf, b.range.clone(), n),
+                None => Ok(()),
+            });
         b.landing = false;
-        b.uploading = Some(self.dev.record()?);
-        Ok(())
+        // The copy out of the block may be queued even when a later step failed: an event must
+        // cover it before the block is reused or returned.
+        match self.dev.record() {
+            Ok(e) => b.uploading = Some(e),
+            Err(e) => {
+                self.uncovered = true;
+                return Err(queued.err().unwrap_or(e));
+            }
+        }
+        queued
     }
 
     fn busy(&mut self) -> Result<bool> {

@@ -79,8 +79,11 @@ pub struct Topology {
     pub reason: String,
 }
 
-/// Bound on the encoded table rank 0 sends (a thousand ranks take about 200 KiB).
-const MAX_TABLE_BYTES: i64 = 16 << 20;
+/// Bound on the encoded table rank 0 sends (a thousand ranks take about 200 KiB), and on any
+/// one decode.
+const MAX_TABLE_BYTES: usize = 16 << 20;
+/// Bound on one rank's encoded description (about 200 bytes in practice).
+const MAX_RANK_BYTES: usize = 64 << 10;
 
 /// This process's description.
 pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
@@ -190,7 +193,14 @@ impl Communicator {
         let width = {
             let mut w = [mine.len() as i64];
             self.all_reduce(&mut w, ReduceOp::Max)?;
-            w[0] as usize + 4
+            // Bounded before it sizes an allocation: a peer's number.
+            match usize::try_from(w[0]) {
+                Ok(w) if w <= MAX_RANK_BYTES => w + 4,
+                _ => return Err(Error::Config(format!(
+                    "a rank announced a device description of {} bytes (at most {MAX_RANK_BYTES})",
+                    w[0]
+                ))),
+            }
         };
         let mut block = vec![0u8; width];
         block[..4].copy_from_slice(&(mine.len() as u32).to_le_bytes());
@@ -217,7 +227,7 @@ impl Communicator {
         };
         let mut len = [verdict.len() as i64];
         self.broadcast(&mut len, 0)?;
-        if !(0..=MAX_TABLE_BYTES).contains(&len[0]) {
+        if !(0..=MAX_TABLE_BYTES as i64).contains(&len[0]) {
             return Err(Error::Config(format!(
                 "rank 0 announced a device table of {} bytes (at most {MAX_TABLE_BYTES})",
                 len[0]
@@ -275,7 +285,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     bincode::serde::decode_from_slice(
         bytes,
-        bincode::config::standard().with_limit::<{ 1 << 20 }>(),
+        bincode::config::standard().with_limit::<MAX_TABLE_BYTES>(),
     )
     .map(|(v, _)| v)
     .map_err(|e| Error::Config(format!("a rank's device table is malformed: {e}")))

@@ -26,10 +26,6 @@ impl Rng {
     }
 }
 
-fn driver(e: cudarc::driver::DriverError) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
-}
-
 fn bits<T: Element>(v: &[T]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
@@ -63,8 +59,8 @@ fn check_reduce<T: Element + DeviceRepr>(
         ReduceOp::Avg,
     ] {
         let (a, b): (Vec<T>, Vec<T>) = (rng.vec(n, scale), rng.vec(n, scale));
-        let mut acc: CudaSlice<T> = k.stream.clone_htod(&a).map_err(driver)?;
-        let src: CudaSlice<T> = k.stream.clone_htod(&b).map_err(driver)?;
+        let mut acc: CudaSlice<T> = k.stream.clone_htod(&a)?;
+        let src: CudaSlice<T> = k.stream.clone_htod(&b)?;
         k.reduce(op, &mut acc, &src)?;
         let mut cpu = a.clone();
         T::reduce_into(op, &mut cpu, &b);
@@ -72,7 +68,7 @@ fn check_reduce<T: Element + DeviceRepr>(
             k.divide(&mut acc, 3)?;
             T::divide_by(&mut cpu, 3);
         }
-        let gpu = k.stream.clone_dtoh(&acc).map_err(driver)?;
+        let gpu = k.stream.clone_dtoh(&acc)?;
         let diff = differing(&gpu, &cpu);
         println!(
             "  {:<6} {:<5} {:>9} elements {:>7} differ",
@@ -97,26 +93,26 @@ fn check_optimizers(k: &Kernels, rng: &mut Rng, n: usize) -> Result<usize, CudaE
     let mut wrong = 0;
     // SGD, three steps.
     let (mut p, mut v) = (p0.clone(), vec![0f32; n]);
-    let mut dp = k.stream.clone_htod(&p0).map_err(driver)?;
-    let dg = k.stream.clone_htod(&g).map_err(driver)?;
-    let mut dv = k.stream.clone_htod(&v).map_err(driver)?;
+    let mut dp = k.stream.clone_htod(&p0)?;
+    let dg = k.stream.clone_htod(&g)?;
+    let mut dv = k.stream.clone_htod(&v)?;
     for _ in 0..3 {
         sgd.step(&mut p, &g, &mut v, 0.125);
         k.sgd(&sgd, &mut dp, &dg, &mut dv, 0.125)?;
     }
-    let diff = differing(&k.stream.clone_dtoh(&dp).map_err(driver)?, &p);
+    let diff = differing(&k.stream.clone_dtoh(&dp)?, &p);
     println!("  sgd_momentum_f32 3 steps {n:>9} params {diff:>7} differ");
     wrong += diff;
     // AdamW, three steps.
     let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
-    let mut dp = k.stream.clone_htod(&p0).map_err(driver)?;
-    let mut dm = k.stream.clone_htod(&m).map_err(driver)?;
-    let mut dv = k.stream.clone_htod(&v).map_err(driver)?;
+    let mut dp = k.stream.clone_htod(&p0)?;
+    let mut dm = k.stream.clone_htod(&m)?;
+    let mut dv = k.stream.clone_htod(&v)?;
     for t in 1..=3 {
         adamw.step(&mut p, &g, &mut m, &mut v, 0.125, t);
         k.adamw(&adamw, &mut dp, &dg, &mut dm, &mut dv, 0.125, t)?;
     }
-    let diff = differing(&k.stream.clone_dtoh(&dp).map_err(driver)?, &p);
+    let diff = differing(&k.stream.clone_dtoh(&dp)?, &p);
     println!("  adamw_f32        3 steps {n:>9} params {diff:>7} differ");
     Ok(wrong + diff)
 }
@@ -128,12 +124,12 @@ fn rate(
     mut f: impl FnMut() -> Result<(), CudaError>,
 ) -> Result<f64, CudaError> {
     f()?;
-    k.stream.synchronize().map_err(driver)?;
+    k.stream.synchronize()?;
     let mut times: Vec<f64> = (0..20)
         .map(|_| {
             let t = Instant::now();
             f()?;
-            k.stream.synchronize().map_err(driver)?;
+            k.stream.synchronize()?;
             Ok(t.elapsed().as_secs_f64())
         })
         .collect::<Result<_, CudaError>>()?;
@@ -143,12 +139,12 @@ fn rate(
 
 fn bandwidth(k: &Kernels) -> Result<(), CudaError> {
     let n = 64 << 20; // 256 MiB of f32
-    let mut a: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
-    let b: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
-    let mut c: CudaSlice<f32> = k.stream.alloc_zeros(n).map_err(driver)?;
+    let mut a: CudaSlice<f32> = k.stream.alloc_zeros(n)?;
+    let b: CudaSlice<f32> = k.stream.alloc_zeros(n)?;
+    let mut c: CudaSlice<f32> = k.stream.alloc_zeros(n)?;
     // A copy reads and writes n elements; the reduction reads two and writes one.
     let copy = rate(k, 2 * 4 * n, || {
-        k.stream.memcpy_dtod(&b, &mut c).map_err(driver)
+        k.stream.memcpy_dtod(&b, &mut c).map_err(CudaError::from)
     })?;
     let sum = rate(k, 3 * 4 * n, || k.reduce(ReduceOp::Sum, &mut a, &b))?;
     println!(
