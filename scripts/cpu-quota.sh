@@ -17,30 +17,33 @@ shift 2
 rank=${RANK:-0}
 q=${quotas[$rank]:-${quotas[0]}}
 period=10000
-quota=$(awk -v q="$q" -v p="$period" 'BEGIN { if (q <= 0) exit 1; printf "%d", q * p }') || {
-    echo "$0: $q is not a positive number of cores" >&2
+# The kernel refuses quotas under 1 ms per period: 0.1 core is the least at a 10 ms period.
+quota=$(awk -v q="$q" -v p="$period" 'BEGIN { if (!(q >= 0.1)) exit 1; printf "%d", q * p }') || {
+    echo "$0: $q cores: give at least 0.1" >&2
     exit 2
 }
 name="ringlet-${MASTER_PORT:-0}-rank$rank-$$"
 if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     dir=/sys/fs/cgroup/$name
-    mkdir "$dir"
-    echo "$quota $period" > "$dir/cpu.max"
 elif [ -d /sys/fs/cgroup/cpu ]; then
     dir=/sys/fs/cgroup/cpu/$name
-    mkdir "$dir"
-    echo "$period" > "$dir/cpu.cfs_period_us"
-    echo "$quota" > "$dir/cpu.cfs_quota_us"
 else
     echo "$0: no cgroup cpu controller at /sys/fs/cgroup" >&2
     exit 2
 fi
 cleanup() {
-    # The program has exited; move ourselves out so the group can be removed.
+    # The program has exited (or setting up failed); move ourselves out so the group can go.
     echo $$ > "$(dirname "$dir")/cgroup.procs" 2>/dev/null || true
     rmdir "$dir" 2>/dev/null || true
 }
+mkdir "$dir"
 trap cleanup EXIT
+if [ -f "$dir/cpu.max" ]; then
+    echo "$quota $period" > "$dir/cpu.max"
+else
+    echo "$period" > "$dir/cpu.cfs_period_us"
+    echo "$quota" > "$dir/cpu.cfs_quota_us"
+fi
 echo $$ > "$dir/cgroup.procs"
 "$@" &
 child=$!

@@ -36,7 +36,9 @@ Environment of each rank (everything else is inherited from ringrun):
                           empty, else 64 random hex digits made for this job
   RINGLET_TIMEOUT         the --timeout value, only when --timeout is given
   RINGLET_RESTART         how many times --max-restarts restarted the job (0 at first)
-Standard input of every rank is /dev/null.
+Standard input of every rank is /dev/null. With --image, each container is its own
+node (LOCAL_RANK=0, LOCAL_WORLD_SIZE=1) and inherits only ringrun's RINGLET_*,
+RUST_LOG and RUST_BACKTRACE.
 
 Output:
   Each line a rank writes to stdout (stderr) is written whole to ringrun's
@@ -159,7 +161,7 @@ struct Cli {
     )]
     volumes: Vec<String>,
 
-    /// CPU cores per container: one value for all, or one per rank (`0.5,1,1.5`).
+    /// CPU cores per container (at least 0.1): one value for all, or one per rank (`0.5,1,1.5`).
     #[arg(long, value_name = "CORES", value_delimiter = ',', requires = "image")]
     cpus: Vec<f64>,
 
@@ -263,8 +265,9 @@ fn run(cli: Cli) -> Outcome {
     };
     let fixed_port = cli.master_port;
     let n = cli.nproc as usize;
-    if let Some(bad) = cli.cpus.iter().find(|c| !c.is_finite() || **c <= 0.0) {
-        note!("--cpus {bad}: each value must be a positive number of cores");
+    // The kernel refuses quotas under 1 ms per period; containers get a 10 ms period.
+    if let Some(bad) = cli.cpus.iter().find(|c| !(c.is_finite() && **c >= 0.1)) {
+        note!("--cpus {bad}: each value must be at least 0.1 cores");
         return Outcome::Usage;
     }
     if !(cli.cpus.len() <= 1 || cli.cpus.len() == n) {
@@ -273,6 +276,13 @@ fn run(cli: Cli) -> Outcome {
             cli.cpus.len()
         );
         return Outcome::Usage;
+    }
+    if let Some(hosts) = &cli.hosts {
+        let slots: usize = hosts.0.iter().map(|h| h.slots).sum();
+        if slots < n {
+            note!("--hosts offers {slots} slots for {n} ranks");
+            return Outcome::Usage;
+        }
     }
     if let Some(map) = &cli.gpus {
         let entries = map.split(';').count();

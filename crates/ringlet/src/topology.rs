@@ -196,10 +196,12 @@ impl Communicator {
             // Bounded before it sizes an allocation: a peer's number.
             match usize::try_from(w[0]) {
                 Ok(w) if w <= MAX_RANK_BYTES => w + 4,
-                _ => return Err(Error::Config(format!(
+                _ => {
+                    return Err(Error::Config(format!(
                     "a rank announced a device description of {} bytes (at most {MAX_RANK_BYTES})",
                     w[0]
-                ))),
+                )))
+                }
             }
         };
         let mut block = vec![0u8; width];
