@@ -98,8 +98,9 @@ struct Cli {
     nproc: u32,
 
     /// Address of the rendezvous store that rank 0 hosts and the other ranks connect to
-    /// (MASTER_ADDR). Default: 127.0.0.1; with --image on one engine, rank 0's container; with
-    /// several engines, the host of the first tcp:// engine (127.0.0.1 when all are local).
+    /// (MASTER_ADDR). Default: 127.0.0.1; with several --hosts engines, the host of the first
+    /// tcp:// engine (127.0.0.1 when all are local). With --image on one engine it is always rank
+    /// 0's container, on a network made for the job.
     #[arg(long, value_name = "ADDR")]
     master_addr: Option<String>,
 
