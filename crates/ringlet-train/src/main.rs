@@ -88,8 +88,8 @@ struct Args {
     /// Save every N steps and after the last (0: never save).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
-    /// Committed checkpoints to keep.
-    #[arg(long, default_value_t = 3)]
+    /// Committed checkpoints to keep (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     keep: usize,
     /// `auto` (newest verified checkpoint in --checkpoint-dir, if any), `never`, or a checkpoint
     /// directory.
@@ -192,7 +192,7 @@ fn run(args: &Args) -> Result<(), Error> {
         checkpoint: args.checkpoint_dir.as_ref().map(|dir| CheckpointOptions {
             dir: dir.clone(),
             every: args.checkpoint_every,
-            keep: args.keep.max(1),
+            keep: args.keep,
             resume,
         }),
         rebalance_every: args.rebalance_every,

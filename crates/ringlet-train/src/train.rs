@@ -491,7 +491,7 @@ fn run<B: Backend>(
             step,
             epoch,
             loss: global_loss,
-            local_batch: x.len() / data.features.max(1),
+            local_batch: y.len(),
             global_batch: global,
             step_time_s: step_time.as_secs_f64(),
             compute_time_s: compute.as_secs_f64(),
