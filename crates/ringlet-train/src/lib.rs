@@ -4,14 +4,9 @@
 //! - [`model`]: the MLP classifier, forward and backward written once over [`tensor::Backend`];
 //! - [`tensor`]: the operations it is written in, on the CPU (GEMM by `matrixmultiply`);
 //! - [`gpu`]: the same on a GPU (cuBLAS and the kernels of `kernels/model.cu`, through cudarc);
-//! - [`balance`]: how the global batch is split over ranks of different speed;
-//! - [`train`]: the loop — exact data parallelism, bucketed all-reduce overlapping backward,
-//!   re-balancing, checkpoints, metrics;
-//! - [`checkpoint`]: atomic, verified, resumable checkpoints on shared storage (safetensors +
-//!   a manifest written last).
+//! - [`train`]: the MLP's loop, built from `ringlet-ddp`'s pieces (sampler, bucketed all-reduce
+//!   overlapping backward, balancing, checkpoints, metrics).
 
-pub mod balance;
-pub mod checkpoint;
 pub mod data;
 pub mod gpu;
 pub mod model;

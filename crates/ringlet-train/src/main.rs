@@ -1,13 +1,11 @@
 //! `ringlet-train`: data-parallel training of an MLP classifier, one process per rank.
 
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use ringlet::{Communicator, Error};
 use ringlet_cuda::reference::{AdamW, Sgd};
-use ringlet_train::balance::Balance;
-use ringlet_train::train::{
-    self, CheckpointOptions, DeviceChoice, Metrics, OptimizerKind, Options, Resume,
-};
+use ringlet_ddp::report::{metrics_path, Metrics, Progress};
+use ringlet_ddp::{agree, Balance, CheckpointOptions, Resume};
+use ringlet_train::train::{self, DeviceChoice, OptimizerKind, Options};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -144,7 +142,7 @@ fn run(args: &Args) -> Result<(), Error> {
     let comm = Communicator::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
-    let data = train::agree(
+    let data = agree(
         &comm,
         ringlet_train::data::load(&args.dataset).map_err(|e| e.to_string()),
         "loading the dataset",
@@ -209,90 +207,23 @@ fn run(args: &Args) -> Result<(), Error> {
             args.global_batch
         );
     }
-    let mut metrics = match &args.metrics {
-        Some(p) => Some(train::agree(
+    let metrics = match &args.metrics {
+        Some(p) => Some(agree(
             &comm,
             Metrics::create(&metrics_path(p, rank)).map_err(|e| e.to_string()),
             "opening --metrics",
         )?),
         None => None,
     };
-    let bar = (rank == 0 && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::new(steps);
-        b.set_style(
-            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
-                .expect("a valid template"),
-        );
-        b
-    });
-    let log_every = args.log_every.unwrap_or(steps / 10).max(1);
-    let started = std::time::Instant::now();
-    // (when, at which step) of the last rate shown; the step is set at the first report, so a
-    // resumed run does not count the steps before it.
-    let mut last: Option<(std::time::Instant, u64)> = None;
-    let mut metrics_error = None;
-    let summary = train::train(&comm, &data, &opts, |r| {
-        if let Some(m) = metrics.as_mut() {
-            if let Err(e) = m.write(r) {
-                metrics_error.get_or_insert(e);
-            }
-        }
-        if let Some(rb) = &r.rebalanced {
-            if r.rank == 0 {
-                tracing::info!("step {}: re-balanced local batches to {rb:?}", r.step);
-            }
-        }
-        if r.rank != 0 {
-            return;
-        }
-        let (since, at) = *last.get_or_insert((started, r.step - 1));
-        let rate = {
-            let dt = since.elapsed().as_secs_f64();
-            let ds = r.step - at;
-            if dt > 0.5 || r.step % log_every == 0 {
-                let rate = (ds as f64 * r.global_batch as f64) / dt.max(1e-9);
-                last = Some((std::time::Instant::now(), r.step));
-                Some(rate)
-            } else {
-                None
-            }
-        };
-        match &bar {
-            Some(b) => {
-                b.set_position(r.step);
-                if let Some(rate) = rate {
-                    b.set_message(format!("loss {:.4} {rate:.0} samples/s", r.loss));
-                }
-            }
-            None if r.step % log_every == 0 || r.step == steps => tracing::info!(
-                "step {}/{steps} epoch {} loss {:.4} lr {:.4} {:.0} samples/s, step {:.2} ms (comm wait {:.2} ms)",
-                r.step,
-                r.epoch,
-                r.loss,
-                r.lr,
-                rate.unwrap_or(0.0),
-                r.step_time_s * 1e3,
-                r.comm_wait_s * 1e3
-            ),
-            None => {}
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if let Some(m) = metrics.as_mut() {
-        if let Err(e) = m.flush() {
-            metrics_error.get_or_insert(e);
-        }
-    }
-    if let Some(e) = metrics_error {
-        return Err(Error::io("writing --metrics", e));
-    }
+    let mut progress = Progress::new(rank, steps, args.log_every.unwrap_or(0), metrics);
+    let summary = train::train(&comm, &data, &opts, |r| progress.report(r))?;
+    let elapsed = progress.elapsed_s();
+    progress.finish()?;
     if rank == 0 {
         println!(
             "ringlet-train: {} steps on {n} ranks in {:.1} s{}: test accuracy {:.2}% (loss {:.4}) on {} held-out samples; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
             summary.steps,
-            started.elapsed().as_secs_f64(),
+            elapsed,
             summary
                 .resumed_from
                 .map(|s| format!(" (resumed at step {s})"))
@@ -322,15 +253,4 @@ fn run(args: &Args) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn metrics_path(p: &std::path::Path, rank: usize) -> PathBuf {
-    let s = p.display().to_string();
-    if s.contains("{rank}") {
-        PathBuf::from(s.replace("{rank}", &rank.to_string()))
-    } else if rank == 0 {
-        p.to_path_buf()
-    } else {
-        PathBuf::from(format!("{s}.rank{rank}"))
-    }
 }

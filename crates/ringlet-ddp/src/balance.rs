@@ -177,6 +177,105 @@ impl Rebalancer {
     }
 }
 
+/// The split of one job, kept identical on every rank: the initial split (equal, static weights,
+/// or measured speed) and, with `auto`, re-balancing every `every` steps from the ranks' measured
+/// compute times. Usable on its own, whatever computes the model.
+#[derive(Clone, Debug)]
+pub struct Balancer {
+    balance: Balance,
+    batches: Vec<usize>,
+    rebalancer: Rebalancer,
+    every: u64,
+}
+
+impl Balancer {
+    /// Imbalance (slowest rank's compute time over the mean) that triggers a re-split.
+    pub const THRESHOLD: f64 = 0.15;
+
+    /// The first split. `resumed` is a checkpoint's split (use [`crate::resume::saved_split`]),
+    /// kept unless the balance is static (the flag wins: the user may have changed it).
+    /// With `auto` and nothing resumed, `measure(share)` is called on every rank: it times a
+    /// few forward + backward passes of `share` samples and returns the median seconds of one;
+    /// the speeds are all-reduced, so every rank computes the same split. Collective for `auto`.
+    pub fn new(
+        comm: &ringlet::Communicator,
+        balance: &Balance,
+        global: usize,
+        every: u64,
+        resumed: Option<Vec<usize>>,
+        measure: impl FnOnce(usize) -> Result<f64, ringlet::Error>,
+    ) -> Result<Balancer, ringlet::Error> {
+        let n = comm.world_size();
+        let batches = match (balance, resumed) {
+            (Balance::Static(w), _) if w.len() != n => {
+                return Err(ringlet::Error::InvalidArgument(format!(
+                    "--balance static has {} weights for {n} ranks",
+                    w.len()
+                )))
+            }
+            (Balance::Static(w), _) => split(global, w),
+            (_, Some(b))
+                if b.len() == n
+                    && b.iter().try_fold(0usize, |a, &x| a.checked_add(x)) == Some(global) =>
+            {
+                b
+            }
+            (Balance::Off, _) => split(global, &vec![1.0; n]),
+            (Balance::Auto, _) => {
+                let share = (global / n).max(1);
+                let secs = measure(share)?;
+                let mut speeds = vec![0.0f64; n];
+                speeds[comm.rank()] = share as f64 / secs.max(1e-9);
+                comm.all_reduce(&mut speeds, ringlet::ReduceOp::Sum)?;
+                if comm.rank() == 0 {
+                    let shown: Vec<String> = speeds.iter().map(|s| format!("{s:.0}")).collect();
+                    tracing::info!("calibration: samples/s per rank [{}]", shown.join(", "));
+                }
+                split(global, &speeds)
+            }
+        };
+        let every = every.max(1);
+        Ok(Balancer {
+            balance: balance.clone(),
+            batches,
+            rebalancer: Rebalancer::new(Self::THRESHOLD, every.saturating_mul(2)),
+            every,
+        })
+    }
+
+    /// Every rank's local batch (sums to the global batch).
+    pub fn batches(&self) -> &[usize] {
+        &self.batches
+    }
+
+    /// After step `step` (counted after it is done): records this rank's compute time for its
+    /// `samples`; with `auto`, every `every` steps all ranks share their averages (one small
+    /// all-reduce: collective on those steps) and the split may change. Returns the new split
+    /// when it did.
+    pub fn after_step(
+        &mut self,
+        comm: &ringlet::Communicator,
+        step: u64,
+        compute_secs: f64,
+        samples: usize,
+    ) -> Result<Option<Vec<usize>>, ringlet::Error> {
+        self.rebalancer.observe(compute_secs, samples);
+        if self.balance != Balance::Auto || step % self.every != 0 {
+            return Ok(None);
+        }
+        let n = comm.world_size();
+        let mut both = vec![0.0f64; 2 * n];
+        (both[comm.rank()], both[n + comm.rank()]) = self.rebalancer.averages();
+        comm.all_reduce(&mut both, ringlet::ReduceOp::Sum)?;
+        let (costs, times) = both.split_at(n);
+        let proposed = self.rebalancer.propose(step, costs, times, &self.batches);
+        if let Some(b) = &proposed {
+            self.batches = b.clone();
+        }
+        Ok(proposed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

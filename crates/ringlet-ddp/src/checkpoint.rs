@@ -56,6 +56,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +76,9 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// A `.tmp-step-*` directory untouched for this long belongs to a crashed writer.
 pub const STALE_TMP_AGE: Duration = Duration::from_secs(15 * 60);
+/// Readers refuse a larger `manifest.json`. Ours are a few KiB (the model config included), so
+/// this only stops a tampered or broken one from exhausting memory before it is even parsed.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 const STEP_PREFIX: &str = "step-";
 const REPLACED_INFIX: &str = ".replaced-";
@@ -151,8 +155,14 @@ pub enum CheckpointError {
     Incomplete { path: PathBuf },
     #[error("corrupt checkpoint file {}: {reason}", .path.display())]
     Corrupt { path: PathBuf, reason: String },
-    #[error("checkpoint writer thread for {} panicked", .path.display())]
+    #[error("checkpoint thread for {} panicked", .path.display())]
     WriterPanicked { path: PathBuf },
+    #[error("cannot {op} {} within {secs} s (storage hung?)", .path.display())]
+    TimedOut {
+        op: &'static str,
+        path: PathBuf,
+        secs: f64,
+    },
     #[error("writing checkpoint {} did not finish within {} s (storage hung?)", .path.display(), .secs)]
     WriteTimedOut { path: PathBuf, secs: f64 },
 }
@@ -336,21 +346,56 @@ pub fn load_latest(dir: &Path) -> Result<(Latest, Skipped)> {
 }
 
 /// Loads and verifies one checkpoint directory; any problem is an error naming the file.
+///
+/// The directory and every file in it are untrusted (anyone who can write the shared directory
+/// can tamper with them): only regular files directly inside `path` are opened, no read goes
+/// past the size the manifest declares (nor [`MAX_MANIFEST_BYTES`] for the manifest), and every
+/// number taken from the manifest or a safetensors header is checked before it sizes or
+/// indexes anything.
 pub fn load(path: &Path) -> Result<Snapshot> {
-    let meta = fs::metadata(path).map_err(io_err("open checkpoint directory", path))?;
+    // `symlink_metadata`: a symlinked step directory is refused rather than followed, because
+    // following it would let a `step-*` entry in the shared directory point the files that
+    // "lie inside the checkpoint" anywhere on the machine. Parent components (the configured
+    // checkpoint directory itself) may still be symlinks; those are the operator's choice.
+    // Rebuilt from its components to drop a trailing slash, with which lstat follows the link.
+    let meta = fs::symlink_metadata(path.components().collect::<PathBuf>())
+        .map_err(io_err("open checkpoint directory", path))?;
+    if meta.file_type().is_symlink() {
+        return Err(corrupt(
+            path,
+            "is a symbolic link, not a checkpoint directory (load the directory it points to)",
+        ));
+    }
     if !meta.is_dir() {
         return Err(corrupt(path, "not a directory"));
     }
     let manifest_path = path.join(MANIFEST_FILE);
-    let raw = match fs::read(&manifest_path) {
-        Ok(raw) => raw,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+    let file = match open_regular(&manifest_path) {
+        Ok(file) => file,
+        Err(CheckpointError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             return Err(CheckpointError::Incomplete {
                 path: path.to_path_buf(),
             });
         }
-        Err(e) => return Err(io_err("read", &manifest_path)(e)),
+        Err(e) => return Err(e),
     };
+    let len = file
+        .metadata()
+        .map_err(io_err("stat", &manifest_path))?
+        .len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(corrupt(
+            &manifest_path,
+            format!("manifest is {len} bytes, more than the {MAX_MANIFEST_BYTES} allowed"),
+        ));
+    }
+    let raw = read_capped(file, &manifest_path, MAX_MANIFEST_BYTES).map_err(|e| match e {
+        ReadCapped::Io(e) => e,
+        ReadCapped::Over => corrupt(
+            &manifest_path,
+            format!("manifest grew past the {MAX_MANIFEST_BYTES} bytes allowed while reading"),
+        ),
+    })?;
     let manifest: Manifest = serde_json::from_slice(&raw)
         .map_err(|e| corrupt(&manifest_path, format!("unreadable manifest: {e}")))?;
     if manifest.format != FORMAT {
@@ -358,6 +403,9 @@ pub fn load(path: &Path) -> Result<Snapshot> {
             &manifest_path,
             format!("format is {:?}, expected {FORMAT:?}", manifest.format),
         ));
+    }
+    if let Some(problem) = state_problem(&manifest.state) {
+        return Err(corrupt(&manifest_path, problem));
     }
     if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
         if let Some((step, _)) = parse_step_name(name) {
@@ -376,6 +424,23 @@ pub fn load(path: &Path) -> Result<Snapshot> {
         if !manifest.files.contains_key(required) {
             return Err(corrupt(&manifest_path, format!("does not list {required}")));
         }
+    }
+    // Everything listed is held in memory (the data files one at a time, but their tensors all
+    // together), so a total no machine here could hold is refused before any read: a sparse
+    // file declared at its (true) 1 TB size would otherwise be read until the OOM killer ends
+    // the job, long after `load_within` gave up on it.
+    let total = manifest
+        .files
+        .values()
+        .try_fold(0u64, |acc, e| acc.checked_add(e.bytes))
+        .ok_or_else(|| corrupt(&manifest_path, "file sizes overflow when summed"))?;
+    if let Some(memory) = physical_memory().filter(|&m| total > m) {
+        return Err(corrupt(
+            &manifest_path,
+            format!(
+                "lists {total} bytes of files, more than this machine's {memory} bytes of memory"
+            ),
+        ));
     }
 
     let mut model = None;
@@ -403,6 +468,50 @@ pub fn load(path: &Path) -> Result<Snapshot> {
             optimizer,
         }),
         _ => Err(corrupt(&manifest_path, "model or optimizer file missing")),
+    }
+}
+
+/// [`load`], bounded by `deadline`: storage that hangs (a dead NFS server) is an error naming
+/// the checkpoint, not a rank stuck forever. The read goes on in a thread that is abandoned.
+pub fn load_within(path: &Path, deadline: Duration) -> Result<Snapshot> {
+    let owned = path.to_path_buf();
+    within(path, deadline, "load checkpoint", move || load(&owned))
+}
+
+/// [`load_latest`], bounded by `deadline` as [`load_within`] is.
+pub fn load_latest_within(dir: &Path, deadline: Duration) -> Result<(Latest, Skipped)> {
+    let owned = dir.to_path_buf();
+    within(dir, deadline, "look for checkpoints in", move || {
+        load_latest(&owned)
+    })
+}
+
+/// Runs `work` on its own thread and waits at most `deadline` for it.
+fn within<T: Send + 'static>(
+    path: &Path,
+    deadline: Duration,
+    op: &'static str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ringlet-ckpt-read".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(io_err("start a reader thread for", path))?;
+    match rx.recv_timeout(deadline) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(CheckpointError::TimedOut {
+            op,
+            path: path.to_path_buf(),
+            secs: deadline.as_secs_f64(),
+        }),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(CheckpointError::WriterPanicked {
+                path: path.to_path_buf(),
+            })
+        }
     }
 }
 
@@ -477,8 +586,103 @@ fn list_candidates(dir: &Path) -> Result<(Vec<Candidate>, Skipped)> {
     Ok((candidates, skipped))
 }
 
+/// Opens `path` for reading only if it is a regular file, never following a symlink in its last
+/// component: a FIFO would block the open (and the read) forever, a device such as `/dev/zero`
+/// never ends, and a symlink could lead out of the checkpoint directory.
+fn open_regular(path: &Path) -> Result<File> {
+    let not_regular = |kind: &str| {
+        corrupt(
+            path,
+            format!("not a regular file ({kind}); refusing to open it"),
+        )
+    };
+    let meta = fs::symlink_metadata(path).map_err(io_err("open", path))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(file_kind(meta.file_type())));
+    }
+    // The entry can be swapped between the check above and the open: O_NOFOLLOW makes a symlink
+    // fail the open, O_NONBLOCK keeps a FIFO's open from waiting for a writer (it has no effect
+    // on reads of a regular file, the only kind read below), and the fstat catches the rest.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_regular("a symbolic link"),
+            _ => io_err("open", path)(e),
+        })?;
+    let opened = file.metadata().map_err(io_err("stat", path))?;
+    if !opened.file_type().is_file() {
+        return Err(not_regular(file_kind(opened.file_type())));
+    }
+    Ok(file)
+}
+
+fn file_kind(t: fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown kind"
+    }
+}
+
+enum ReadCapped {
+    Io(CheckpointError),
+    /// More than the limit arrived.
+    Over,
+}
+
+/// All of `reader`, but never more than `limit + 1` bytes read (the one extra byte is how a
+/// source longer than `limit` is told apart). The buffer grows with the bytes that actually
+/// arrive, so a large `limit` costs nothing until the data is there.
+fn read_capped(reader: impl Read, path: &Path, limit: u64) -> Result<Vec<u8>, ReadCapped> {
+    let mut bytes = Vec::new();
+    // `read_to_end` reserves fallibly: an allocation failure is an error, not an abort.
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadCapped::Io(io_err("read", path)(e)))?;
+    if u64::try_from(bytes.len()).map_or(true, |n| n > limit) {
+        return Err(ReadCapped::Over);
+    }
+    Ok(bytes)
+}
+
+/// Total physical memory, if the system says.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads its integer argument and has no memory-safety preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let pages = u64::try_from(pages).ok()?;
+    let page_size = u64::try_from(page_size).ok()?;
+    pages.checked_mul(page_size)
+}
+
 fn read_verified(path: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
-    let mut file = File::open(path).map_err(io_err("open", path))?;
+    if usize::try_from(entry.bytes).is_err() {
+        return Err(corrupt(
+            path,
+            format!(
+                "manifest says {} bytes, more than this platform can address",
+                entry.bytes
+            ),
+        ));
+    }
+    let file = open_regular(path)?;
     let len = file.metadata().map_err(io_err("stat", path))?.len();
     if len != entry.bytes {
         return Err(corrupt(
@@ -486,8 +690,16 @@ fn read_verified(path: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
             format!("size is {len} bytes, manifest says {}", entry.bytes),
         ));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(io_err("read", path))?;
+    let bytes = read_capped(file, path, entry.bytes).map_err(|e| match e {
+        ReadCapped::Io(e) => e,
+        ReadCapped::Over => corrupt(
+            path,
+            format!(
+                "more than the {} bytes the manifest says arrived (file grew while reading?)",
+                entry.bytes
+            ),
+        ),
+    })?;
     if bytes.len() as u64 != entry.bytes {
         return Err(corrupt(
             path,
@@ -554,10 +766,7 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<Tensor>> {
         let raw = data
             .get(start..end)
             .ok_or_else(|| corrupt(path, format!("tensor {name:?} lies outside the file")))?;
-        let values = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = f32_values(path, &name, &info.shape, raw)?;
         tensors.push(Tensor {
             name,
             shape: info.shape.clone(),
@@ -567,7 +776,73 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<Tensor>> {
     Ok(tensors)
 }
 
+/// The values of one F32 tensor, refused unless `shape` accounts for exactly the bytes of `raw`.
+/// The safetensors parser checks this too; it is repeated here because a mismatch would
+/// otherwise surface as an out-of-bounds index far from the checkpoint that caused it.
+fn f32_values(path: &Path, name: &str, shape: &[usize], raw: &[u8]) -> Result<Vec<f32>> {
+    let words = raw.chunks_exact(4);
+    if !words.remainder().is_empty() {
+        return Err(corrupt(
+            path,
+            format!(
+                "tensor {name:?} spans {} bytes, not a multiple of 4 (F32)",
+                raw.len()
+            ),
+        ));
+    }
+    let needed = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(4))
+        .ok_or_else(|| corrupt(path, format!("tensor {name:?}: shape {shape:?} overflows")))?;
+    if needed != raw.len() {
+        return Err(corrupt(
+            path,
+            format!(
+                "tensor {name:?}: shape {shape:?} needs {needed} bytes, its data spans {}",
+                raw.len()
+            ),
+        ));
+    }
+    Ok(words
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Why `state` cannot be resumed from, if it cannot. The per-rank batches index and sum in the
+/// sampler and balancer, so a vector that does not fit its world size, or whose sum wraps,
+/// must not get that far.
+fn state_problem(state: &State) -> Option<String> {
+    if state.world_size == 0 {
+        return Some("records a world size of 0".into());
+    }
+    if state.batches.len() != state.world_size {
+        return Some(format!(
+            "records {} per-rank batch sizes for a world size of {}",
+            state.batches.len(),
+            state.world_size
+        ));
+    }
+    if state
+        .batches
+        .iter()
+        .try_fold(0usize, |acc, &b| acc.checked_add(b))
+        .is_none()
+    {
+        return Some("per-rank batch sizes overflow when summed".into());
+    }
+    None
+}
+
 fn validate_snapshot(snap: &Snapshot) -> Result<()> {
+    // A checkpoint that readers would refuse must not be written in the first place.
+    if let Some(reason) = state_problem(&snap.state) {
+        return Err(CheckpointError::InvalidSnapshot {
+            step: snap.state.step,
+            file: MANIFEST_FILE,
+            reason,
+        });
+    }
     validate_tensors(snap.state.step, MODEL_FILE, &snap.model)?;
     validate_tensors(snap.state.step, OPTIMIZER_FILE, &snap.optimizer)
 }
@@ -1238,6 +1513,7 @@ mod tests {
         save_all(&tmp.0, 1, [3]);
         let mut changed = snapshot(3);
         changed.state.world_size = 5;
+        changed.state.batches = vec![16, 16, 16, 24, 24];
         changed.model[0].data[0] = 42.0;
         let mut ck = Checkpointer::new(&tmp.0, 1).unwrap();
         ck.save(changed.clone()).unwrap();
@@ -1316,6 +1592,338 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         let err = load(&file).unwrap_err().to_string();
         assert!(err.contains("not a directory") && err.contains("step-000000000001"));
+    }
+
+    /// Makes a FIFO at `path`: opening it for reading blocks until a writer appears.
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated string that lives until after the call.
+        let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+        assert_eq!(
+            rc,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = dir.join(MANIFEST_FILE);
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        edit(&mut manifest);
+        fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    /// Writes `bytes` as file `name` of checkpoint `dir` with a manifest that agrees, so that
+    /// only the check under test can catch what is wrong with them.
+    fn replace_agreeing(dir: &Path, name: &str, bytes: &[u8]) {
+        fs::write(dir.join(name), bytes).unwrap();
+        edit_manifest(dir, |m| {
+            m["files"][name] = serde_json::json!({
+                "bytes": bytes.len(),
+                "sha256": format!("{:x}", Sha256::digest(bytes)),
+            })
+        });
+    }
+
+    /// The error loading `dir`, which must come within a second: a hang shows as a failure
+    /// (after at most 10 s) instead of a stuck test run.
+    fn refused_promptly(dir: &Path) -> CheckpointError {
+        let started = Instant::now();
+        let err = load_within(dir, Duration::from_secs(10))
+            .expect_err("a tampered checkpoint was loaded");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "took {took:?}: {err}");
+        err
+    }
+
+    fn assert_corrupt(err: &CheckpointError, file: &Path, why: &str) {
+        let text = err.to_string();
+        assert!(
+            matches!(err, CheckpointError::Corrupt { path, .. } if path == file),
+            "expected {} to be refused: {text}",
+            file.display()
+        );
+        assert!(text.contains(why), "{text}");
+    }
+
+    /// A FIFO blocks the open until a writer appears: rank 0 would hang forever on it.
+    #[test]
+    fn a_fifo_in_place_of_a_file_is_refused_promptly() {
+        let tmp = TempDir::new("fifo");
+        save_all(&tmp.0, 3, [1]);
+        let dir = tmp.0.join(step_dir_name(1));
+        let model = dir.join(MODEL_FILE);
+        fs::remove_file(&model).unwrap();
+        mkfifo(&model);
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &model, "not a regular file (a FIFO)");
+
+        let manifest = dir.join(MANIFEST_FILE);
+        fs::remove_file(&manifest).unwrap();
+        mkfifo(&manifest);
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &manifest, "not a regular file (a FIFO)");
+    }
+
+    #[test]
+    fn symlinks_in_place_of_files_are_refused() {
+        let tmp = TempDir::new("symlink");
+        save_all(&tmp.0, 3, [1]);
+        let dir = tmp.0.join(step_dir_name(1));
+        let model = dir.join(MODEL_FILE);
+        // The very bytes the manifest describes, but outside the checkpoint directory.
+        let outside = tmp.0.join("outside.safetensors");
+        fs::rename(&model, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &model).unwrap();
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &model, "not a regular file (a symbolic link)");
+
+        // A device that never ends, declared empty so that no size check can catch it.
+        fs::remove_file(&model).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &model).unwrap();
+        edit_manifest(&dir, |m| {
+            m["files"][MODEL_FILE] = serde_json::json!({
+                "bytes": 0,
+                "sha256": format!("{:x}", Sha256::digest(b"")),
+            })
+        });
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &model, "not a regular file (a symbolic link)");
+
+        let manifest = dir.join(MANIFEST_FILE);
+        let outside = tmp.0.join("outside.json");
+        fs::rename(&manifest, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &manifest).unwrap();
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &manifest, "not a regular file (a symbolic link)");
+    }
+
+    #[test]
+    fn a_symlinked_checkpoint_directory_is_refused() {
+        let tmp = TempDir::new("symlinked-dir");
+        let elsewhere = TempDir::new("symlinked-dir-target");
+        save_all(&tmp.0, 3, [1]);
+        let link = tmp.0.join(step_dir_name(1));
+        let real = elsewhere.0.join(step_dir_name(1));
+        fs::rename(&link, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+
+        let err = refused_promptly(&link);
+        assert_corrupt(&err, &link, "is a symbolic link");
+        let mut slashed = link.clone().into_os_string();
+        slashed.push("/");
+        let slashed = PathBuf::from(slashed);
+        let err = refused_promptly(&slashed);
+        assert_corrupt(&err, &slashed, "is a symbolic link");
+        let (latest, skipped) = load_latest(&tmp.0).unwrap();
+        assert!(latest.is_none());
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].0, link);
+        assert!(skipped[0].1.contains("is a symbolic link"), "{skipped:?}");
+        assert_eq!(load(&real).unwrap(), snapshot(1));
+    }
+
+    #[test]
+    fn huge_declared_sizes_are_refused_before_reading() {
+        let tmp = TempDir::new("huge");
+        save_all(&tmp.0, 3, [1]);
+        let dir = tmp.0.join(step_dir_name(1));
+        let model = dir.join(MODEL_FILE);
+        let manifest = dir.join(MANIFEST_FILE);
+        let err = {
+            edit_manifest(&dir, |m| m["files"][MODEL_FILE]["bytes"] = u64::MAX.into());
+            refused_promptly(&dir)
+        };
+        assert_corrupt(&err, &manifest, "file sizes overflow when summed");
+        edit_manifest(&dir, |m| {
+            m["files"][MODEL_FILE]["bytes"] = (1u64 << 40).into();
+            m["files"][OPTIMIZER_FILE]["bytes"] = 0.into();
+        });
+        let err = refused_promptly(&dir).to_string();
+        assert!(
+            err.contains(&dir.display().to_string()) && err.contains("1099511627776"),
+            "{err}"
+        );
+
+        // A sparse file really of the declared size: only the memory bound stops the read.
+        let memory = physical_memory().expect("sysconf reports physical memory on Linux");
+        let file = File::options().write(true).open(&model).unwrap();
+        match file.set_len(memory + 1) {
+            Ok(()) => {
+                drop(file);
+                edit_manifest(&dir, |m| {
+                    m["files"][MODEL_FILE]["bytes"] = (memory + 1).into()
+                });
+                let err = refused_promptly(&dir);
+                assert_corrupt(&err, &manifest, "bytes of memory");
+            }
+            Err(e) => println!("SKIPPED the sparse-file case: {e}"),
+        }
+
+        // manifest.json itself has a fixed cap.
+        File::options()
+            .write(true)
+            .open(&manifest)
+            .unwrap()
+            .set_len(MAX_MANIFEST_BYTES + 1)
+            .unwrap();
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &manifest, "more than the 67108864 allowed");
+    }
+
+    /// What arrives past the declared size (a file that grows, a device) is never read.
+    #[test]
+    fn reads_stop_one_byte_past_the_limit() {
+        let path = Path::new("/ckpt/step-000000000001/model.safetensors");
+        let mut endless = io::repeat(7).take(1 << 20);
+        assert!(matches!(
+            read_capped(&mut endless, path, 1000),
+            Err(ReadCapped::Over)
+        ));
+        assert_eq!(endless.limit(), (1 << 20) - 1001);
+        assert!(matches!(
+            read_capped(io::repeat(7), path, 1000),
+            Err(ReadCapped::Over)
+        ));
+        let three: &[u8] = &[1, 2, 3];
+        assert_eq!(read_capped(three, path, 3).ok(), Some(vec![1, 2, 3]));
+        assert_eq!(read_capped(three, path, u64::MAX).ok(), Some(vec![1, 2, 3]));
+        assert!(matches!(read_capped(three, path, 2), Err(ReadCapped::Over)));
+    }
+
+    fn raw_safetensors(header: serde_json::Value, data: &[u8]) -> Vec<u8> {
+        let mut header = serde_json::to_vec(&header).unwrap();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_shape_that_does_not_match_its_bytes_is_refused() {
+        let tmp = TempDir::new("shape");
+        save_all(&tmp.0, 3, [1]);
+        let dir = tmp.0.join(step_dir_name(1));
+        let model = dir.join(MODEL_FILE);
+        let bytes = raw_safetensors(
+            serde_json::json!({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}),
+            &[0; 8],
+        );
+        replace_agreeing(&dir, MODEL_FILE, &bytes);
+        let err = refused_promptly(&dir);
+        assert_corrupt(&err, &model, "shape");
+
+        // The same checks on their own, where the safetensors parser is not in front of them.
+        let values = |shape: &[usize], raw: &[u8]| {
+            f32_values(&model, "t", shape, raw).map_err(|e| {
+                let text = e.to_string();
+                assert!(text.contains(&model.display().to_string()), "{text}");
+                text
+            })
+        };
+        let err = values(&[3], &[0; 8]).unwrap_err();
+        assert!(
+            err.contains("shape [3] needs 12 bytes, its data spans 8"),
+            "{err}"
+        );
+        let err = values(&[], &[0; 6]).unwrap_err();
+        assert!(err.contains("not a multiple of 4"), "{err}");
+        let err = values(&[usize::MAX, 2], &[0; 8]).unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
+        let err = values(&[usize::MAX / 4 + 1], &[0; 8]).unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
+        assert_eq!(values(&[0, usize::MAX], &[]).unwrap(), Vec::<f32>::new());
+        let one = 1.5f32.to_le_bytes();
+        assert_eq!(values(&[1, 1], &one).unwrap(), vec![1.5]);
+    }
+
+    #[test]
+    fn a_manifest_whose_batches_do_not_fit_is_refused() {
+        let tmp = TempDir::new("batches");
+        save_all(&tmp.0, 3, [1]);
+        let dir = tmp.0.join(step_dir_name(1));
+        let manifest = dir.join(MANIFEST_FILE);
+        let cases = [
+            (
+                serde_json::json!([usize::MAX, 1]),
+                2,
+                "per-rank batch sizes overflow when summed",
+            ),
+            (
+                serde_json::json!([32, 32]),
+                3,
+                "records 2 per-rank batch sizes for a world size of 3",
+            ),
+            (serde_json::json!([]), 0, "records a world size of 0"),
+        ];
+        for (batches, world_size, why) in cases {
+            edit_manifest(&dir, |m| {
+                m["state"]["batches"] = batches;
+                m["state"]["world_size"] = world_size.into();
+            });
+            assert_corrupt(&load(&dir).unwrap_err(), &manifest, why);
+        }
+
+        // Nor does the writer produce one.
+        let mut ck = Checkpointer::new(&tmp.0, 3).unwrap();
+        let mut bad = snapshot(2);
+        bad.state.batches = vec![usize::MAX, 1, 0];
+        let err = ck.save(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("overflow") && err.contains(MANIFEST_FILE),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_latest_falls_back_past_tampered_checkpoints() {
+        let tmp = TempDir::new("tampered");
+        save_all(&tmp.0, 10, 1..=5);
+        let dir = |s: u64| tmp.0.join(step_dir_name(s));
+        // 5: the model is a FIFO.
+        fs::remove_file(dir(5).join(MODEL_FILE)).unwrap();
+        mkfifo(&dir(5).join(MODEL_FILE));
+        // 4: the optimizer file leads to /dev/zero.
+        fs::remove_file(dir(4).join(OPTIMIZER_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir(4).join(OPTIMIZER_FILE)).unwrap();
+        // 3: a 1 TiB model, says the manifest.
+        edit_manifest(&dir(3), |m| {
+            m["files"][MODEL_FILE]["bytes"] = (1u64 << 40).into()
+        });
+        // 2: per-rank batches that wrap when summed.
+        edit_manifest(&dir(2), |m| {
+            m["state"]["batches"] = serde_json::json!([usize::MAX, 1, 1])
+        });
+
+        let started = Instant::now();
+        let (latest, skipped) = load_latest_within(&tmp.0, Duration::from_secs(10)).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let (path, snap) = latest.unwrap();
+        assert_eq!(path, dir(1));
+        assert_eq!(snap, snapshot(1));
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        // Step 3 is refused for the memory it would take, or (on a machine with more than
+        // 1 TiB) because the file is not that large.
+        let whys: [&[&str]; 4] = [
+            &["not a regular file (a FIFO)"],
+            &["not a regular file (a symbolic link)"],
+            &["bytes of memory", "manifest says 1099511627776"],
+            &["overflow"],
+        ];
+        for (i, ((path, reason), why)) in skipped.iter().zip(whys).enumerate() {
+            assert_eq!(path, &dir(5 - i as u64));
+            assert!(reason.contains(&path.display().to_string()), "{reason}");
+            assert!(why.iter().any(|w| reason.contains(w)), "{reason}");
+        }
     }
 
     /// Opens a checkpoint with Python's `safetensors` (skipped where it is not installed, never in CI).

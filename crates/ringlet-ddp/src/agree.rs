@@ -1,0 +1,37 @@
+//! Collective agreement on one rank's failure, and the launcher's restart count.
+
+use ringlet::{Communicator, Error};
+
+/// Every rank learns whether `what` failed anywhere, so that a failure on one rank (a checkpoint
+/// write on rank 0, a file only one rank cannot open) fails all of them at once, naming the
+/// ranks, instead of leaving the others waiting for it at their deadline. Collective. Hands
+/// back this rank's value when every rank succeeded.
+pub fn agree<T>(comm: &Communicator, result: Result<T, String>, what: &str) -> Result<T, Error> {
+    let mut flags = vec![0u8; comm.world_size()];
+    comm.all_gather(&[u8::from(result.is_err())], &mut flags)?;
+    let value = result.map_err(|why| Error::Config(format!("{what}: {why}")))?;
+    let bad: Vec<String> = (0..flags.len())
+        .filter(|&r| flags[r] != 0)
+        .map(|r| r.to_string())
+        .collect();
+    if bad.is_empty() {
+        Ok(value)
+    } else {
+        Err(Error::Config(format!(
+            "{what} failed on rank {}",
+            bad.join(", ")
+        )))
+    }
+}
+
+/// The environment variable `ringrun --max-restarts` sets to the restart's number.
+pub const RESTART_ENV: &str = "RINGLET_RESTART";
+
+/// How many times the launcher restarted this job (0 on the first attempt, and when no
+/// launcher says): a restarted job resumes from its newest checkpoint, and says so.
+pub fn restart_count() -> u32 {
+    std::env::var(RESTART_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
