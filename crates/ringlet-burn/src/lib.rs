@@ -15,6 +15,8 @@
 pub mod optim_state;
 pub mod params;
 pub mod sync;
+pub mod trainer;
 
 pub use params::ParamInfo;
 pub use sync::{DataParallel, Stages};
+pub use trainer::{fit, Objective, Samples, TrainOptions, TrainSummary};

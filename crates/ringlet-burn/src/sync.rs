@@ -69,6 +69,11 @@ impl<'c> DataParallel<'c> {
         self.sync.numel()
     }
 
+    /// How many buckets a step all-reduces.
+    pub fn buckets(&self) -> usize {
+        self.sync.buckets().len()
+    }
+
     /// `module` with rank `root`'s parameter values on every rank (collective).
     pub fn broadcast<M: Module>(&self, module: M, root: usize) -> Result<M, Error> {
         let mut flat = if self.comm.rank() == root {
@@ -153,9 +158,11 @@ impl<'c> DataParallel<'c> {
                 let Some(&i) = self.dp.index.get(&param.id) else {
                     return;
                 };
-                let Some(device) = &self.dp.devices[i] else {
-                    return;
-                };
+                // A rank that computed nothing this step (see push_zeros) updates the
+                // parameter on the parameter's own device.
+                let device = self.dp.devices[i]
+                    .clone()
+                    .unwrap_or_else(|| param.lazy_device().inner());
                 let values: Vec<f32> = self
                     .dp
                     .sync
@@ -164,7 +171,7 @@ impl<'c> DataParallel<'c> {
                     .map(|g| g * self.scale)
                     .collect();
                 let shape = self.dp.params[i].shape.clone();
-                let t = Tensor::<D>::from_data(TensorData::new(values, shape), device);
+                let t = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
                 self.out.register(param.id, t);
             }
         }
@@ -177,56 +184,79 @@ impl<'c> DataParallel<'c> {
         Ok((give.out, stats))
     }
 
-    /// Back-propagates `loss` (this rank's loss *sum*), all-reduces the gradients and returns
-    /// them divided by `divisor`. The buckets start as soon as the whole backward is done; for
-    /// overlap with backward use [`backward_staged`](Self::backward_staged).
+    /// Hands over zeros for every parameter not handed over yet this step: a rank with no
+    /// sample in a step still takes part in every bucket's all-reduce.
+    pub fn push_zeros(&mut self) -> Result<(), Error> {
+        for i in (0..self.params.len()).rev() {
+            if !self.sync.is_pushed(i) {
+                self.sync.push_with(i, |dst| {
+                    dst.fill(0.0);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Back-propagates `loss` (this rank's loss *sum*) and hands every gradient over. With an
+    /// empty `stages` the buckets start once the whole backward is done; with the cuts forward
+    /// recorded, backward runs one stage at a time (last first) and each stage's gradients go
+    /// into their buckets as soon as they exist, so their all-reduce overlaps the stages below.
+    /// Then [`finish`](Self::finish).
     pub fn backward<M: Module>(
         &mut self,
         module: &M,
         loss: Tensor<1>,
-        divisor: usize,
-    ) -> Result<(GradientsParams, SyncStats), Error> {
-        let mut grads = loss.backward();
-        self.push_gradients(module, &mut grads)?;
-        self.finish(module, divisor)
-    }
-
-    /// Back-propagates `loss` one stage at a time (last first), handing each stage's gradients
-    /// over as soon as they exist, so their all-reduce overlaps the stages below.
-    pub fn backward_staged<M: Module>(
-        &mut self,
-        module: &M,
-        loss: Tensor<1>,
         stages: Stages,
-        divisor: usize,
-    ) -> Result<(GradientsParams, SyncStats), Error> {
+    ) -> Result<(), Error> {
         let mut grads = loss.backward();
         self.push_gradients(module, &mut grads)?;
         for cut in stages.cuts.into_iter().rev() {
             grads = cut(&grads)?;
             self.push_gradients(module, &mut grads)?;
         }
-        self.finish(module, divisor)
+        Ok(())
     }
 }
 
 type Cut = Box<dyn FnOnce(&Gradients) -> Result<Gradients, Error>>;
 
 /// The cuts between a model's stages, recorded during forward (see the module docs).
-#[derive(Default)]
 pub struct Stages {
     cuts: Vec<Cut>,
+    enabled: bool,
+}
+
+impl Default for Stages {
+    fn default() -> Stages {
+        Stages::new()
+    }
 }
 
 impl Stages {
+    /// Records cuts: backward goes stage by stage.
     pub fn new() -> Stages {
-        Stages::default()
+        Stages {
+            cuts: Vec::new(),
+            enabled: true,
+        }
+    }
+
+    /// Ignores cuts: one backward over the whole graph (for comparison, and for evaluation).
+    pub fn whole() -> Stages {
+        Stages {
+            cuts: Vec::new(),
+            enabled: false,
+        }
     }
 
     /// Ends a stage whose output is `out`: returns the next stage's input, the same values as a
     /// fresh leaf that collects its gradient. Backward of the stage is then the backward of
-    /// `sum(out * seed)` with `seed` that gradient.
+    /// `sum(out * seed)` with `seed` that gradient. With [`Stages::whole`], returns `out`.
     pub fn cut<const D: usize>(&mut self, out: Tensor<D>) -> Tensor<D> {
+        if !self.enabled || !out.is_tracked() {
+            return out;
+        }
         let input = out.clone().detach().require_grad();
         let leaf = input.clone();
         let k = self.cuts.len();

@@ -116,6 +116,10 @@ pub struct State {
     pub world_size: usize,
     /// Model config (layer sizes, optimizer, ...).
     pub model: serde_json::Value,
+    /// The caller's own state that is not a tensor (an optimizer's step counts, say); absent
+    /// in checkpoints written before it existed.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub extra: serde_json::Value,
 }
 
 /// A checkpoint in memory.
@@ -1242,6 +1246,7 @@ mod tests {
                     "layers": [64, 32, 10],
                     "optimizer": {"kind": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
                 }),
+                extra: serde_json::json!({"scalars": {"conv.weight.time": {"uint": 7}}}),
             },
             // Deliberately not in name order: the order must survive the round trip.
             model: vec![

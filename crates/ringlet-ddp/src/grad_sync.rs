@@ -352,6 +352,11 @@ impl<'c> GradSync<'c> {
         &self.bufs[b][at..at + self.specs[index].numel]
     }
 
+    /// Whether parameter `index`'s gradient was handed over this step.
+    pub fn is_pushed(&self, index: usize) -> bool {
+        !self.summed && self.pushed.get(index).copied().unwrap_or(false)
+    }
+
     /// Extra value `k` summed over all ranks (after [`finish`](Self::finish)).
     pub fn scalar(&self, k: usize) -> f32 {
         self.bufs[0][self.plan[0].elems.len() + k]

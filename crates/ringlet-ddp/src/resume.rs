@@ -259,6 +259,7 @@ mod tests {
                 batches,
                 world_size,
                 model: serde_json::json!({"sizes": [64, 10], "optimizer": "sgd"}),
+                extra: serde_json::Value::Null,
             },
             model: Vec::new(),
             optimizer: Vec::new(),

@@ -7,8 +7,10 @@
 //! - [`train`]: the MLP's loop, built from `ringlet-ddp`'s pieces (sampler, bucketed all-reduce
 //!   overlapping backward, balancing, checkpoints, metrics).
 
+pub mod burn_models;
 pub mod data;
 pub mod gpu;
 pub mod model;
+pub mod models;
 pub mod tensor;
 pub mod train;

@@ -1,18 +1,25 @@
-//! `ringlet-train`: data-parallel training of an MLP classifier, one process per rank.
+//! `ringlet-train`: data-parallel training of a built-in model, one process per rank.
 
 use clap::Parser;
 use ringlet::{Communicator, Error};
+use ringlet_burn::{TrainOptions, TrainSummary};
 use ringlet_cuda::reference::{AdamW, Sgd};
 use ringlet_ddp::report::{metrics_path, Metrics, Progress};
-use ringlet_ddp::{agree, Balance, CheckpointOptions, Resume};
+use ringlet_ddp::{agree, Balance, CheckpointOptions, Resume, StepReport};
+use ringlet_train::burn_models::{self, CnnShape, LmShape, OptimizerChoice, Outcome};
+use ringlet_train::models::transformer::{CharText, TEXT};
 use ringlet_train::train::{self, DeviceChoice, OptimizerKind, Options};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-/// Data-parallel training of an MLP classifier over Ringlet, without Python. Start one process
-/// per rank with a launcher, e.g. `ringrun -n 4 -- ringlet-train`. With no flags it trains on the
-/// embedded 8x8 digits (scikit-learn's copy of the UCI digits, 1438 train / 359 test) and prints
-/// the held-out accuracy.
+/// Data-parallel training over Ringlet, without Python. Start one process per rank with a
+/// launcher, e.g. `ringrun -n 4 -- ringlet-train --model cnn`. With no flags it trains an MLP on
+/// the embedded 8x8 digits (scikit-learn's copy of the UCI digits, 1438 train / 359 test) and
+/// prints the held-out accuracy.
+///
+/// Models: `mlp` (hand-written forward/backward, CPU or GPU), `cnn` (a Burn convolutional
+/// network, for the digits or MNIST) and `transformer` (a Burn character-level language model on
+/// the embedded text, Genesis 1-11 in the King James Version; prints held-out perplexity).
 ///
 /// Exact data parallelism: each step takes the next --global-batch samples of one global order
 /// (shuffled per epoch from --seed); rank r computes its contiguous slice; the gradient sums are
@@ -22,36 +29,60 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// `digits` (embedded), `synthetic:N` (N deterministic samples, any size), or a directory of
-    /// MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, and t10k-* for
-    /// the test set if present).
-    #[arg(long, default_value = "digits")]
-    dataset: String,
+    /// `mlp`, `cnn` (Burn) or `transformer` (Burn).
+    #[arg(long, default_value = "mlp", value_parser = ["mlp", "cnn", "transformer"])]
+    model: String,
+    /// For mlp and cnn: `digits` (embedded), `synthetic:N` (N deterministic samples of 64
+    /// features, any size), or a directory of MNIST-format IDX files (train-images-idx3-ubyte,
+    /// train-labels-idx1-ubyte, and t10k-* for the test set if present). For transformer:
+    /// `genesis` (embedded) or a UTF-8 text file (its last 10% held out). Default: digits, or
+    /// genesis for transformer.
+    #[arg(long)]
+    dataset: Option<String>,
     /// What computes the model on each rank: `gpu` (GPU <local rank> modulo the GPUs present;
     /// cuBLAS for the matrix products, kernels/ compiled by NVRTC for the rest), `cpu`, or `auto`
     /// (the GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU). Ranks may
     /// differ; --balance auto then gives the faster ones larger batches.
     #[arg(long, env = "RINGLET_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
     device: String,
-    /// Hidden layer sizes, comma-separated (input and output sizes come from the data).
+    /// mlp: hidden layer sizes, comma-separated (input and output sizes come from the data).
     #[arg(long, value_delimiter = ',', default_value = "128,64")]
     hidden: Vec<usize>,
+    /// cnn: channels of the first convolution block (the second has twice as many).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    cnn_channels: usize,
+    /// cnn: width of the hidden dense layer.
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    cnn_hidden: usize,
+    /// transformer: characters of context.
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8192))]
+    context: usize,
+    /// transformer: model width (a multiple of --heads).
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16384))]
+    d_model: usize,
+    /// transformer: attention heads.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    heads: usize,
+    /// transformer: blocks.
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    layers: usize,
     /// Optimizer steps in all (a resumed run continues up to this). Default: --epochs.
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<u64>,
     /// Passes over the training set (steps = epochs x floor(train samples / global batch)).
-    #[arg(long, default_value_t = 20)]
-    epochs: u64,
+    /// Default: 20, or 1 for transformer (every character starts a window).
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Samples per step over all ranks; the local batches sum to it.
     #[arg(long, default_value_t = 64)]
     global_batch: usize,
     /// Seed of the initial parameters and of the per-epoch sample order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// `sgd` (with momentum) or `adamw`.
-    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adamw"])]
-    optimizer: String,
-    /// Peak learning rate (default 0.05 for sgd, 0.001 for adamw).
+    /// `sgd` (with momentum) or `adamw`. Default: sgd, or adamw for transformer.
+    #[arg(long, value_parser = ["sgd", "adamw"])]
+    optimizer: Option<String>,
+    /// Peak learning rate (default 0.05 for sgd; for adamw 0.001, or 0.003 for transformer).
     #[arg(long)]
     lr: Option<f32>,
     /// SGD momentum.
@@ -77,7 +108,8 @@ struct Args {
     /// The first bucket (the last layers) closes at this many KiB, so communication starts early.
     #[arg(long, default_value_t = 1024.0)]
     first_bucket_kb: f64,
-    /// All-reduce after backward instead of during it (for comparison).
+    /// All-reduce after backward instead of during it, and back-propagate a Burn model in one
+    /// piece instead of stage by stage (for comparison).
     #[arg(long)]
     no_overlap: bool,
     /// Shared directory for checkpoints (every rank must see it: NFS, a shared volume).
@@ -138,32 +170,66 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The data of a run: labelled samples (mlp, cnn) or a text (transformer).
+enum Data {
+    Labelled(ringlet_train::data::Dataset),
+    Text(CharText),
+}
+
+fn load(args: &Args) -> Result<Data, String> {
+    match (args.model.as_str(), args.dataset.as_deref()) {
+        ("transformer", None | Some("genesis")) => Ok(Data::Text(CharText::new(TEXT, 0.1))),
+        ("transformer", Some(path)) => {
+            let text = read_text(std::path::Path::new(path))?;
+            Ok(Data::Text(CharText::new(&text, 0.1)))
+        }
+        (_, spec) => ringlet_train::data::load(spec.unwrap_or("digits"))
+            .map(Data::Labelled)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// A text file of at most 64 MiB (a character model has no use for more here, and a FIFO or
+/// device would otherwise read without end).
+fn read_text(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    const MAX: u64 = 64 << 20;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX || bytes.len() < 2 {
+        return Err(format!(
+            "{}: a text of 2 bytes to {MAX} bytes is needed, it has {}",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
+}
+
 fn run(args: &Args) -> Result<(), Error> {
     let comm = Communicator::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
-    let data = agree(
-        &comm,
-        ringlet_train::data::load(&args.dataset).map_err(|e| e.to_string()),
-        "loading the dataset",
-    )?;
-    let optimizer = match args.optimizer.as_str() {
-        "adamw" => OptimizerKind::AdamW(AdamW {
-            lr: args.lr.unwrap_or(AdamW::default().lr),
-            weight_decay: args.weight_decay,
-            ..AdamW::default()
-        }),
-        _ => OptimizerKind::Sgd(Sgd {
-            lr: args.lr.unwrap_or(0.05),
-            momentum: args.momentum,
-            weight_decay: args.weight_decay,
-        }),
+    let data = agree(&comm, load(args), "loading the dataset")?;
+    let transformer = args.model == "transformer";
+    let train_len = match &data {
+        Data::Labelled(d) => d.train_len(),
+        Data::Text(t) => t.train.len().saturating_sub(args.context),
     };
-    let per_epoch = (data.train_len() / args.global_batch.max(1)) as u64;
-    let steps = args.steps.unwrap_or(args.epochs * per_epoch);
-    let resume = match args.resume.as_str() {
-        "auto" => Resume::Auto,
-        "never" => Resume::Never,
+    let per_epoch = (train_len / args.global_batch.max(1)) as u64;
+    let epochs = args.epochs.unwrap_or(if transformer { 1 } else { 20 });
+    let steps = args.steps.unwrap_or(epochs.saturating_mul(per_epoch));
+    let resume: Resume = match args.resume.as_str() {
+        "auto" | "never" => args.resume.parse().map_err(Error::InvalidArgument)?,
         p if args.checkpoint_dir.is_none() => {
             return Err(Error::InvalidArgument(format!(
                 "--resume {p} needs --checkpoint-dir (where this run's own checkpoints go)"
@@ -171,39 +237,41 @@ fn run(args: &Args) -> Result<(), Error> {
         }
         p => Resume::Path(PathBuf::from(p)),
     };
-    let opts = Options {
-        device: match args.device.as_str() {
-            "cpu" => DeviceChoice::Cpu,
-            "gpu" => DeviceChoice::Gpu,
-            _ => DeviceChoice::Auto,
-        },
-        hidden: args.hidden.clone(),
-        optimizer,
-        warmup: args.warmup,
-        global_batch: args.global_batch,
-        steps,
-        seed: args.seed,
-        balance: args.balance.clone(),
-        bucket_cap_bytes: (args.bucket_cap_mb * 1048576.0) as usize,
-        first_bucket_bytes: (args.first_bucket_kb * 1024.0) as usize,
-        overlap: !args.no_overlap,
-        checkpoint: args.checkpoint_dir.as_ref().map(|dir| CheckpointOptions {
-            dir: dir.clone(),
-            every: args.checkpoint_every,
-            keep: args.keep,
-            resume,
-        }),
-        rebalance_every: args.rebalance_every,
-        calibration_steps: args.calibration_steps,
+    let checkpoint = args.checkpoint_dir.as_ref().map(|dir| CheckpointOptions {
+        dir: dir.clone(),
+        every: args.checkpoint_every,
+        keep: args.keep,
+        resume,
+    });
+    let device = match args.device.as_str() {
+        "cpu" => DeviceChoice::Cpu,
+        "gpu" => DeviceChoice::Gpu,
+        _ => DeviceChoice::Auto,
     };
+    let optimizer = args
+        .optimizer
+        .clone()
+        .unwrap_or_else(|| if transformer { "adamw" } else { "sgd" }.to_string());
     if rank == 0 {
+        let what = match &data {
+            Data::Labelled(d) => format!(
+                "{} ({} train / {} test, {} features, {} classes)",
+                d.name,
+                d.train_len(),
+                d.test_len(),
+                d.features,
+                d.classes
+            ),
+            Data::Text(t) => format!(
+                "text of {} train / {} held-out characters, {} distinct",
+                t.train.len(),
+                t.test.len(),
+                t.vocab.len()
+            ),
+        };
         tracing::info!(
-            "training on {} ({} train / {} test, {} features, {} classes), {n} ranks, {steps} steps, global batch {}",
-            data.name,
-            data.train_len(),
-            data.test_len(),
-            data.features,
-            data.classes,
+            "training {} on {what}, {n} ranks, {steps} steps, global batch {}",
+            args.model,
             args.global_batch
         );
     }
@@ -216,29 +284,159 @@ fn run(args: &Args) -> Result<(), Error> {
         None => None,
     };
     let mut progress = Progress::new(rank, steps, args.log_every.unwrap_or(0), metrics);
-    let summary = train::train(&comm, &data, &opts, |r| progress.report(r))?;
+    let report = |r: &StepReport| progress.report(r);
+    let outcome = match (&data, args.model.as_str()) {
+        (Data::Labelled(d), "mlp") => {
+            let optimizer = match optimizer.as_str() {
+                "adamw" => OptimizerKind::AdamW(AdamW {
+                    lr: args.lr.unwrap_or(AdamW::default().lr),
+                    weight_decay: args.weight_decay,
+                    ..AdamW::default()
+                }),
+                _ => OptimizerKind::Sgd(Sgd {
+                    lr: args.lr.unwrap_or(0.05),
+                    momentum: args.momentum,
+                    weight_decay: args.weight_decay,
+                }),
+            };
+            let opts = Options {
+                device,
+                hidden: args.hidden.clone(),
+                optimizer,
+                warmup: args.warmup,
+                global_batch: args.global_batch,
+                steps,
+                seed: args.seed,
+                balance: args.balance.clone(),
+                bucket_cap_bytes: (args.bucket_cap_mb * 1048576.0) as usize,
+                first_bucket_bytes: (args.first_bucket_kb * 1024.0) as usize,
+                overlap: !args.no_overlap,
+                checkpoint,
+                rebalance_every: args.rebalance_every,
+                calibration_steps: args.calibration_steps,
+            };
+            let s = train::train(&comm, d, &opts, report)?;
+            Outcome {
+                evaluation: format!(
+                    "test accuracy {:.2}% (loss {:.4}) on {} held-out samples",
+                    s.test_accuracy * 100.0,
+                    s.test_loss,
+                    d.test_len()
+                ),
+                metrics: serde_json::json!({"test_accuracy": s.test_accuracy, "test_loss": s.test_loss}),
+                summary: TrainSummary {
+                    steps: s.steps,
+                    resumed_from: s.resumed_from,
+                    final_batches: s.final_batches,
+                    samples_per_s: s.samples_per_s,
+                    mean_step_s: s.mean_step_s,
+                    comm_wait_fraction: s.comm_wait_fraction,
+                    checkpoint_stall_fraction: s.checkpoint_stall_fraction,
+                },
+                params: s.params,
+            }
+        }
+        (data, model) => {
+            let default_lr = match (optimizer.as_str(), transformer) {
+                ("adamw", true) => 0.003,
+                ("adamw", false) => 0.001,
+                _ => 0.05,
+            };
+            let optim = OptimizerChoice {
+                kind: optimizer.clone(),
+                lr: args.lr.map_or(default_lr, f64::from),
+                momentum: f64::from(args.momentum),
+                weight_decay: f64::from(args.weight_decay),
+            };
+            let mut opts = TrainOptions::new(args.global_batch, steps);
+            opts.seed = args.seed;
+            opts.lr = optim.lr;
+            opts.warmup = args.warmup;
+            opts.balance = args.balance.clone();
+            opts.rebalance_every = args.rebalance_every;
+            opts.sync.bucket_cap_bytes = (args.bucket_cap_mb * 1048576.0) as usize;
+            opts.sync.first_bucket_bytes = (args.first_bucket_kb * 1024.0) as usize;
+            opts.sync.overlap = !args.no_overlap;
+            opts.staged = !args.no_overlap;
+            opts.checkpoint = checkpoint;
+            opts.calibration_steps = args.calibration_steps;
+            let burn_device = burn_models::device(&comm, device)?;
+            match data {
+                Data::Labelled(d) => {
+                    let shape = CnnShape {
+                        channels: args.cnn_channels,
+                        hidden: args.cnn_hidden,
+                    };
+                    opts.config = serde_json::json!({
+                        "model": model, "channels": shape.channels, "hidden": shape.hidden,
+                        "optimizer": optim.kind, "dataset": d.name,
+                    });
+                    opts.config_keys = ["model", "channels", "hidden", "optimizer"]
+                        .map(String::from)
+                        .to_vec();
+                    burn_models::train_cnn(&comm, d, shape, &burn_device, &optim, &opts, report)?
+                }
+                Data::Text(t) => {
+                    let shape = LmShape {
+                        context: args.context,
+                        d_model: args.d_model,
+                        heads: args.heads,
+                        layers: args.layers,
+                    };
+                    if shape.d_model % shape.heads != 0 {
+                        return Err(Error::InvalidArgument(format!(
+                            "--d-model {} is not a multiple of --heads {}",
+                            shape.d_model, shape.heads
+                        )));
+                    }
+                    opts.config = serde_json::json!({
+                        "model": model, "context": shape.context, "d_model": shape.d_model,
+                        "heads": shape.heads, "layers": shape.layers, "vocab": t.vocab.len(),
+                        "optimizer": optim.kind,
+                    });
+                    opts.config_keys = [
+                        "model",
+                        "context",
+                        "d_model",
+                        "heads",
+                        "layers",
+                        "vocab",
+                        "optimizer",
+                    ]
+                    .map(String::from)
+                    .to_vec();
+                    burn_models::train_transformer(
+                        &comm,
+                        t,
+                        shape,
+                        &burn_device,
+                        &optim,
+                        &opts,
+                        report,
+                    )?
+                }
+            }
+        }
+    };
     let elapsed = progress.elapsed_s();
     progress.finish()?;
     if rank == 0 {
+        let s = &outcome.summary;
         println!(
-            "ringlet-train: {} steps on {n} ranks in {:.1} s{}: test accuracy {:.2}% (loss {:.4}) on {} held-out samples; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
-            summary.steps,
-            elapsed,
-            summary
-                .resumed_from
+            "ringlet-train: {} steps on {n} ranks in {elapsed:.1} s{}: {}; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
+            s.steps,
+            s.resumed_from
                 .map(|s| format!(" (resumed at step {s})"))
                 .unwrap_or_default(),
-            summary.test_accuracy * 100.0,
-            summary.test_loss,
-            data.test_len(),
-            summary.samples_per_s,
-            summary.mean_step_s * 1e3,
-            summary.comm_wait_fraction * 100.0,
-            summary.checkpoint_stall_fraction * 100.0,
-            summary.final_batches
+            outcome.evaluation,
+            s.samples_per_s,
+            s.mean_step_s * 1e3,
+            s.comm_wait_fraction * 100.0,
+            s.checkpoint_stall_fraction * 100.0,
+            s.final_batches
         );
         if let Some(p) = &args.dump_params {
-            let bytes: Vec<u8> = summary
+            let bytes: Vec<u8> = outcome
                 .params
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
@@ -247,7 +445,11 @@ fn run(args: &Args) -> Result<(), Error> {
                 .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
         }
         if let Some(p) = &args.summary {
-            let text = serde_json::to_string_pretty(&summary).expect("the summary serialises");
+            let mut json = serde_json::to_value(s).expect("the summary serialises");
+            if let (Some(obj), Some(extra)) = (json.as_object_mut(), outcome.metrics.as_object()) {
+                obj.extend(extra.clone());
+            }
+            let text = serde_json::to_string_pretty(&json).expect("the summary serialises");
             std::fs::write(p, text)
                 .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
         }

@@ -308,6 +308,7 @@ fn run<B: Backend>(
                 batches: balancer.batches().to_vec(),
                 world_size: n,
                 model: model_config.clone(),
+                extra: serde_json::Value::Null,
             };
             stall = saver.save(comm, || snapshot(be, &layers, &params, &optim, state))?;
         }

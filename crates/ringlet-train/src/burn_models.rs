@@ -1,0 +1,238 @@
+//! `--model cnn|transformer`: the Burn models of [`crate::models`] trained by
+//! `ringlet_burn::fit`, evaluated on the held-out data by every rank's share.
+
+use crate::data::Dataset;
+use crate::models::cnn::{Cnn, Images};
+use crate::models::cross_entropy_sum;
+use crate::models::transformer::{CharText, CharTransformer, Windows};
+use crate::train::DeviceChoice;
+use burn::module::Module;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, ModuleOptimizer, SgdConfig};
+use burn::tensor::Device;
+use ringlet::{Communicator, Error, ReduceOp};
+use ringlet_burn::{fit, params, Samples, Stages, TrainOptions, TrainSummary};
+use ringlet_ddp::StepReport;
+
+/// Burn's optimizer and its settings.
+#[derive(Clone, Debug)]
+pub struct OptimizerChoice {
+    /// `sgd` (with momentum) or `adamw`.
+    pub kind: String,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl OptimizerChoice {
+    pub fn build(&self) -> ModuleOptimizer {
+        match self.kind.as_str() {
+            "adamw" => AdamWConfig::new()
+                .with_weight_decay(self.weight_decay as f32)
+                .init(),
+            _ => {
+                let decay = (self.weight_decay > 0.0)
+                    .then(|| WeightDecayConfig::new(self.weight_decay as f32));
+                SgdConfig::new()
+                    .with_momentum(Some(
+                        MomentumConfig::new()
+                            .with_momentum(self.momentum)
+                            .with_dampening(0.0),
+                    ))
+                    .with_weight_decay(decay)
+                    .init()
+            }
+        }
+    }
+}
+
+/// The shape of the CNN.
+#[derive(Clone, Copy, Debug)]
+pub struct CnnShape {
+    pub channels: usize,
+    pub hidden: usize,
+}
+
+/// The shape of the character transformer.
+#[derive(Clone, Copy, Debug)]
+pub struct LmShape {
+    pub context: usize,
+    pub d_model: usize,
+    pub heads: usize,
+    pub layers: usize,
+}
+
+/// How a Burn run ended, in the binary's terms.
+pub struct Outcome {
+    pub summary: TrainSummary,
+    /// "test accuracy ... on N held-out samples" or "held-out loss ... per character".
+    pub evaluation: String,
+    /// The figures of `evaluation`, for `--summary`.
+    pub metrics: serde_json::Value,
+    /// Every parameter, flattened in module order (for `--dump-params`).
+    pub params: Vec<f32>,
+}
+
+/// The Burn device this rank computes on: the CPU (`flex`), or GPU `local rank mod count` with
+/// the `cuda` feature where CUDA is found.
+pub fn device(comm: &Communicator, choice: DeviceChoice) -> Result<Device, Error> {
+    let gpu = match choice {
+        DeviceChoice::Cpu => Err("--device cpu".to_string()),
+        _ => cuda_device(comm.local_rank()),
+    };
+    match (gpu, choice) {
+        (Ok(d), _) => {
+            tracing::info!("rank {}: training on {d:?}", comm.rank());
+            Ok(d)
+        }
+        (Err(why), DeviceChoice::Gpu) => Err(Error::Device(why)),
+        (Err(why), _) => {
+            if choice == DeviceChoice::Auto {
+                tracing::info!("rank {}: training on the CPU ({why})", comm.rank());
+            }
+            Ok(Device::flex())
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(local_rank: usize) -> Result<Device, String> {
+    let count = ringlet_cuda::devices().map_err(|e| e.to_string())?.len();
+    if count == 0 {
+        return Err("no CUDA device".into());
+    }
+    Ok(Device::cuda(local_rank % count))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_local_rank: usize) -> Result<Device, String> {
+    Err("this build has no CUDA backend for Burn models (cargo feature `cuda`)".into())
+}
+
+/// Trains the CNN on `data`'s images.
+pub fn train_cnn(
+    comm: &Communicator,
+    data: &Dataset,
+    shape: CnnShape,
+    device: &Device,
+    optim: &OptimizerChoice,
+    opts: &TrainOptions,
+    report: impl FnMut(&StepReport),
+) -> Result<Outcome, Error> {
+    let side = Cnn::side_of(data).map_err(Error::InvalidArgument)?;
+    device.seed(opts.seed);
+    let ad = device.clone().autodiff();
+    let model = Cnn::new(side, shape.channels, shape.hidden, data.classes, &ad);
+    let train = Images {
+        data,
+        side,
+        test: false,
+    };
+    let (model, summary) = fit(comm, model, optim.build(), &train, &ad, opts, report)?;
+    let params = params::flatten(&model, &params::list(&model))?;
+    let test = Images {
+        data,
+        side,
+        test: true,
+    };
+    let model = model.valid();
+    let [loss, correct, count] = evaluate(comm, test.len(), |idx| {
+        let batch = test.batch(idx, device);
+        let logits = model.forward(batch.images, &mut Stages::whole());
+        let predicted = logits.clone().argmax(1).reshape([idx.len()]);
+        let correct = predicted.equal(batch.labels.clone()).int().sum();
+        let loss = cross_entropy_sum(logits, batch.labels);
+        Ok([scalar(loss)?, scalar(correct.float())?])
+    })?;
+    Ok(Outcome {
+        summary,
+        evaluation: format!(
+            "test accuracy {:.2}% (loss {:.4}) on {count} held-out samples",
+            100.0 * correct / count,
+            loss / count
+        ),
+        metrics: serde_json::json!({"test_accuracy": correct / count, "test_loss": loss / count}),
+        params,
+    })
+}
+
+/// Trains the character transformer on `text`.
+pub fn train_transformer(
+    comm: &Communicator,
+    text: &CharText,
+    shape: LmShape,
+    device: &Device,
+    optim: &OptimizerChoice,
+    opts: &TrainOptions,
+    report: impl FnMut(&StepReport),
+) -> Result<Outcome, Error> {
+    device.seed(opts.seed);
+    let ad = device.clone().autodiff();
+    let model = CharTransformer::new(
+        text.vocab.len(),
+        shape.context,
+        shape.d_model,
+        shape.heads,
+        shape.layers,
+        &ad,
+    );
+    let train = Windows {
+        ids: &text.train,
+        context: shape.context,
+        disjoint: false,
+    };
+    let (model, summary) = fit(comm, model, optim.build(), &train, &ad, opts, report)?;
+    let params = params::flatten(&model, &params::list(&model))?;
+    let test = Windows {
+        ids: &text.test,
+        context: shape.context,
+        disjoint: true,
+    };
+    let model = model.valid();
+    let [loss, _, count] = evaluate(comm, test.len(), |idx| {
+        let (x, y) = test.batch(idx, device);
+        let logits = model.forward(x, &mut Stages::whole());
+        Ok([
+            scalar(cross_entropy_sum(logits, y))? / shape.context as f64,
+            0.0,
+        ])
+    })?;
+    let per_char = loss / count;
+    Ok(Outcome {
+        summary,
+        evaluation: format!(
+            "held-out loss {per_char:.4} nats/char (perplexity {:.2}) on {count} windows of {} characters",
+            per_char.exp(),
+            shape.context
+        ),
+        metrics: serde_json::json!({"test_loss": per_char, "test_perplexity": per_char.exp()}),
+        params,
+    })
+}
+
+fn scalar(t: burn::tensor::Tensor<1>) -> Result<f64, Error> {
+    Ok(params::to_host(t)?.first().copied().unwrap_or(f32::NAN) as f64)
+}
+
+/// Sums `[a, b]` of `eval` over the held-out samples, each rank taking every n-th, in chunks;
+/// returns `[a, b, samples]` summed over all ranks (NaNs when there are none).
+fn evaluate(
+    comm: &Communicator,
+    len: usize,
+    mut eval: impl FnMut(&[usize]) -> Result<[f64; 2], Error>,
+) -> Result<[f64; 3], Error> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let mine: Vec<usize> = (rank..len).step_by(n).collect();
+    let mut totals = [0.0f64, 0.0, mine.len() as f64];
+    for chunk in mine.chunks(256) {
+        let [a, b] = eval(chunk)?;
+        totals[0] += a;
+        totals[1] += b;
+    }
+    comm.all_reduce(&mut totals, ReduceOp::Sum)?;
+    if totals[2] == 0.0 {
+        return Ok([f64::NAN; 3]);
+    }
+    Ok(totals)
+}
