@@ -21,7 +21,31 @@ fn ringrun() -> PathBuf {
 }
 
 fn train_args(dir: &Path, out: &str) -> Vec<String> {
-    args(&INTERRUPTED_RUN)
+    run_args(&INTERRUPTED_RUN, dir, out)
+}
+
+/// The Burn CNN's run for the same scenario: wide enough for a step to take a while.
+const INTERRUPTED_CNN: [&str; 16] = [
+    "--model",
+    "cnn",
+    "--cnn-channels",
+    "32",
+    "--steps",
+    "150",
+    "--global-batch",
+    "256",
+    "--balance",
+    "static:2,1",
+    "--seed",
+    "9",
+    "--checkpoint-every",
+    "10",
+    "--lr",
+    "0.02",
+];
+
+fn run_args(base: &[&str], dir: &Path, out: &str) -> Vec<String> {
+    args(base)
         .into_iter()
         .chain([
             "--checkpoint-dir".into(),
@@ -129,7 +153,11 @@ fn params(p: &Path) -> Vec<u8> {
 }
 
 fn uninterrupted(dir: &Path) -> Vec<u8> {
-    let mut a = train_args(dir, "whole.params");
+    uninterrupted_run(&INTERRUPTED_RUN, dir)
+}
+
+fn uninterrupted_run(base: &[&str], dir: &Path) -> Vec<u8> {
+    let mut a = run_args(base, dir, "whole.params");
     // Its own checkpoint directory, so the interrupted runs start from nothing.
     let i = a.iter().position(|s| s == "--checkpoint-dir").unwrap();
     a[i + 1] = dir.join("whole-ckpt").display().to_string();
@@ -171,6 +199,37 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint() {
         "restarted and finished {:.1} s after the kill",
         killed_at.elapsed().as_secs_f64()
     );
+}
+
+/// The same for a Burn model (`--model cnn`) with `--max-restarts 1`: it resumes from its
+/// checkpoint (parameters and momentum by name) and ends as an uninterrupted run does.
+#[test]
+fn a_killed_rank_restarts_a_burn_model_from_its_checkpoint() {
+    let dir = Scratch::new("restart-burn");
+    let want = uninterrupted_run(&INTERRUPTED_CNN, &dir.0);
+    let job = Launch::start(
+        &["-n", "2", "--max-restarts", "1"],
+        &run_args(&INTERRUPTED_CNN, &dir.0, "p.params"),
+        dir.0.join("job.log"),
+    );
+    await_commits(&dir.0, 2, &job);
+    let victim = job.rank_pid(0).expect("rank 0 is running");
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    let (ok, out) = job.wait(Duration::from_secs(180));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("rank 0 (pid {victim}) was killed by signal 9")),
+        "{out}"
+    );
+    assert!(out.contains("(resumed at step"), "{out}");
+    assert!(
+        !out.contains("resumed at step 150"),
+        "killed too late:\n{out}"
+    );
+    assert_eq!(params(&dir.0.join("p.params")), want, "{out}");
 }
 
 /// A rank that hangs (SIGSTOP) is caught by the other rank's collective deadline; ringrun then

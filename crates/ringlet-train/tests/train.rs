@@ -4,131 +4,8 @@
 
 mod common;
 
-use common::{args, committed, Scratch, INTERRUPTED_RUN, TRAIN};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use common::{args, committed, max_relative_difference, params, Job, Scratch, INTERRUPTED_RUN};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The ranks of one job, their output in files; killed if still running when dropped.
-struct Job {
-    children: Vec<Child>,
-    logs: Vec<PathBuf>,
-}
-
-impl Job {
-    fn start(n: usize, args: &[String], dir: &Path, tag: &str) -> Job {
-        let port = free_port().to_string();
-        let mut children = Vec::new();
-        let mut logs = Vec::new();
-        for r in 0..n {
-            let log = dir.join(format!("{tag}-rank{r}.log"));
-            let f = std::fs::File::create(&log).unwrap();
-            let c = Command::new(TRAIN)
-                .args(args)
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", n.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("LOCAL_WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("RINGLET_JOB_TOKEN", format!("train-test-{port}"))
-                .env("RINGLET_TIMEOUT", "30")
-                // The tolerances below are those of the CPU's GEMM; a GPU machine would
-                // otherwise pick its own (scripts/gpu-check.sh compares the two).
-                .env("RINGLET_DEVICE", "cpu")
-                .stdout(f.try_clone().unwrap())
-                .stderr(f)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start ringlet-train");
-            children.push(c);
-            logs.push(log);
-        }
-        Job { children, logs }
-    }
-
-    /// Waits (bounded) for every rank; panics with the logs if one fails or time runs out.
-    fn finish(mut self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        for c in &mut self.children {
-            loop {
-                match c.try_wait().unwrap() {
-                    Some(s) => {
-                        assert!(s.success(), "a rank failed:\n{}", self.output());
-                        break;
-                    }
-                    None if Instant::now() > deadline => {
-                        panic!("ringlet-train did not finish in time:\n{}", self.output())
-                    }
-                    None => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-        self.logs
-            .iter()
-            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-            .collect()
-    }
-
-    /// Waits (bounded) for every rank; each one's exit code and the logs.
-    fn codes(mut self, limit: Duration) -> (Vec<Option<i32>>, Vec<String>) {
-        let deadline = Instant::now() + limit;
-        let mut codes = Vec::new();
-        for c in &mut self.children {
-            loop {
-                if let Some(s) = c.try_wait().unwrap() {
-                    codes.push(s.code());
-                    break;
-                }
-                assert!(Instant::now() < deadline, "ranks did not end in time");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let logs = self
-            .logs
-            .iter()
-            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-            .collect();
-        (codes, logs)
-    }
-
-    fn output(&self) -> String {
-        self.logs
-            .iter()
-            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n---\n")
-    }
-
-    fn kill(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn params(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .unwrap()
-        .chunks(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
 
 /// Runs `n` ranks with `extra` flags on a common base; the final parameters.
 fn run(dir: &Scratch, tag: &str, n: usize, extra: &[&str]) -> (Vec<f32>, Vec<String>) {
@@ -148,15 +25,6 @@ fn run(dir: &Scratch, tag: &str, n: usize, extra: &[&str]) -> (Vec<f32>, Vec<Str
     a.extend(args(extra));
     let logs = Job::start(n, &a, &dir.0, tag).finish();
     (params(&out), logs)
-}
-
-fn max_relative_difference(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs() / scale)
-        .fold(0.0, f64::max)
 }
 
 /// After 50 steps, 1, 2 and 4 ranks hold the same parameters (to float rounding), with equal and
