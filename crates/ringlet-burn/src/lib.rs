@@ -11,6 +11,13 @@
 //! The model runs on whatever Burn device it was built on: the pure-Rust CPU backend (`flex`)
 //! always, CUDA with this crate's `cuda` feature (Burn's CUDA runtime loads the driver at run
 //! time, so the build needs no CUDA). The all-reduce works on host copies of the gradients.
+//!
+//! # Example
+//!
+//! A user's own model trained with [`fit`] (`examples/bring_your_own_model.rs`; run it with
+//! `ringrun -n 2 -- target/release/examples/bring_your_own_model`):
+//!
+#![doc = concat!("```no_run\n", include_str!("../examples/bring_your_own_model.rs"), "\n```")]
 
 pub mod optim_state;
 pub mod params;

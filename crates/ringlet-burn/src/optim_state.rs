@@ -105,6 +105,8 @@ pub fn save(
             data: values,
         });
     }
+    // Burn keeps the state in a hash map: sorted, a checkpoint's files do not depend on it.
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((tensors, json!({ "scalars": scalars, "paths": paths })))
 }
 

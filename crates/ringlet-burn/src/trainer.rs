@@ -167,6 +167,7 @@ where
         }
         None => model = dp.broadcast(model, 0)?,
     }
+    JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
     let mut balancer = Balancer::new(
         comm,
         &opts.balance,

@@ -35,3 +35,32 @@ pub fn restart_count() -> u32 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure on rank 1 alone fails all three ranks, each naming rank 1.
+    #[test]
+    fn one_ranks_failure_fails_every_rank_naming_it() {
+        let results = crate::local_world::run(3, |comm| {
+            let mine = if comm.rank() == 1 {
+                Err("disk full".to_string())
+            } else {
+                Ok(comm.rank())
+            };
+            agree(&comm, mine, "saving a checkpoint").map_err(|e| e.to_string())
+        });
+        assert_eq!(
+            results[1].as_ref().unwrap_err(),
+            "configuration: saving a checkpoint: disk full"
+        );
+        for r in [0, 2] {
+            let e = results[r].as_ref().unwrap_err();
+            assert_eq!(e, "configuration: saving a checkpoint failed on rank 1");
+        }
+        let ok =
+            crate::local_world::run(2, |comm| agree(&comm, Ok(comm.rank() * 10), "x").unwrap());
+        assert_eq!(ok, vec![0, 10]);
+    }
+}

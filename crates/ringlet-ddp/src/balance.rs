@@ -333,4 +333,52 @@ mod tests {
         let (cost, time) = r.averages();
         assert!((cost - 0.024).abs() < 1e-12 && (time - 0.24).abs() < 1e-12);
     }
+
+    /// `auto` splits by the speeds the ranks measured (the same split on every rank); a resumed
+    /// split is kept unless the balance is static; a static one with the wrong number of weights
+    /// is refused.
+    #[test]
+    fn the_balancer_splits_by_measured_speed_on_every_rank() {
+        let splits = crate::local_world::run(3, |comm| {
+            let secs = [0.3, 0.2, 0.1][comm.rank()];
+            let auto = Balancer::new(&comm, &Balance::Auto, 60, 10, None, |share| {
+                assert_eq!(share, 20);
+                Ok(secs)
+            })
+            .unwrap();
+            let resumed = Balancer::new(
+                &comm,
+                &Balance::Auto,
+                60,
+                10,
+                Some(vec![10, 20, 30]),
+                |_| panic!("a resumed split is not measured again"),
+            )
+            .unwrap();
+            let fixed = Balancer::new(
+                &comm,
+                &Balance::Static(vec![1.0, 1.0, 2.0]),
+                60,
+                10,
+                Some(vec![10, 20, 30]),
+                |_| Ok(1.0),
+            )
+            .unwrap();
+            let wrong = Balancer::new(&comm, &Balance::Static(vec![1.0]), 60, 10, None, |_| {
+                Ok(1.0)
+            });
+            assert!(wrong
+                .unwrap_err()
+                .to_string()
+                .contains("1 weights for 3 ranks"));
+            (
+                auto.batches().to_vec(),
+                resumed.batches().to_vec(),
+                fixed.batches().to_vec(),
+            )
+        });
+        for s in &splits {
+            assert_eq!(s, &(vec![11, 16, 33], vec![10, 20, 30], vec![15, 15, 30]));
+        }
+    }
 }

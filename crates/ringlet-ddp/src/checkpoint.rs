@@ -246,6 +246,17 @@ impl Checkpointer {
         })
     }
 
+    /// [`new`](Self::new) with every wait bounded by `deadline`, creating the directory too:
+    /// shared storage that hangs is an error naming the directory, not a rank stuck forever.
+    pub fn open(dir: impl Into<PathBuf>, keep: usize, deadline: Duration) -> Result<Checkpointer> {
+        let dir = dir.into();
+        let owned = dir.clone();
+        within(&dir, deadline, "create checkpoint directory", move || {
+            Checkpointer::new(owned, keep)
+        })
+        .map(|c| c.with_deadline(deadline))
+    }
+
     /// Bounds every wait for a save (default: Ringlet's default collective timeout).
     pub fn with_deadline(mut self, deadline: Duration) -> Checkpointer {
         self.deadline = deadline;
@@ -1321,6 +1332,29 @@ mod tests {
             let entry = entry.unwrap();
             fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
+    }
+
+    /// Storage that hangs (a dead NFS server: a read or mkdir that never returns) is an error naming
+    /// the path once the deadline passes; the stuck thread is abandoned, not waited for.
+    #[test]
+    fn hung_storage_is_an_error_at_the_deadline() {
+        let path = Path::new("/shared/ckpt");
+        let started = Instant::now();
+        let result: Result<()> =
+            within(path, Duration::from_millis(100), "load checkpoint", || {
+                std::thread::sleep(Duration::from_secs(30));
+                Ok(())
+            });
+        let e = result.unwrap_err().to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            e.contains("cannot load checkpoint /shared/ckpt within 0.1 s (storage hung?)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -240,10 +240,7 @@ impl<'c> GradSync<'c> {
         let b = self.bucket_of[index];
         let at = self.starts[index] - self.plan[b].elems.start;
         let buf = self.bufs[b].get_mut(at..at + spec.numel).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the bucket buffer of {} is gone: a previous finish() failed",
-                spec.name
-            ))
+            Error::InvalidArgument(format!("the bucket buffer of {} is missing", spec.name))
         })?;
         fill(buf)?;
         self.pushed[index] = true;
@@ -320,8 +317,10 @@ impl<'c> GradSync<'c> {
                 }
                 None => {}
             }
+            self.restore_buffer(b);
         }
         if let Some(e) = first_error {
+            self.reset();
             return Err(e);
         }
         self.summed = true;
@@ -335,14 +334,24 @@ impl<'c> GradSync<'c> {
         })
     }
 
-    /// Waits for the buckets in flight, ignoring their results (after a failed step).
+    /// Waits for the buckets in flight, ignoring their results (after a failed step), and
+    /// gets every bucket buffer back for the next step.
     fn drain(&mut self) {
-        for h in self.handles.iter_mut() {
-            if let Some(h) = h.take() {
-                let _ = h.wait();
+        for b in 0..self.plan.len() {
+            if let Some(Ok(buf)) = self.handles[b].take().map(AllReduceHandle::wait) {
+                self.bufs[b] = buf;
             }
+            self.restore_buffer(b);
         }
         self.reset();
+    }
+
+    /// A bucket buffer lost with a failed all-reduce is made again.
+    fn restore_buffer(&mut self, b: usize) {
+        let len = self.plan[b].elems.len() + if b == 0 { self.opts.scalars } else { 0 };
+        if self.bufs[b].len() != len {
+            self.bufs[b] = vec![0.0; len];
+        }
     }
 
     /// Parameter `index`'s gradient summed over all ranks (after [`finish`](Self::finish)).
@@ -408,5 +417,91 @@ mod tests {
             many.iter().map(|b| b.params.clone()).collect::<Vec<_>>(),
             vec![9..10, 6..9, 3..6, 0..3]
         );
+    }
+
+    /// Three ranks hand their gradients over in different orders; every rank gets the same
+    /// sums, parameter by parameter, step after step, with the scalars riding along.
+    #[test]
+    fn sums_arrive_whatever_order_each_rank_pushes_in() {
+        let numels = [3usize, 700, 5, 260, 1];
+        let specs: Vec<ParamSpec> = numels
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| ParamSpec::new(format!("p{i}"), n))
+            .collect();
+        let grad = |step: usize, rank: usize, i: usize| -> Vec<f32> {
+            (0..numels[i])
+                .map(|k| (step * 100 + rank * 10 + i) as f32 + k as f32 * 0.5)
+                .collect()
+        };
+        let results = crate::local_world::run(3, |comm| {
+            let opts = SyncOptions {
+                first_bucket_bytes: 8,
+                bucket_cap_bytes: 1200,
+                overlap: true,
+                scalars: 2,
+            };
+            let mut sync = GradSync::new(&comm, specs.clone(), opts).unwrap();
+            assert!(sync.buckets().len() >= 3, "{:?}", sync.buckets());
+            let r = comm.rank();
+            let order: Vec<usize> = match r {
+                0 => (0..numels.len()).rev().collect(),
+                1 => (0..numels.len()).collect(),
+                _ => vec![2, 4, 0, 3, 1],
+            };
+            let mut seen = Vec::new();
+            for step in 0..3 {
+                sync.set_scalar(0, r as f32 + 1.0).unwrap();
+                sync.set_scalar(1, step as f32).unwrap();
+                for &i in &order {
+                    sync.push(i, &grad(step, r, i)).unwrap();
+                }
+                let stats = sync.finish().unwrap();
+                assert_eq!(stats.bytes, (1 + 700 + 5 + 260 + 3 + 2) * 4);
+                let grads: Vec<Vec<f32>> =
+                    (0..numels.len()).map(|i| sync.grad(i).to_vec()).collect();
+                seen.push((grads, sync.scalar(0), sync.scalar(1)));
+            }
+            seen
+        });
+        for (step, (grads, s0, s1)) in results[0].iter().enumerate() {
+            assert_eq!(*s0, 6.0);
+            assert_eq!(*s1, 3.0 * step as f32);
+            for (i, g) in grads.iter().enumerate() {
+                let want: Vec<f32> = (0..numels[i])
+                    .map(|k| (0..3).map(|r| grad(step, r, i)[k]).sum())
+                    .collect();
+                assert_eq!(g, &want, "step {step} parameter {i}");
+            }
+        }
+        assert!(results.iter().all(|r| r == &results[0]), "ranks disagree");
+    }
+
+    /// Handing a gradient over twice, or not at all, is an error naming the parameter; the
+    /// buckets already started are still waited for, so the next step works.
+    #[test]
+    fn misuse_is_an_error_and_the_next_step_still_works() {
+        crate::local_world::run(2, |comm| {
+            let specs = vec![ParamSpec::new("w", 4), ParamSpec::new("b", 2)];
+            let opts = SyncOptions {
+                first_bucket_bytes: 4,
+                ..SyncOptions::default()
+            };
+            let mut sync = GradSync::new(&comm, specs, opts).unwrap();
+            sync.push(1, &[1.0, 2.0]).unwrap();
+            let e = sync.push(1, &[1.0, 2.0]).unwrap_err().to_string();
+            assert!(e.contains("the gradient of b was handed over twice"), "{e}");
+            let e = sync.finish().unwrap_err().to_string();
+            assert!(e.contains("the gradient of w was not handed over"), "{e}");
+            let e = sync.push(0, &[1.0]).unwrap_err().to_string();
+            assert!(e.contains("has 1 elements, the parameter 4"), "{e}");
+            sync.push(0, &[1.0; 4]).unwrap();
+            sync.push(1, &[3.0; 2]).unwrap();
+            sync.finish().unwrap();
+            assert_eq!(sync.grad(0), &[2.0; 4]);
+            assert_eq!(sync.grad(1), &[6.0; 2]);
+            let e = sync.set_scalar(0, 1.0).unwrap_err().to_string();
+            assert!(e.contains("scalar 0 must be one of the 0 described"), "{e}");
+        });
     }
 }

@@ -17,6 +17,8 @@
 //! - [`agree`](mod@agree): a failure on one rank fails every rank at once, naming it; the
 //!   launcher's restart count.
 //! - [`report`]: per-step metrics as JSON lines, the progress bar, throughput figures.
+//! - [`local_world`]: several ranks as threads of one process, over real loopback sockets (for
+//!   tests of code built on these pieces).
 //!
 //! It knows nothing of models: parameters are names and element counts, gradients are `f32`
 //! slices handed over one parameter at a time. `ringlet-burn` builds Burn training on it, and
@@ -75,6 +77,7 @@ pub mod agree;
 pub mod balance;
 pub mod checkpoint;
 pub mod grad_sync;
+pub mod local_world;
 pub mod report;
 pub mod resume;
 pub mod sampler;

@@ -128,8 +128,8 @@ impl JobCheckpoints {
     /// communicator's timeout.
     pub fn open(comm: &Communicator, opts: CheckpointOptions) -> Result<JobCheckpoints, Error> {
         let opened = match comm.rank() {
-            0 => Checkpointer::new(&opts.dir, opts.keep)
-                .map(|w| Some(w.with_deadline(comm.timeout())))
+            0 => Checkpointer::open(&opts.dir, opts.keep, comm.timeout())
+                .map(Some)
                 .map_err(|e| e.to_string()),
             _ => Ok(None),
         };
@@ -206,6 +206,24 @@ impl JobCheckpoints {
                 let snap = agree(comm, loaded, "loading the checkpoint rank 0 chose")?;
                 Ok(Some((path, snap)))
             }
+        }
+    }
+
+    /// Says on rank 0 what a launcher's restart (`RINGLET_RESTART`, see
+    /// [`crate::agree::restart_count`]) resumes from; `resumed` is the step, if any.
+    pub fn announce_restart(comm: &Communicator, enabled: bool, resumed: Option<u64>) {
+        let restart = crate::agree::restart_count();
+        if restart == 0 || comm.rank() != 0 {
+            return;
+        }
+        match (enabled, resumed) {
+            (_, Some(step)) => tracing::info!("restart {restart}: resuming at step {step}"),
+            (true, None) => tracing::warn!(
+                "restart {restart}: no checkpoint to resume from yet, training starts over"
+            ),
+            (false, None) => tracing::warn!(
+                "restart {restart}: no checkpoint directory, training starts over (give one to resume)"
+            ),
         }
     }
 

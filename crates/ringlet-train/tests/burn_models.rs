@@ -175,3 +175,64 @@ print("ok", len(model), len(optim))
     let logs = Job::start(2, &more, &dir.0, "lm-more").finish();
     assert!(logs[0].contains("resumed at step 12"), "{}", logs[0]);
 }
+
+/// Writes an MNIST-format IDX pair: `n` 28×28 images whose class (0..10) is where a bright
+/// square sits, and their labels.
+fn write_mnist_like(dir: &std::path::Path, prefix: &str, n: usize) {
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    images.extend(0x0000_0803u32.to_be_bytes());
+    labels.extend(0x0000_0801u32.to_be_bytes());
+    for d in [n as u32, 28, 28] {
+        images.extend(d.to_be_bytes());
+    }
+    labels.extend((n as u32).to_be_bytes());
+    for i in 0..n {
+        let class = i % 10;
+        let (r0, c0) = (2 + (class / 5) * 12, 2 + (class % 5) * 5);
+        for r in 0..28 {
+            for c in 0..28 {
+                let on = (r0..r0 + 8).contains(&r) && (c0..c0 + 4).contains(&c);
+                images.push(if on {
+                    200 + (i % 50) as u8
+                } else {
+                    (i * 7 + r * c) as u8 % 30
+                });
+            }
+        }
+        labels.push(class as u8);
+    }
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+}
+
+/// The CNN takes MNIST-format IDX directories of 28×28 images (two pooling stages: 7×7 maps).
+#[test]
+fn burn_cnn_trains_on_an_mnist_format_directory() {
+    let dir = Scratch::new("burn-mnist");
+    let data = dir.join("mnist");
+    std::fs::create_dir_all(&data).unwrap();
+    write_mnist_like(&data, "train", 400);
+    write_mnist_like(&data, "t10k", 100);
+    let a = args(&[
+        "--model",
+        "cnn",
+        "--dataset",
+        &data.display().to_string(),
+        "--cnn-channels",
+        "4",
+        "--global-batch",
+        "40",
+        "--epochs",
+        "4",
+    ]);
+    let logs = Job::start(2, &a, &dir.0, "mnist").finish();
+    let line = logs[0]
+        .lines()
+        .find(|l| l.contains("test accuracy"))
+        .unwrap_or_else(|| panic!("{}", logs[0]));
+    assert!(
+        line.contains("40 steps on 2 ranks") && line.contains("on 100 held-out samples"),
+        "{line}"
+    );
+    println!("{line}");
+}
