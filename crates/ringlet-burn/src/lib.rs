@@ -10,7 +10,9 @@
 //!
 //! The model runs on whatever Burn device it was built on: the pure-Rust CPU backend (`flex`)
 //! always, CUDA with this crate's `cuda` feature (Burn's CUDA runtime loads the driver at run
-//! time, so the build needs no CUDA). The all-reduce works on host copies of the gradients.
+//! time, so the build needs no CUDA; Burn 0.22's `cubecl-cuda` does download an LLVM bundle while
+//! it builds, so that feature builds only where the network allows it). The all-reduce works on
+//! host copies of the gradients.
 //!
 //! # Example
 //!

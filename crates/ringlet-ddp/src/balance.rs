@@ -260,7 +260,7 @@ impl Balancer {
         samples: usize,
     ) -> Result<Option<Vec<usize>>, ringlet::Error> {
         self.rebalancer.observe(compute_secs, samples);
-        if self.balance != Balance::Auto || step % self.every != 0 {
+        if self.balance != Balance::Auto || !step.is_multiple_of(self.every) {
             return Ok(None);
         }
         let n = comm.world_size();

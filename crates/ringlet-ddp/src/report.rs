@@ -125,7 +125,7 @@ impl Progress {
             .last
             .get_or_insert((self.started, r.step.saturating_sub(1)));
         let dt = since.elapsed().as_secs_f64();
-        let rate = (dt > 0.5 || r.step % self.log_every == 0).then(|| {
+        let rate = (dt > 0.5 || r.step.is_multiple_of(self.log_every)).then(|| {
             self.last = Some((Instant::now(), r.step));
             (r.step - at) as f64 * r.global_batch as f64 / dt.max(1e-9)
         });
@@ -136,7 +136,7 @@ impl Progress {
                     b.set_message(format!("loss {:.4} {rate:.0} samples/s", r.loss));
                 }
             }
-            None if r.step % self.log_every == 0 || r.step == self.steps => tracing::info!(
+            None if r.step.is_multiple_of(self.log_every) || r.step == self.steps => tracing::info!(
                 "step {}/{} epoch {} loss {:.4} lr {:.4} {:.0} samples/s, step {:.2} ms (comm wait {:.2} ms)",
                 r.step,
                 self.steps,

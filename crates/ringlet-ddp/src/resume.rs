@@ -229,7 +229,7 @@ impl JobCheckpoints {
 
     /// Whether step `step` (counted after it is done) of a run of `last` steps is saved.
     pub fn due(&self, step: u64, last: u64) -> bool {
-        self.opts.every > 0 && (step % self.opts.every == 0 || step == last)
+        self.opts.every > 0 && (step.is_multiple_of(self.opts.every) || step == last)
     }
 
     /// Saves on rank 0: `snapshot` builds the host copy (the only part the step waits for); the

@@ -383,7 +383,7 @@ fn run(args: &Args) -> Result<(), Error> {
                         heads: args.heads,
                         layers: args.layers,
                     };
-                    if shape.d_model % shape.heads != 0 {
+                    if !shape.d_model.is_multiple_of(shape.heads) {
                         return Err(Error::InvalidArgument(format!(
                             "--d-model {} is not a multiple of --heads {}",
                             shape.d_model, shape.heads

@@ -222,6 +222,8 @@ fn run<B: Backend>(
         }
     }
 
+    JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+
     // From here on the parameters and the optimizer's state live where the backend keeps them.
     let mut params = be.upload(&params)?;
     let mut optim = match optim {
