@@ -216,17 +216,8 @@ where
         let mut stall = Duration::ZERO;
         // After any re-balance, so that a resumed run goes on with the split this one uses next.
         if let Some(saver) = saver.as_mut().filter(|s| s.due(step, opts.steps)) {
-            let state = State {
-                step,
-                epoch: sampler.epoch(),
-                cursor: sampler.cursor(),
-                seed: opts.seed,
-                rng: Vec::new(),
-                batches: balancer.batches().to_vec(),
-                world_size: n,
-                model: opts.config.clone(),
-                extra: serde_json::Value::Null,
-            };
+            let state =
+                resume::loop_state(step, &sampler, &balancer, opts.seed, opts.config.clone());
             stall = saver.save(comm, || snapshot(&model, &optim, dp.params(), state))?;
         }
         let r = StepReport {

@@ -116,6 +116,28 @@ pub fn saved_split(state: &State, world_size: usize, global_batch: usize) -> Opt
     .then(|| state.batches.clone())
 }
 
+/// What a checkpoint after step `step` records of the loop: the sampler's position, the split,
+/// the world size and the caller's `config` (the caller adds its `extra` state and `rng`).
+pub fn loop_state(
+    step: u64,
+    sampler: &crate::Sampler,
+    balancer: &crate::Balancer,
+    seed: u64,
+    config: serde_json::Value,
+) -> State {
+    State {
+        step,
+        epoch: sampler.epoch(),
+        cursor: sampler.cursor(),
+        seed,
+        rng: Vec::new(),
+        batches: balancer.batches().to_vec(),
+        world_size: balancer.batches().len(),
+        model: config,
+        extra: serde_json::Value::Null,
+    }
+}
+
 /// The job's checkpoints (see the module docs). Rank 0 holds the writer.
 pub struct JobCheckpoints {
     opts: CheckpointOptions,

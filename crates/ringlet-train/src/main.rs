@@ -39,10 +39,11 @@ struct Args {
     /// genesis for transformer.
     #[arg(long)]
     dataset: Option<String>,
-    /// What computes the model on each rank: `gpu` (GPU <local rank> modulo the GPUs present;
-    /// cuBLAS for the matrix products, kernels/ compiled by NVRTC for the rest), `cpu`, or `auto`
-    /// (the GPU where CUDA, NVRTC, cuBLAS and a device are found, else the CPU). Ranks may
-    /// differ; --balance auto then gives the faster ones larger batches.
+    /// What computes the model on each rank: `gpu` (GPU <local rank> modulo the GPUs present),
+    /// `cpu`, or `auto` (the GPU where one can be used, else the CPU). mlp: cuBLAS for the matrix
+    /// products, kernels/ compiled by NVRTC for the rest. cnn, transformer: Burn's CUDA backend,
+    /// in a build with the `cuda` feature only (else Burn's CPU backend). Ranks may differ;
+    /// --balance auto then gives the faster ones larger batches.
     #[arg(long, env = "RINGLET_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
     device: String,
     /// mlp: hidden layer sizes, comma-separated (input and output sizes come from the data).
