@@ -1,6 +1,6 @@
 // Optimizer updates of f32 parameters, fused with the gradient's scaling (the all-reduced sum
 // times 1 / global batch). Compiled with --fmad=false so that every step rounds like the Rust
-// reference (ringlet_cuda::reference), bit for bit.
+// reference (ringlet_train::optim), bit for bit.
 typedef unsigned long long u64;
 
 // PyTorch's SGD (dampening 0, no Nesterov): d = g*scale + wd*p; v = momentum*v + d; p -= lr*v.

@@ -10,9 +10,10 @@
 # NVRTC and CUDA's headers come from a CUDA install or pip's nvidia-cuda-nvrtc-cu12 and
 # nvidia-cuda-runtime-cu12 (found by themselves; RINGLET_NVRTC_LIB / RINGLET_CUDA_INCLUDE
 # otherwise). Runs:
-#   1. ringlet-gpu-check: every kernel of kernels/ vs its CPU reference on fresh random data
-#      (f32, f16, bf16, f64, i32, i64, u8; SGD and AdamW), bit for bit; the reduction kernel's
-#      bandwidth against a device-to-device copy (target >= 85%).
+#   1. ringlet-gpu-check: the reduction kernels of kernels/ vs their CPU reference on fresh random
+#      data (f32, f16, bf16, f64, i32, i64, u8), bit for bit; the reduction kernel's bandwidth
+#      against a device-to-device copy (target >= 85%). The optimizer kernels (SGD and AdamW) are
+#      checked bit for bit in step 4, by ringlet-train's gpu tests.
 #   2. NCCL with world size 1: ringlet-bench --backend nccl, all_reduce/broadcast/all_gather/
 #      reduce_scatter on device buffers, every element checked. One GPU cannot host a multi-rank
 #      NCCL ring (NCCL refuses two ranks on one device), so no multi-rank NCCL figure comes from it.
@@ -20,7 +21,8 @@
 #      ringlet-bench --device (chunks staged through pinned blocks, reduced by the kernels),
 #      float sum, half sum, bfloat16 max, and broadcast; every element checked; busbw.
 #   4. The training binary's GPU model (cuBLAS + kernels/model.cu): ringlet-train's GPU tests
-#      (forward, layer-by-layer gradients and both optimizers against the CPU model); training on
+#      (forward, layer-by-layer gradients and both optimizers against the CPU model; the optimizer
+#      kernels against their CPU references on fresh random data, bit for bit); training on
 #      the embedded digits on the GPU and on the CPU (accuracies side by side); 2 ranks sharing the
 #      GPU; a mixed job (rank 0 on the GPU, rank 1 on the CPU, --balance auto); and throughput of
 #      a larger model on the GPU vs the CPU (synthetic data). Needs cuBLAS: a CUDA install, or

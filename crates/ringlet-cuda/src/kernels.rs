@@ -1,5 +1,5 @@
-//! The CUDA C of `kernels/`, embedded, and its compilation to PTX with NVRTC for a device's
-//! architecture. Compiled PTX is cached on disk, keyed by source, options, architecture and
+//! The CUDA C of `kernels/reduce.cu`, embedded, and the compilation of any [`KernelSource`] to
+//! PTX with NVRTC for a device's architecture. Compiled PTX is cached on disk, keyed by source, options, architecture and
 //! NVRTC version; a cached file that does not hold every expected kernel is compiled again.
 
 use crate::libs::{self, CudaLib};
@@ -8,7 +8,8 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
-/// A `.cu` file of `kernels/` and the kernels it must define.
+/// A `.cu` file of `kernels/` and the kernels it must define (other crates define their own,
+/// e.g. `ringlet-train`'s model and optimizer kernels).
 pub struct KernelSource {
     pub name: &'static str,
     pub code: &'static str,
@@ -32,32 +33,9 @@ pub const REDUCE: KernelSource = KernelSource {
     },
 };
 
-/// SGD with momentum and AdamW for f32 parameters.
-pub const OPTIM: KernelSource = KernelSource {
-    name: "optim.cu",
-    code: include_str!("../../../kernels/optim.cu"),
-    kernels: || vec!["sgd_momentum_f32".into(), "adamw_f32".into()],
-};
-
-/// The element-wise and per-row parts of the training binary's MLP (the GEMMs are cuBLAS's).
-pub const MODEL: KernelSource = KernelSource {
-    name: "model.cu",
-    code: include_str!("../../../kernels/model.cu"),
-    kernels: || {
-        [
-            "fill_rows_f32",
-            "relu_f32",
-            "relu_mask_f32",
-            "column_sums_f32",
-            "softmax_loss_f32",
-            "softmax_grad_f32",
-        ]
-        .map(String::from)
-        .to_vec()
-    },
-};
-
-pub const ALL: [&KernelSource; 3] = [&REDUCE, &OPTIM, &MODEL];
+/// The kernels of `kernels/` that the collectives use (the trainer's own, `model.cu` and
+/// `optim.cu`, are `ringlet-train`'s: it compiles them with [`ptx`] too).
+pub const ALL: [&KernelSource; 1] = [&REDUCE];
 
 /// Options every kernel is compiled with: no fused multiply-add, so results round like the
 /// Rust references.
@@ -253,7 +231,7 @@ mod tests {
             return;
         }
         let dir = temp_cache("cache");
-        let first = ptx(&OPTIM, 80, Some(&dir)).unwrap();
+        let first = ptx(&REDUCE, 80, Some(&dir)).unwrap();
         let files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -261,12 +239,12 @@ mod tests {
         assert_eq!(files.len(), 1, "{files:?}");
         let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
         assert!(
-            name.starts_with("optim-sm_80-nvrtc") && name.ends_with(".ptx"),
+            name.starts_with("reduce-sm_80-nvrtc") && name.ends_with(".ptx"),
             "{name}"
         );
         // A cut-short file (a crash mid-write elsewhere, a full disk) is compiled again.
         std::fs::write(&files[0], &first[..first.len() / 2]).unwrap();
-        assert_eq!(ptx(&OPTIM, 80, Some(&dir)).unwrap(), first);
+        assert_eq!(ptx(&REDUCE, 80, Some(&dir)).unwrap(), first);
         assert_eq!(
             verified(&std::fs::read_to_string(&files[0]).unwrap()),
             Some(first.as_str())
@@ -275,7 +253,7 @@ mod tests {
         let mut bytes = std::fs::read(&files[0]).unwrap();
         bytes[200] ^= 1;
         std::fs::write(&files[0], bytes).unwrap();
-        assert_eq!(ptx(&OPTIM, 80, Some(&dir)).unwrap(), first);
+        assert_eq!(ptx(&REDUCE, 80, Some(&dir)).unwrap(), first);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,16 +6,18 @@
 //!   `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA installs and pip wheels (`nvidia-*-cu12`) — before
 //!   cudarc asks for them by name;
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
-//! - [`kernels`]: the CUDA C of `kernels/`, compiled with NVRTC for a device's architecture, the
-//!   PTX cached on disk;
-//! - [`launch`]: the kernels loaded on a device and launched on its stream;
-//! - [`blas`]: cuBLAS's GEMM for row-major matrices on a device's stream;
+//! - [`kernels`]: the reduction kernels of `kernels/reduce.cu`, and the compilation of any kernel
+//!   source with NVRTC for a device's architecture, the PTX cached on disk;
+//! - [`launch`]: the reduction kernels loaded on a device and launched on its stream, and loading
+//!   other kernel sources on the same context with the same launch shape;
 //! - [`gpu`]: typed device buffers, pinned host blocks, async copies and events on one stream;
 //! - [`nccl`]: NCCL's entry points from the library found, typed results, and a communicator
-//!   handle created non-blocking, polled and aborted;
-//! - [`reference`]: the CPU versions of the kernels that have no host twin in `ringlet-core`.
+//!   handle created non-blocking, polled and aborted.
+//!
+//! This crate holds what the collectives need. The trainer's own GPU code — cuBLAS's GEMM, the
+//! model and optimizer kernels (`kernels/model.cu`, `kernels/optim.cu`) and the optimizers' CPU
+//! references — lives in `ringlet-train`, built on [`libs`], [`kernels`] and [`launch`].
 
-pub mod blas;
 pub mod device;
 pub mod error;
 pub mod gpu;
@@ -23,9 +25,7 @@ pub mod kernels;
 pub mod launch;
 pub mod libs;
 pub mod nccl;
-pub mod reference;
 
-pub use blas::{Blas, Gemm};
 pub use device::{devices, DeviceInfo};
 pub use error::CudaError;
 pub use gpu::{DeviceBuffer, Gpu, Pinned};

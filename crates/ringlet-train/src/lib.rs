@@ -3,7 +3,11 @@
 //! - [`data`]: datasets — the embedded 8×8 digits, deterministic synthetic data, MNIST-format IDX;
 //! - [`model`]: the MLP classifier, forward and backward written once over [`tensor::Backend`];
 //! - [`tensor`]: the operations it is written in, on the CPU (GEMM by `matrixmultiply`);
-//! - [`gpu`]: the same on a GPU (cuBLAS and the kernels of `kernels/model.cu`, through cudarc);
+//! - [`gpu`]: the same on a GPU (through cudarc): [`gpu::blas`], cuBLAS's GEMM for row-major
+//!   matrices, and [`gpu::kernels`], the kernels of `kernels/model.cu` and `kernels/optim.cu`
+//!   (compiled and cached by `ringlet-cuda`);
+//! - [`optim`]: SGD with momentum and AdamW, their hyper-parameters and CPU updates (the
+//!   references the optimizer kernels match bit for bit);
 //! - [`train`]: the MLP's loop, built from `ringlet-ddp`'s pieces (sampler, bucketed all-reduce
 //!   overlapping backward, balancing, checkpoints, metrics).
 
@@ -12,5 +16,6 @@ pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod models;
+pub mod optim;
 pub mod tensor;
 pub mod train;

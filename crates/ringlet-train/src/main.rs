@@ -3,11 +3,11 @@
 use clap::Parser;
 use ringlet::{Communicator, Error};
 use ringlet_burn::{TrainOptions, TrainSummary};
-use ringlet_cuda::reference::{AdamW, Sgd};
 use ringlet_ddp::report::{metrics_path, Metrics, Progress};
 use ringlet_ddp::{agree, Balance, CheckpointOptions, Resume, StepReport};
 use ringlet_train::burn_models::{self, CnnShape, LmShape, OptimizerChoice, Outcome};
 use ringlet_train::models::transformer::{CharText, TEXT};
+use ringlet_train::optim::{AdamW, Sgd};
 use ringlet_train::train::{self, DeviceChoice, OptimizerKind, Options};
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -6,9 +6,9 @@
 //! Matrices are row-major `[rows, cols]`; a matrix operand is a buffer and the element it
 //! starts at, so a layer's weights are used in place inside the flat parameter vector.
 
+pub use crate::gpu::blas::Gemm;
+use crate::optim::{AdamW, Sgd};
 use ringlet::Error;
-use ringlet_cuda::reference::{AdamW, Sgd};
-pub use ringlet_cuda::Gemm;
 
 /// Where the model's buffers live and how the operations run there.
 pub trait Backend {

@@ -18,7 +18,7 @@ use crate::model::{Layer, Mlp, Workspace};
 use crate::tensor::{Backend, Host};
 use ringlet::{Communicator, Error, ReduceOp};
 
-use ringlet_cuda::reference::{AdamW, Sgd};
+use crate::optim::{AdamW, Sgd};
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{

@@ -8,7 +8,7 @@
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use ringlet_cuda::reference::{AdamW, Sgd};
+use ringlet_train::optim::{AdamW, Sgd};
 use ringlet_train::tensor::{Backend, Host};
 use std::ffi::{c_void, CString};
 use std::path::PathBuf;

@@ -1,7 +1,6 @@
-//! CPU versions of the optimizer kernels of `kernels/optim.cu`, operation for operation in the
-//! same order (the kernels are compiled without fused multiply-add), so the two agree bit for
-//! bit. The reduction kernels' references are `ringlet_core::Element::reduce_into` and
-//! `divide_by`: the host ring's own code.
+//! The optimizers' hyper-parameters and their CPU updates: the references of the kernels of
+//! `kernels/optim.cu` (`crate::gpu::kernels`), operation for operation in the same order (the
+//! kernels are compiled without fused multiply-add), so the two agree bit for bit.
 
 /// SGD with momentum (PyTorch's, dampening 0): `d = g*scale + wd*p; v = momentum*v + d;
 /// p -= lr*v`.

@@ -3,17 +3,26 @@
 //! Reads wait for the stream, so a gradient read for the all-reduce is complete.
 //!
 //! Every view is bounds-checked here before its device address reaches CUDA.
+//!
+//! - [`blas`]: cuBLAS's GEMM for row-major matrices on the device's stream;
+//! - [`kernels`]: the kernels of `kernels/model.cu` and `kernels/optim.cu` on the device.
 
+pub mod blas;
+pub mod kernels;
+
+use crate::optim::{AdamW, Sgd};
 use crate::tensor::{Backend, Gemm};
+use blas::Blas;
+use kernels::ModelArg::{self, Ptr, Size};
+use kernels::TrainKernels;
 use ringlet::Error;
-use ringlet_cuda::launch::ModelArg::{self, Ptr, Size};
-use ringlet_cuda::reference::{AdamW, Sgd};
-use ringlet_cuda::{Blas, CudaError, DeviceBuffer, Gpu};
+use ringlet_cuda::{CudaError, DeviceBuffer, Gpu};
 
 /// One GPU running the model.
 pub struct GpuBackend {
     // Dropped first: destroying the handle waits for its work before the kernels' modules go.
     blas: Blas,
+    kernels: TrainKernels,
     gpu: Gpu,
     name: String,
 }
@@ -27,8 +36,9 @@ impl GpuBackend {
             .into_iter()
             .nth(ordinal)
             .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
-        let (major, minor, patch) = ringlet_cuda::blas::version()?;
+        let (major, minor, patch) = blas::version()?;
         let gpu = Gpu::new(ordinal)?;
+        let kernels = TrainKernels::new(&gpu.kernels)?;
         let blas = Blas::new(&gpu.kernels)?;
         Ok(GpuBackend {
             name: format!(
@@ -37,6 +47,7 @@ impl GpuBackend {
                 info.arch()
             ),
             gpu,
+            kernels,
             blas,
         })
     }
@@ -63,7 +74,7 @@ impl GpuBackend {
         // SAFETY: every caller below passes the kernel's parameters in model.cu's order, with
         // addresses from `at`, which checked that each holds what the kernel touches for the
         // sizes passed alongside.
-        unsafe { self.gpu.kernels.model(kernel, work as u64, args) }.map_err(Error::from)
+        unsafe { self.kernels.model(kernel, work as u64, args) }.map_err(Error::from)
     }
 }
 
@@ -224,7 +235,7 @@ impl Backend for GpuBackend {
             self.at(v, 0, n, "sgd v")?,
         ];
         // SAFETY: `at` checked that each address holds n f32.
-        unsafe { self.gpu.kernels.sgd_at(opt, ptrs, n, grad_scale) }.map_err(Error::from)
+        unsafe { self.kernels.sgd_at(opt, ptrs, n, grad_scale) }.map_err(Error::from)
     }
 
     fn adamw(
@@ -245,7 +256,7 @@ impl Backend for GpuBackend {
             self.at(v, 0, n, "adamw v")?,
         ];
         // SAFETY: `at` checked that each address holds n f32.
-        unsafe { self.gpu.kernels.adamw_at(opt, ptrs, n, grad_scale, t) }.map_err(Error::from)
+        unsafe { self.kernels.adamw_at(opt, ptrs, n, grad_scale, t) }.map_err(Error::from)
     }
 }
 

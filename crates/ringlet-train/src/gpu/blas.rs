@@ -5,11 +5,11 @@
 //! operands swapped ([`Gemm::column_major`]). The handle keeps cuBLAS's default math mode, so
 //! products are computed in FP32 (no TF32), as the CPU does.
 
-use crate::launch::Kernels;
-use crate::libs::{self, CudaLib};
-use crate::CudaError;
 use cudarc::cublas::{result, sys};
 use cudarc::driver::sys::CUdeviceptr;
+use ringlet_cuda::launch::Kernels;
+use ringlet_cuda::libs::{self, CudaLib};
+use ringlet_cuda::CudaError;
 use std::ffi::c_int;
 
 /// `C[m, n] = beta·C + op(A)[m, k]·op(B)[k, n]`, all row-major. `op(A)` is A stored `[m, k]`,
