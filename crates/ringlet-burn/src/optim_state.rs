@@ -110,7 +110,20 @@ pub fn save(
     Ok((tensors, json!({ "scalars": scalars, "paths": paths })))
 }
 
-/// `optim` with the state [`save`] produced, mapped onto this run's parameters.
+/// The parameter a state entry `"{parameter name}.{field}"` belongs to (names contain dots: the
+/// longest that fits).
+fn owner<'a>(key: &str, params: &'a [ParamInfo]) -> Option<&'a ParamInfo> {
+    params
+        .iter()
+        .filter(|p| {
+            key.strip_prefix(p.name.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        })
+        .max_by_key(|p| p.name.len())
+}
+
+/// `optim` with the state [`save`] produced, mapped onto this run's parameters. Every state
+/// tensor must have its parameter's shape, as the state of SGD (momentum), Adam and AdamW does.
 pub fn load(
     optim: ModuleOptimizer,
     params: &[ParamInfo],
@@ -123,19 +136,23 @@ pub fn load(
         .collect();
     let mut packed = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let key = rename_back(&t.name, &names)
+        let p = owner(&t.name, params)
             .ok_or_else(|| bad(format!("{} belongs to no parameter of this model", t.name)))?;
-        let id: u64 = key
-            .split('.')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(format!("bad key {key}")))?;
+        // SGD's velocity and Adam's moments have their parameter's shape; anything else (an
+        // edited file) must not reach Burn's loader, which cannot refuse it.
+        if t.shape != p.shape || t.data.len() != p.numel() {
+            return Err(bad(format!(
+                "{} has shape {:?}, its parameter {} has {:?}",
+                t.name, t.shape, p.name, p.shape
+            )));
+        }
+        let key = format!("{}{}", p.id.val(), &t.name[p.name.len()..]);
         let bytes = TensorData::new(t.data.clone(), t.shape.clone()).into_bytes();
         packed.push(burn_pack::Tensor::new(
             key,
             DType::F32,
             t.shape.clone(),
-            Some(id),
+            Some(p.id.val()),
             bytes,
         ));
     }

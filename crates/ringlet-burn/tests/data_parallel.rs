@@ -152,6 +152,18 @@ fn optimizer_state_survives_new_parameter_ids() {
         assert_ne!(fresh_list[0].id, list[0].id);
         let fresh = params::load_named(fresh, &fresh_list, &saved, "test").unwrap();
         let mut dp2 = DataParallel::new(&comm, &fresh, SyncOptions::default()).unwrap();
+        // A state tensor edited to another shape is refused, never handed to Burn's loader.
+        let mut edited = tensors.clone();
+        edited[0].shape = vec![1];
+        edited[0].data.truncate(1);
+        let e = optim_state::load(AdamWConfig::new().init(), &fresh_list, &edited, &extra)
+            .err()
+            .expect("a state tensor of the wrong shape is refused")
+            .to_string();
+        assert!(
+            e.contains("a.bias.momentum.moment_1 has shape [1], its parameter a.bias has [5]"),
+            "{e}"
+        );
         let mut optim2 =
             optim_state::load(AdamWConfig::new().init(), &fresh_list, &tensors, &extra).unwrap();
         let a = step(net, &mut optim, &mut dp);

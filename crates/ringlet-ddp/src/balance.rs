@@ -223,7 +223,13 @@ impl Balancer {
             (Balance::Off, _) => split(global, &vec![1.0; n]),
             (Balance::Auto, _) => {
                 let share = (global / n).max(1);
-                let secs = measure(share)?;
+                // Agreed before the all-reduce: a rank whose measurement fails must not leave
+                // the others waiting in it.
+                let secs = crate::agree::agree(
+                    comm,
+                    measure(share).map_err(|e| e.to_string()),
+                    "calibrating the split (--balance auto)",
+                )?;
                 let mut speeds = vec![0.0f64; n];
                 speeds[comm.rank()] = share as f64 / secs.max(1e-9);
                 comm.all_reduce(&mut speeds, ringlet::ReduceOp::Sum)?;

@@ -275,6 +275,11 @@ impl Checkpointer {
         let start = Instant::now();
         let previous = self.wait();
         let waited = start.elapsed();
+        // A writer still stuck on the storage: starting another beside it would break the one
+        // writer per directory the format relies on.
+        if let Err(e @ CheckpointError::WriteTimedOut { .. }) = previous {
+            return Err(e);
+        }
 
         let target = self.dir.join(step_dir_name(snap.state.step));
         let (dir, keep) = (self.dir.clone(), self.keep);
@@ -306,10 +311,11 @@ impl Checkpointer {
         let until = Instant::now() + self.deadline;
         while !handle.is_finished() {
             if Instant::now() >= until {
-                return Err(CheckpointError::WriteTimedOut {
-                    path: target,
-                    secs: self.deadline.as_secs_f64(),
-                });
+                let secs = self.deadline.as_secs_f64();
+                let path = target.clone();
+                // Kept: the writer may still finish, and no second one may start beside it.
+                self.in_flight = Some(InFlight { target, handle });
+                return Err(CheckpointError::WriteTimedOut { path, secs });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -673,8 +679,8 @@ fn read_capped(reader: impl Read, path: &Path, limit: u64) -> Result<Vec<u8>, Re
     Ok(bytes)
 }
 
-/// Total physical memory, if the system says.
-fn physical_memory() -> Option<u64> {
+/// Total physical memory, if the system says (what a read, or a model, can be held to).
+pub fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf only reads its integer argument and has no memory-safety preconditions.
     let (pages, page_size) = unsafe {
         (
@@ -1544,6 +1550,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(t.elapsed() < Duration::from_secs(1));
+        // The stuck writer is kept: no second one starts beside it.
+        match ck.save(snapshot(5)) {
+            Err(CheckpointError::WriteTimedOut { path, .. }) => {
+                assert_eq!(path, tmp.0.join("step-000000000004"))
+            }
+            other => panic!("a second writer started: {other:?}"),
+        }
     }
 
     #[test]

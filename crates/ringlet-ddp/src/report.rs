@@ -33,9 +33,25 @@ pub struct StepReport {
 pub struct Metrics(std::io::BufWriter<std::fs::File>);
 
 impl Metrics {
+    /// Creates (truncates) `path`. Opening never blocks (a FIFO without a reader would), and
+    /// only a regular file is written to.
     pub fn create(path: &Path) -> Result<Metrics, Error> {
-        let f = std::fs::File::create(path)
-            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let what = || format!("creating {}", path.display());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(what(), e))?;
+        let meta = f.metadata().map_err(|e| Error::io(what(), e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
         Ok(Metrics(std::io::BufWriter::new(f)))
     }
     pub fn write(&mut self, r: &StepReport) -> std::io::Result<()> {

@@ -78,6 +78,12 @@ pub fn check_resumable(snap: &Snapshot, expect: &Expect, path: &Path) -> Result<
             s.batches
         ));
     }
+    if s.epoch > s.step {
+        return fail(format!(
+            "epoch {} is past its step {} (every epoch takes at least one step)",
+            s.epoch, s.step
+        ));
+    }
     if s.cursor > expect.train_len as u64 {
         return fail(format!(
             "data cursor {} is past the {} training samples of this dataset",
@@ -110,10 +116,14 @@ pub fn saved_split(state: &State, world_size: usize, global_batch: usize) -> Opt
         .batches
         .iter()
         .try_fold(0usize, |a, &b| a.checked_add(b));
+    // A rank with no sample could never be measured again by `auto`: a split with one is not
+    // taken where every rank can have some.
+    let empty = global_batch >= world_size && state.batches.contains(&0);
     (state.world_size == world_size
         && state.batches.len() == world_size
-        && sum == Some(global_batch))
-    .then(|| state.batches.clone())
+        && sum == Some(global_batch)
+        && !empty)
+        .then(|| state.batches.clone())
 }
 
 /// What a checkpoint after step `step` records of the loop: the sampler's position, the split,
@@ -138,6 +148,13 @@ pub fn loop_state(
     }
 }
 
+/// How long one operation on the shared storage may take: less than the collective deadline
+/// the other ranks wait with meanwhile, so that storage too slow for it fails on rank 0 naming
+/// the checkpoint before the others give up on rank 0 with a bare timeout.
+fn storage_deadline(comm: &Communicator) -> Duration {
+    comm.timeout().mul_f64(0.8)
+}
+
 /// The job's checkpoints (see the module docs). Rank 0 holds the writer.
 pub struct JobCheckpoints {
     opts: CheckpointOptions,
@@ -149,8 +166,9 @@ impl JobCheckpoints {
     /// Opens (creates) the directory on rank 0; collective. Saves are bounded by the
     /// communicator's timeout.
     pub fn open(comm: &Communicator, opts: CheckpointOptions) -> Result<JobCheckpoints, Error> {
+        let deadline = storage_deadline(comm);
         let opened = match comm.rank() {
-            0 => Checkpointer::open(&opts.dir, opts.keep, comm.timeout())
+            0 => Checkpointer::open(&opts.dir, opts.keep, deadline)
                 .map(Some)
                 .map_err(|e| e.to_string()),
             _ => Ok(None),
@@ -159,7 +177,7 @@ impl JobCheckpoints {
         Ok(JobCheckpoints {
             opts,
             writer,
-            deadline: comm.timeout(),
+            deadline,
         })
     }
 

@@ -81,7 +81,9 @@ impl Sampler {
             )));
         }
         if self.cursor + self.global_batch > self.len {
-            self.epoch += 1;
+            self.epoch = self.epoch.checked_add(1).ok_or_else(|| {
+                Error::Config("the epoch count overflows (a corrupt checkpoint?)".into())
+            })?;
             self.cursor = 0;
             self.order = epoch_order(self.seed, self.epoch, self.len);
         }

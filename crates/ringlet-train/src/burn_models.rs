@@ -110,6 +110,31 @@ fn cuda_device(_local_rank: usize) -> Result<Device, String> {
     Err("this build has no CUDA backend for Burn models (cargo feature `cuda`)".into())
 }
 
+/// Refuses a model whose parameters (with their gradients and two optimizer moments) and the
+/// activations of a whole global batch cannot fit in this machine's memory, before anything is
+/// allocated: each size flag is bounded, their product is not. `None`: the estimate overflowed.
+fn check_fits(
+    model: &str,
+    params: Option<u64>,
+    per_sample: Option<u64>,
+    batch: usize,
+) -> Result<(), Error> {
+    let bytes = params
+        .and_then(|p| p.checked_mul(4 * 4))
+        .zip(per_sample.and_then(|a| a.checked_mul(4 * 3 * batch as u64)))
+        .and_then(|(p, a)| p.checked_add(a));
+    let memory = ringlet_ddp::checkpoint::physical_memory().unwrap_or(u64::MAX);
+    match bytes {
+        Some(b) if b <= memory => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "--model {model} with these sizes needs about {} of memory ({} parameters), this machine has {} GiB",
+            bytes.map_or("more than 2^64 bytes".into(), |b| format!("{} GiB", b >> 30)),
+            params.map_or("too many".into(), |p| p.to_string()),
+            memory >> 30
+        ))),
+    }
+}
+
 /// Trains the CNN on `data`'s images.
 pub fn train_cnn(
     comm: &Communicator,
@@ -121,6 +146,23 @@ pub fn train_cnn(
     report: impl FnMut(&StepReport),
 ) -> Result<Outcome, Error> {
     let side = Cnn::side_of(data).map_err(Error::InvalidArgument)?;
+    let (c, h, area) = (
+        shape.channels as u64,
+        shape.hidden as u64,
+        (side * side) as u64,
+    );
+    let params = (|| {
+        let convs = (9 * c + 9 * c * c + 18 * c * c + 36 * c * c).checked_add(6 * c)?;
+        let dense = (2 * c).checked_mul(area / 16)?.checked_mul(h)?;
+        convs
+            .checked_add(dense)?
+            .checked_add(h * (data.classes as u64 + 1))
+    })();
+    let per_sample = c.checked_mul(area).and_then(|x| x.checked_mul(8));
+    let fits = check_fits("cnn", params, per_sample, opts.global_batch);
+    // Agreed: memory differs between hosts, and a rank that stops here alone would leave the
+    // others waiting for it.
+    ringlet_ddp::agree(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
     device.seed(opts.seed);
     let ad = device.clone().autodiff();
     let model = Cnn::new(side, shape.channels, shape.hidden, data.classes, &ad);
@@ -167,6 +209,25 @@ pub fn train_transformer(
     opts: &TrainOptions,
     report: impl FnMut(&StepReport),
 ) -> Result<Outcome, Error> {
+    let (v, t, d, heads, layers) = (
+        text.vocab.len() as u64,
+        shape.context as u64,
+        shape.d_model as u64,
+        shape.heads as u64,
+        shape.layers as u64,
+    );
+    let params = (|| {
+        let block = d.checked_mul(d)?.checked_mul(12)?.checked_add(13 * d)?;
+        layers
+            .checked_mul(block)?
+            .checked_add((2 * v + t + 2) * d + v)
+    })();
+    let per_sample = (|| {
+        let attention = heads.checked_mul(t)?.checked_mul(t)?.checked_mul(3)?;
+        layers.checked_mul(attention.checked_add(t.checked_mul(d)?.checked_mul(16)?)?)
+    })();
+    let fits = check_fits("transformer", params, per_sample, opts.global_batch);
+    ringlet_ddp::agree(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
     device.seed(opts.seed);
     let ad = device.clone().autodiff();
     let model = CharTransformer::new(

@@ -361,7 +361,12 @@ fn run(args: &Args) -> Result<(), Error> {
             opts.staged = !args.no_overlap;
             opts.checkpoint = checkpoint;
             opts.calibration_steps = args.calibration_steps;
-            let burn_device = burn_models::device(&comm, device)?;
+            // Every rank learns of one that cannot use its device, instead of waiting for it.
+            let burn_device = agree(
+                &comm,
+                burn_models::device(&comm, device).map_err(|e| e.to_string()),
+                "opening the device (--device)",
+            )?;
             match data {
                 Data::Labelled(d) => {
                     let shape = CnnShape {
