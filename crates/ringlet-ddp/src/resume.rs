@@ -352,6 +352,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("overflows when summed"), "{e}");
+        // An epoch past its step (a huge one would make the sampler's count wrap): refused.
+        let mut late = snap(vec![32, 32], 2, 0);
+        late.state.epoch = u64::MAX;
+        let e = check(late).unwrap_err().to_string();
+        assert!(
+            e.contains("epoch 18446744073709551615 is past its step 10"),
+            "{e}"
+        );
         let mut other = snap(vec![32, 32], 2, 0);
         other.state.model = serde_json::json!({"sizes": [64, 32, 10], "optimizer": "sgd"});
         let e = check(other).unwrap_err().to_string();
@@ -369,5 +377,11 @@ mod tests {
         assert_eq!(saved_split(&s, 2, 128), None);
         let wrapping = snap(vec![usize::MAX, 65], 2, 0).state;
         assert_eq!(saved_split(&wrapping, 2, 64), None);
+        // A rank with nothing to do is not resumed into when every rank can have samples.
+        assert_eq!(saved_split(&snap(vec![0, 64], 2, 0).state, 2, 64), None);
+        assert_eq!(
+            saved_split(&snap(vec![0, 1], 2, 0).state, 2, 1),
+            Some(vec![0, 1])
+        );
     }
 }
