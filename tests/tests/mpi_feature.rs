@@ -48,13 +48,22 @@ fn mpi_bench() -> &'static PathBuf {
 /// `mpirun PLACEMENT... -x VARS... BENCH ARGS...`, without any torchrun variable or store
 /// address in the environment; whether it succeeded, and its output.
 fn mpirun_bench(placement: &[&str], env: &[&str], args: &[&str]) -> (bool, String) {
+    // Each mpirun gets its own session directory: concurrent ones sharing Open MPI's default
+    // (/tmp/ompi.HOST.UID) race, one removing it while another creates its pid.N inside
+    // ("orte_session_dir failed"; seen when the tests of this file ran beside a build).
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let session = std::env::temp_dir().join(format!(
+        "ringlet-ompi-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&session).expect("a session directory for mpirun");
     let mut cmd = Command::new("mpirun");
-    cmd.arg("--allow-run-as-root").args(placement).args([
-        "-x",
-        "RINGLET_TIMEOUT=60",
-        "-x",
-        "RINGLET_LOG=info",
-    ]);
+    cmd.arg("--allow-run-as-root")
+        .args(["--mca", "orte_tmpdir_base"])
+        .arg(&session)
+        .args(placement)
+        .args(["-x", "RINGLET_TIMEOUT=60", "-x", "RINGLET_LOG=info"]);
     for e in env {
         cmd.args(["-x", e]);
     }
@@ -69,6 +78,7 @@ fn mpirun_bench(placement: &[&str], env: &[&str], args: &[&str]) -> (bool, Strin
         cmd.env_remove(var);
     }
     let (status, out) = run_bounded(&mut cmd, Duration::from_secs(180));
+    let _ = std::fs::remove_dir_all(&session);
     (status.is_some_and(|s| s.success()), out)
 }
 
