@@ -179,28 +179,31 @@ fn store(file: &std::path::Path, text: &str) -> Result<(), CudaError> {
     std::fs::rename(&tmp, file).map_err(|e| CudaError::io(format!("renaming {}", tmp.display()), e))
 }
 
+/// For tests that compile kernels: whether NVRTC loads. Where it does not, prints a SKIPPED
+/// line, except in CI (`CI` set), where it fails: CI installs NVRTC from PyPI (no GPU needed).
+pub fn nvrtc_or_skip() -> bool {
+    match nvrtc_version() {
+        Ok(v) => {
+            println!("NVRTC {}.{}", v.0, v.1);
+            true
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "NVRTC is missing in CI ({e}): .ci/run installs nvidia-cuda-nvrtc-cu12"
+            );
+            println!("SKIPPED: {e} (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12)");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// NVRTC is needed; CI installs it from PyPI (no GPU needed), elsewhere its absence skips.
     fn nvrtc_here() -> bool {
-        match nvrtc_version() {
-            Ok(v) => {
-                println!("NVRTC {}.{}", v.0, v.1);
-                true
-            }
-            Err(e) => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "NVRTC is missing in CI ({e}): .ci/run installs nvidia-cuda-nvrtc-cu12"
-                );
-                println!(
-                    "SKIPPED: {e} (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12)"
-                );
-                false
-            }
-        }
+        nvrtc_or_skip()
     }
 
     fn temp_cache(tag: &str) -> PathBuf {

@@ -196,26 +196,10 @@ pub enum ModelArg {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringlet_cuda::kernels::{missing_kernels, nvrtc_version, ptx};
+    use ringlet_cuda::kernels::{missing_kernels, ptx};
 
-    /// NVRTC is needed; CI installs it from PyPI (no GPU needed), elsewhere its absence skips.
     fn nvrtc_here() -> bool {
-        match nvrtc_version() {
-            Ok(v) => {
-                println!("NVRTC {}.{}", v.0, v.1);
-                true
-            }
-            Err(e) => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "NVRTC is missing in CI ({e}): .ci/run installs nvidia-cuda-nvrtc-cu12"
-                );
-                println!(
-                    "SKIPPED: {e} (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12)"
-                );
-                false
-            }
-        }
+        ringlet_cuda::kernels::nvrtc_or_skip()
     }
 
     #[test]
