@@ -151,19 +151,8 @@ where
             model = params::load_named(model, dp.params(), &snap.model, &what)?;
             optim = optim_state::load(optim, dp.params(), &snap.optimizer, &snap.state.extra)
                 .map_err(|e| Error::Config(format!("{what}: {e}")))?;
-            let s = &snap.state;
-            step = s.step;
-            sampler.seek(s.epoch, s.cursor)?;
-            resumed_split = resume::saved_split(s, n, global);
+            (step, resumed_split) = resume::resume_loop(&snap.state, &path, &mut sampler, rank, n)?;
             resumed_from = Some(step);
-            if rank == 0 {
-                tracing::info!(
-                    "resumed from {what} (step {step}, epoch {}, cursor {}, saved by {} ranks)",
-                    s.epoch,
-                    s.cursor,
-                    s.world_size
-                );
-            }
         }
         None => model = dp.broadcast(model, 0)?,
     }

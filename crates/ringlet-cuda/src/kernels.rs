@@ -179,6 +179,29 @@ fn store(file: &std::path::Path, text: &str) -> Result<(), CudaError> {
     std::fs::rename(&tmp, file).map_err(|e| CudaError::io(format!("renaming {}", tmp.display()), e))
 }
 
+/// Compiles every source for every architecture (no cache) and checks that each PTX targets its
+/// architecture and defines every kernel its source names: what a crate's kernel-compile test
+/// asserts.
+pub fn check_compiles(sources: &[&KernelSource], archs: &[u32]) -> Result<(), String> {
+    for &arch in archs {
+        for source in sources {
+            let text = ptx(source, arch, None).map_err(|e| e.to_string())?;
+            if !text.contains(&format!(".target sm_{arch}")) {
+                return Err(format!(
+                    "{} for sm_{arch} targets something else: {}",
+                    source.name,
+                    &text[..400.min(text.len())]
+                ));
+            }
+            let missing = missing_kernels(source, &text);
+            if !missing.is_empty() {
+                return Err(format!("{} for sm_{arch} lacks {missing:?}", source.name));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// For tests that compile kernels: whether NVRTC loads. Where it does not, prints a SKIPPED
 /// line, except in CI (`CI` set), where it fails: CI installs NVRTC from PyPI (no GPU needed).
 pub fn nvrtc_or_skip() -> bool {
@@ -215,17 +238,7 @@ mod tests {
         if !nvrtc_here() {
             return;
         }
-        for arch in [70, 80, 90] {
-            for source in ALL {
-                let text = ptx(source, arch, None).unwrap_or_else(|e| panic!("{e}"));
-                assert!(
-                    text.contains(&format!(".target sm_{arch}")),
-                    "{}",
-                    &text[..400.min(text.len())]
-                );
-                assert!(missing_kernels(source, &text).is_empty());
-            }
-        }
+        check_compiles(&ALL, &[70, 80, 90]).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]

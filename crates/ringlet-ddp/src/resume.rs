@@ -126,6 +126,31 @@ pub fn saved_split(state: &State, world_size: usize, global_batch: usize) -> Opt
         .then(|| state.batches.clone())
 }
 
+/// Puts a training loop where a checkpoint (`state`, from `path`, already checked with
+/// [`check_resumable`]) left it: the sampler at its position. Returns the step to go on from and
+/// the saved split, where it still applies to this world and global batch; rank 0 logs it.
+pub fn resume_loop(
+    state: &State,
+    path: &Path,
+    sampler: &mut crate::Sampler,
+    rank: usize,
+    world_size: usize,
+) -> Result<(u64, Option<Vec<usize>>), Error> {
+    sampler.seek(state.epoch, state.cursor)?;
+    if rank == 0 {
+        tracing::info!(
+            "resumed from {} (step {}, epoch {}, cursor {}, saved by {} ranks)",
+            path.display(),
+            state.step,
+            state.epoch,
+            state.cursor,
+            state.world_size
+        );
+    }
+    let split = saved_split(state, world_size, sampler.global_batch());
+    Ok((state.step, split))
+}
+
 /// What a checkpoint after step `step` records of the loop: the sampler's position, the split,
 /// the world size and the caller's `config` (the caller adds its `extra` state and `rng`).
 pub fn loop_state(

@@ -206,19 +206,8 @@ fn run<B: Backend>(
                     restore(&layers, &snap.optimizer, "exp_avg_sq.", v, &path)?;
                 }
             }
-            step = s.step;
-            sampler.seek(s.epoch, s.cursor)?;
-            resumed_split = resume::saved_split(s, n, global);
+            (step, resumed_split) = resume::resume_loop(s, &path, &mut sampler, rank, n)?;
             resumed_from = Some(step);
-            if rank == 0 {
-                tracing::info!(
-                    "resumed from {} (step {step}, epoch {}, cursor {}, saved by {} ranks)",
-                    path.display(),
-                    s.epoch,
-                    s.cursor,
-                    s.world_size
-                );
-            }
         }
     }
 
