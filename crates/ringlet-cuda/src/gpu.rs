@@ -92,7 +92,7 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Device `ordinal`, its kernels compiled (or found in the PTX cache) and loaded.
+    /// Device `ordinal`, its kernels compiled (or found in the kernel cache) and loaded.
     pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
         Ok(Gpu {
             kernels: Kernels::new(ordinal)?,

@@ -1,5 +1,5 @@
 //! The reduction kernels of `kernels/` on a device: compiled for its architecture (through the
-//! PTX cache), loaded once, launched on one stream. Other kernel sources (`ringlet-train`'s) load
+//! kernel cache), loaded once, launched on one stream. Other kernel sources (`ringlet-train`'s) load
 //! on the same context and stream with [`Kernels::load`] and launch with [`config`]'s shape.
 
 use crate::kernels::{self, KernelSource, REDUCE};
@@ -29,6 +29,9 @@ impl Kernels {
             .nth(ordinal)
             .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
         let arch = info.arch();
+        // Logged once per process: the versions and files a GPU job really runs on.
+        crate::libs::found(crate::libs::CudaLib::Driver)?;
+        crate::libs::found(crate::libs::CudaLib::Nvrtc)?;
         let cache = kernels::cache_dir();
         let ctx = CudaContext::new(ordinal)?;
         Ok(Kernels {
@@ -39,7 +42,7 @@ impl Kernels {
         })
     }
 
-    /// `source` compiled for this device (or found in the PTX cache) and loaded on its context,
+    /// `source` compiled for this device (or found in the kernel cache) and loaded on its context,
     /// for kernels other crates define and launch on [`stream`](Self::stream).
     pub fn load(&self, source: &KernelSource) -> Result<Arc<CudaModule>, CudaError> {
         load(&self.ctx, source, self.arch, &kernels::cache_dir())
@@ -109,15 +112,21 @@ impl Kernels {
     }
 }
 
-/// `source`'s PTX for `sm_<arch>` from the cache in `cache` (or compiled now), loaded on `ctx`.
+/// `source` compiled for a device of `sm_<arch>` (machine code, or PTX where NVRTC does not know
+/// the architecture), from the cache in `cache` or compiled now, loaded on `ctx`.
 fn load(
     ctx: &Arc<CudaContext>,
     source: &KernelSource,
     arch: u32,
     cache: &std::path::Path,
 ) -> Result<Arc<CudaModule>, CudaError> {
-    let ptx = kernels::ptx(source, arch, Some(cache))?;
-    ctx.load_module(Ptx::from_src(ptx)).map_err(CudaError::from)
+    let image = kernels::compile(source, kernels::target(arch)?, Some(cache))?;
+    let module = match image.target {
+        // cuModuleLoadData takes either: a CUBIN as bytes, PTX as NUL-terminated text.
+        kernels::Target::Sass(_) => Ptx::from_binary(image.bytes),
+        kernels::Target::Ptx(_) => Ptx::from_src(String::from_utf8_lossy(&image.bytes)),
+    };
+    ctx.load_module(module).map_err(CudaError::from)
 }
 
 /// The reduction kernel's name for `op` (`Avg` sums; the division is a separate kernel).

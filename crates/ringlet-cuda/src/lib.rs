@@ -3,11 +3,13 @@
 //!
 //! Layers, bottom up (cudarc's `sys` → `result` → `safe` split):
 //! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl`, `libcublas` — the search path,
-//!   `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA installs and pip wheels (`nvidia-*-cu12`) — before
+//!   `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA 12 and 13 installs and pip wheels of either layout — before
 //!   cudarc asks for them by name;
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
 //! - [`kernels`]: the reduction kernels of `kernels/reduce.cu`, and the compilation of any kernel
-//!   source with NVRTC for a device's architecture, the PTX cached on disk;
+//!   source with NVRTC for a device's architecture (machine code, or PTX for a device newer than NVRTC
+//!   knows), cached on disk;
+//! - [`versions`]: each library's version, as it reports it;
 //! - [`launch`]: the reduction kernels loaded on a device and launched on its stream, and loading
 //!   other kernel sources on the same context with the same launch shape;
 //! - [`gpu`]: typed device buffers, pinned host blocks, async copies and events on one stream;
@@ -25,6 +27,7 @@ pub mod kernels;
 pub mod launch;
 pub mod libs;
 pub mod nccl;
+pub mod versions;
 
 pub use device::{devices, DeviceInfo};
 pub use error::CudaError;

@@ -1,11 +1,21 @@
 //! Finding the CUDA libraries and loading them before cudarc does.
 //!
-//! cudarc opens its libraries by file name (`libnvrtc.so.12`, ...), which only finds what the
-//! dynamic linker's own search finds. We look further — `RINGLET_*_LIB` (a file or a directory),
-//! `CUDA_HOME`/`CUDA_PATH`, `/usr/local/cuda`, the distribution's directories, and the `nvidia/*`
-//! packages of pip wheels in any Python site directory — and open what we find by path, with
-//! `RTLD_GLOBAL`, keeping it loaded for good. The dynamic linker then hands cudarc the library
-//! already loaded under the same soname.
+//! One build serves CUDA 12 and CUDA 13. cudarc is built with CUDA 13.0's bindings (the
+//! `cuda-13000` feature), so it asks for `libnvrtc.so`, `libnvrtc.so.13`, then `libnvrtc.so.12`
+//! (and the same for cuBLAS); every entry point Ringlet calls exists in both majors' libraries.
+//!
+//! cudarc opens its libraries by file name, which only finds what the dynamic linker's own search
+//! finds. We look further — `RINGLET_*_LIB` (a file or a directory), `CUDA_HOME`/`CUDA_PATH`,
+//! `/usr/local/cuda` and `/usr/local/cuda-<major>.<minor>` (with their `targets/<arch>/lib`), the
+//! distribution's directories, and pip's wheels in any Python site directory, in both layouts
+//! (CUDA 12's `nvidia/cuda_nvrtc/lib`, `nvidia/cublas/lib`; CUDA 13's `nvidia/cu13/lib`) — and
+//! open what we find by path, with `RTLD_GLOBAL`, keeping it loaded for good. The dynamic linker
+//! then hands cudarc the library already loaded under the same soname.
+//!
+//! Where several majors are installed, the newest one the driver supports is chosen (NVRTC newer
+//! than the driver would write PTX the driver cannot load; cuBLAS 13 needs a CUDA 13 driver).
+//! After cudarc has opened a library, [`found`] asks the dynamic linker which file cudarc's
+//! symbols come from, so what is reported is what runs.
 
 use crate::CudaError;
 use std::ffi::CString;
@@ -24,14 +34,41 @@ pub enum CudaLib {
     CublasLt,
 }
 
+/// The CUDA majors Ringlet runs with, newest first.
+pub const CUDA_MAJORS: [u32; 2] = [13, 12];
+
 impl CudaLib {
+    /// Its name in messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            CudaLib::Driver => "the CUDA driver",
+            CudaLib::Nvrtc => "NVRTC",
+            CudaLib::Nccl => "NCCL",
+            CudaLib::Cublas => "cuBLAS",
+            CudaLib::CublasLt => "cuBLASLt",
+        }
+    }
+
+    /// The file named in "not found" messages.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            CudaLib::Driver => "libcuda.so.1",
+            CudaLib::Nvrtc => "libnvrtc.so.13 or .12",
+            CudaLib::Nccl => "libnccl.so.2",
+            CudaLib::Cublas => "libcublas.so.13 or .12",
+            CudaLib::CublasLt => "libcublasLt.so.13 or .12",
+        }
+    }
+
+    /// File names, in the order cudarc asks the dynamic linker for them: unversioned first,
+    /// then the newest major.
     pub fn file_names(self) -> &'static [&'static str] {
         match self {
-            CudaLib::Driver => &["libcuda.so.1", "libcuda.so"],
-            CudaLib::Nvrtc => &["libnvrtc.so.12", "libnvrtc.so"],
-            CudaLib::Nccl => &["libnccl.so.2", "libnccl.so"],
-            CudaLib::Cublas => &["libcublas.so.12", "libcublas.so"],
-            CudaLib::CublasLt => &["libcublasLt.so.12", "libcublasLt.so"],
+            CudaLib::Driver => &["libcuda.so", "libcuda.so.1"],
+            CudaLib::Nvrtc => &["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"],
+            CudaLib::Nccl => &["libnccl.so", "libnccl.so.2"],
+            CudaLib::Cublas => &["libcublas.so", "libcublas.so.13", "libcublas.so.12"],
+            CudaLib::CublasLt => &["libcublasLt.so", "libcublasLt.so.13", "libcublasLt.so.12"],
         }
     }
 
@@ -46,14 +83,21 @@ impl CudaLib {
         }
     }
 
-    /// Where a pip wheel puts it below a site directory.
-    fn wheel_dir(self) -> Option<&'static str> {
+    /// Where pip's wheels put it below a site directory: CUDA 13's layout (one `cu13`
+    /// directory for the toolkit's libraries), then CUDA 12's (a directory per package).
+    pub fn wheel_dirs(self) -> &'static [&'static str] {
         match self {
-            CudaLib::Driver => None,
-            CudaLib::Nvrtc => Some("nvidia/cuda_nvrtc/lib"),
-            CudaLib::Nccl => Some("nvidia/nccl/lib"),
-            CudaLib::Cublas | CudaLib::CublasLt => Some("nvidia/cublas/lib"),
+            CudaLib::Driver => &[],
+            CudaLib::Nvrtc => &["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"],
+            CudaLib::Nccl => &["nvidia/nccl/lib", "nvidia/cu13/lib"],
+            CudaLib::Cublas | CudaLib::CublasLt => &["nvidia/cu13/lib", "nvidia/cublas/lib"],
         }
+    }
+
+    /// Whether the library comes in one file per CUDA major (the toolkit's), so that the
+    /// driver's major decides between them.
+    fn per_cuda_major(self) -> bool {
+        matches!(self, CudaLib::Nvrtc | CudaLib::Cublas | CudaLib::CublasLt)
     }
 
     fn slot(self) -> &'static OnceLock<Result<PathBuf, String>> {
@@ -72,14 +116,14 @@ impl CudaLib {
     }
 }
 
-/// Loads `lib` (once per process) and returns the file it came from (`None`'s stand-in: the
-/// bare file name, when the system's own search found it).
+/// Loads `lib` (once per process) and returns the file it came from (the bare file name when
+/// the dynamic linker's own search found it).
 pub fn load(lib: CudaLib) -> Result<PathBuf, CudaError> {
     lib.slot()
         .get_or_init(|| find_and_open(lib))
         .clone()
         .map_err(|searched| CudaError::NoCuda {
-            library: lib.file_names()[0],
+            library: lib.display_name(),
             searched,
             env: lib.env(),
         })
@@ -94,7 +138,7 @@ pub fn require(lib: CudaLib, cudarc_sees: impl FnOnce() -> bool) -> Result<(), C
         Ok(())
     } else {
         Err(CudaError::NoCuda {
-            library: lib.file_names()[0],
+            library: lib.display_name(),
             searched: "cudarc's library names".into(),
             env: lib.env(),
         })
@@ -106,36 +150,132 @@ pub fn present(lib: CudaLib) -> bool {
     load(lib).is_ok()
 }
 
+/// A library as found and used: its file and its version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub lib: CudaLib,
+    /// The file the symbols come from (as the dynamic linker reports it).
+    pub path: PathBuf,
+    /// `13.0`, `12.9.1.4`, `2.27.3`: as the library reports it.
+    pub version: String,
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.lib {
+            CudaLib::Driver => "driver: CUDA",
+            _ => self.lib.title(),
+        };
+        write!(f, "{what} {} ({})", self.version, self.path.display())
+    }
+}
+
+/// `lib` loaded, its version asked and the file that answered, logged once per process.
+pub fn found(lib: CudaLib) -> Result<Found, CudaError> {
+    static FOUND: OnceLock<std::sync::Mutex<Vec<Found>>> = OnceLock::new();
+    // Held while asking, so threads compiling kernels together log a library once.
+    let mut cache = FOUND
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = cache.iter().find(|f| f.lib == lib) {
+        return Ok(f.clone());
+    }
+    let (version, symbol) = crate::versions::ask(lib)?;
+    let ours = load(lib)?;
+    let path = symbol.and_then(file_of).unwrap_or(ours.clone());
+    if !same_file(&path, &ours) {
+        tracing::warn!(
+            "{} was found at {} but cudarc opened {} by name (the dynamic linker's search comes \
+             first); using that",
+            lib.title(),
+            ours.display(),
+            path.display()
+        );
+    }
+    let f = Found { lib, path, version };
+    tracing::info!("{f}");
+    cache.push(f.clone());
+    Ok(f)
+}
+
+/// One line per library: what was found, or why not (the device table's CUDA column).
+pub fn summary(libs: &[CudaLib]) -> Vec<String> {
+    libs.iter()
+        .map(|&lib| match found(lib) {
+            Ok(f) => f.to_string(),
+            Err(CudaError::NoCuda { env, .. }) => format!("{}: not found (set {env})", lib.title()),
+            Err(e) => format!("{}: {e}", lib.title()),
+        })
+        .collect()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        // A bare soname (found by the linker's own search) cannot be compared: trust it.
+        _ => true,
+    }
+}
+
+/// The file holding the code at `addr` (a symbol of a loaded library).
+fn file_of(addr: *const std::ffi::c_void) -> Option<PathBuf> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`; the file name it points to
+    // belongs to the loaded object, which is never unloaded (we and cudarc keep every handle).
+    unsafe {
+        if libc::dladdr(addr, info.as_mut_ptr()) == 0 {
+            return None;
+        }
+        let name = info.assume_init().dli_fname;
+        if name.is_null() {
+            return None;
+        }
+        let bytes = std::ffi::CStr::from_ptr(name).to_bytes();
+        Some(PathBuf::from(
+            std::ffi::OsStr::from_encoded_bytes_unchecked(bytes),
+        ))
+    }
+}
+
 fn find_and_open(lib: CudaLib) -> Result<PathBuf, String> {
-    find_and_open_with(lib, std::env::var_os(lib.env()).filter(|v| !v.is_empty()))
+    let driver = if lib.per_cuda_major() {
+        crate::versions::driver_cuda_major()
+    } else {
+        None
+    };
+    find_and_open_with(
+        lib,
+        std::env::var_os(lib.env()).filter(|v| !v.is_empty()),
+        driver,
+    )
 }
 
 fn find_and_open_with(
     lib: CudaLib,
     explicit: Option<std::ffi::OsString>,
+    driver_major: Option<u32>,
 ) -> Result<PathBuf, String> {
     if explicit.is_none() {
+        // The names cudarc asks for, in its order: what it would open anyway.
         for name in lib.file_names() {
             if open(Path::new(name)) {
                 return Ok(PathBuf::from(name));
             }
         }
     }
-    let dirs = search_dirs(lib);
     let mut tried = Vec::new();
-    let mut files: Vec<PathBuf> = Vec::new();
-    if let Some(v) = &explicit {
-        let p = PathBuf::from(v);
-        if p.is_dir() {
-            files.extend(lib.file_names().iter().map(|n| p.join(n)));
-        } else {
-            files.push(p);
+    let files = match &explicit {
+        Some(v) => {
+            let p = PathBuf::from(v);
+            if p.is_dir() {
+                candidates(lib, &[p], driver_major)
+            } else {
+                vec![p]
+            }
         }
-    } else {
-        for d in &dirs {
-            files.extend(lib.file_names().iter().map(|n| d.join(n)));
-        }
-    }
+        None => candidates(lib, &search_dirs(lib), driver_major),
+    };
     for f in files {
         if f.exists() {
             if open(&f) {
@@ -152,9 +292,50 @@ fn find_and_open_with(
         );
     } else {
         tried.insert(0, "the dynamic linker's path".into());
-        tried.extend(dirs.iter().map(|d| d.display().to_string()));
+        tried.extend(search_dirs(lib).iter().map(|d| d.display().to_string()));
     }
     Err(tried.join(", "))
+}
+
+/// The files of `lib` in `dirs`, in the order to try them: for a toolkit library, the newest
+/// CUDA major the driver supports first (directory order among equals), majors newer than the
+/// driver's last; `CUDA_HOME`/`CUDA_PATH` before everything, as the user's own choice.
+pub fn candidates(lib: CudaLib, dirs: &[PathBuf], driver_major: Option<u32>) -> Vec<PathBuf> {
+    let chosen: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let mut files: Vec<(usize, PathBuf)> = Vec::new();
+    for d in dirs {
+        let tier = usize::from(!chosen.iter().any(|c| d.starts_with(c)));
+        for name in lib.file_names() {
+            let f = d.join(name);
+            if f.exists() && !files.iter().any(|(_, g)| same_file(g, &f)) {
+                files.push((tier, f));
+            }
+        }
+    }
+    if lib.per_cuda_major() {
+        files.sort_by_key(|(tier, f)| {
+            let major = cuda_major_of(f);
+            let too_new = matches!((major, driver_major), (Some(m), Some(d)) if m > d);
+            (*tier, too_new, std::cmp::Reverse(major))
+        });
+    }
+    files.into_iter().map(|(_, f)| f).collect()
+}
+
+/// The CUDA major of a toolkit library file: `libnvrtc.so.13` (or a link to
+/// `libnvrtc.so.13.0.48`) is 13.
+pub fn cuda_major_of(file: &Path) -> Option<u32> {
+    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    [real.as_path(), file].iter().find_map(|f| {
+        let name = f.file_name()?.to_str()?;
+        let (_, version) = name.split_once(".so.")?;
+        version.split('.').next()?.parse().ok()
+    })
 }
 
 /// Opens a library for good (never closed: cudarc keeps calling into it).
@@ -182,21 +363,72 @@ fn dlerror() -> String {
     }
 }
 
+/// CUDA installs: `CUDA_HOME`, `CUDA_PATH`, `/usr/local/cuda`, then `/usr/local/cuda-X.Y`
+/// newest first (the `cuda-toolkit-X-Y` packages' trees).
+pub fn toolkit_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    roots.push("/usr/local/cuda".into());
+    roots.extend(versioned_toolkits(Path::new("/usr/local")));
+    roots
+}
+
+/// `cuda-X.Y` directories of `parent`, newest version first.
+pub fn versioned_toolkits(parent: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<((u32, u32), PathBuf)> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (major, minor) = name.strip_prefix("cuda-")?.split_once('.')?;
+            Some(((major.parse().ok()?, minor.parse().ok()?), e.path()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The library directories of a CUDA install.
+fn toolkit_lib_dirs(root: &Path) -> [PathBuf; 4] {
+    [
+        root.join("lib64"),
+        root.join("lib"),
+        root.join(format!("targets/{}-linux/lib", std::env::consts::ARCH)),
+        root.join("targets/sbsa-linux/lib"),
+    ]
+}
+
 /// Directories that may hold `lib`, most specific first.
 pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
+    search_dirs_in(
+        lib,
+        &toolkit_roots(),
+        std::env::var_os("LD_LIBRARY_PATH"),
+        &python_site_dirs(),
+    )
+}
+
+/// [`search_dirs`] over given CUDA installs, `LD_LIBRARY_PATH` and Python site directories.
+pub fn search_dirs_in(
+    lib: CudaLib,
+    roots: &[PathBuf],
+    ld_library_path: Option<std::ffi::OsString>,
+    sites: &[PathBuf],
+) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(home) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            dirs.push(PathBuf::from(&home).join("lib64"));
-            dirs.push(PathBuf::from(home).join("lib"));
-        }
+    for root in roots {
+        dirs.extend(toolkit_lib_dirs(root));
     }
-    dirs.push("/usr/local/cuda/lib64".into());
-    if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
+    if let Some(path) = ld_library_path {
         dirs.extend(std::env::split_paths(&path));
     }
-    if let Some(sub) = lib.wheel_dir() {
-        dirs.extend(python_site_dirs().into_iter().map(|d| d.join(sub)));
+    for site in sites {
+        dirs.extend(lib.wheel_dirs().iter().map(|sub| site.join(sub)));
     }
     dirs.extend(
         [
@@ -208,7 +440,14 @@ pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
         .map(PathBuf::from),
     );
     dirs.retain(|d| d.is_dir());
-    dirs.dedup();
+    // A toolkit's lib64 is often a link to targets/<arch>/lib: one directory, tried once.
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let key = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        let new = !seen.contains(&key);
+        seen.push(key);
+        new
+    });
     dirs
 }
 
@@ -251,28 +490,63 @@ pub fn python_site_dirs() -> Vec<PathBuf> {
     sites
 }
 
-/// Directories with CUDA's headers (`cuda_fp16.h`) for NVRTC: `RINGLET_CUDA_INCLUDE`, a CUDA
-/// install, or the `nvidia-cuda-runtime-cu12` wheel.
-pub fn include_dirs() -> Vec<PathBuf> {
+/// Directories with CUDA's headers (`cuda_fp16.h`) for the NVRTC at `nvrtc`:
+/// `RINGLET_CUDA_INCLUDE`, then the headers that came with that NVRTC (its install's `include`,
+/// or the runtime wheel beside its wheel: `nvidia/cu13/include`, `nvidia/cuda_runtime/include`),
+/// then any other install — of the same CUDA major first, since a major's headers may use
+/// built-ins an older NVRTC lacks.
+pub fn include_dirs(nvrtc: Option<&Path>) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(v) = std::env::var_os("RINGLET_CUDA_INCLUDE").filter(|v| !v.is_empty()) {
         dirs.extend(std::env::split_paths(&v));
     }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(home) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            dirs.push(PathBuf::from(home).join("include"));
-        }
+    let real = nvrtc.and_then(|p| std::fs::canonicalize(p).ok());
+    let major = nvrtc.and_then(cuda_major_of);
+    if let Some(lib_dir) = real.as_deref().and_then(Path::parent) {
+        // lib64/, lib/, targets/<arch>/lib/ of an install; nvidia/<pkg>/lib/ of a wheel.
+        dirs.push(lib_dir.join("../include"));
+        dirs.push(lib_dir.join("../../cuda_runtime/include"));
     }
-    dirs.push("/usr/local/cuda/include".into());
-    dirs.extend(
-        python_site_dirs()
-            .into_iter()
-            .map(|d| d.join("nvidia/cuda_runtime/include")),
-    );
-    dirs.push("/usr/include".into());
+    let mut others: Vec<PathBuf> = Vec::new();
+    for root in toolkit_roots() {
+        others.push(root.join("include"));
+        others.push(root.join(format!("targets/{}-linux/include", std::env::consts::ARCH)));
+    }
+    for site in python_site_dirs() {
+        others.push(site.join("nvidia/cu13/include"));
+        others.push(site.join("nvidia/cuda_runtime/include"));
+    }
+    others.push("/usr/include".into());
+    // Stable: the same major's headers first, in search order.
+    others.sort_by_key(|d| header_major(d) != major || major.is_none());
+    dirs.extend(others);
     dirs.retain(|d| d.join("cuda_fp16.h").is_file());
-    dirs.dedup();
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let key = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        let new = !seen.contains(&key);
+        seen.push(key);
+        new
+    });
     dirs
+}
+
+/// The CUDA major of a header directory, from `CUDA_VERSION` in its `cuda.h` (13000 is 13).
+fn header_major(dir: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(dir.join("cuda.h"))
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    let at = text.find("#define CUDA_VERSION ")?;
+    let digits: String = text[at + 21..]
+        .chars()
+        .skip_while(|c| c.is_whitespace())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse::<u32>().ok().map(|v| v / 1000)
 }
 
 #[cfg(test)]
@@ -284,10 +558,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ringlet-libs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("libnccl.so.2"), b"not an ELF file").unwrap();
-        let e = find_and_open_with(CudaLib::Nccl, Some(dir.clone().into())).unwrap_err();
+        let e = find_and_open_with(CudaLib::Nccl, Some(dir.clone().into()), None).unwrap_err();
         assert!(e.starts_with("RINGLET_NCCL_LIB="), "{e}");
         assert!(e.contains("libnccl.so.2 (failed to load:"), "{e}");
-        let e = find_and_open_with(CudaLib::Nccl, Some(dir.join("nowhere.so").into())).unwrap_err();
+        let e = find_and_open_with(CudaLib::Nccl, Some(dir.join("nowhere.so").into()), None)
+            .unwrap_err();
         assert_eq!(e, format!("RINGLET_NCCL_LIB={:?}", dir.join("nowhere.so")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -304,5 +579,151 @@ mod tests {
             e.contains("the dynamic linker's path") && e.contains("RINGLET_CUDA_LIB"),
             "{e}"
         );
+    }
+
+    /// A tree of stand-in files: two CUDA installs side by side, a CUDA 12.4 one, and a Python
+    /// site directory holding both wheel layouts.
+    fn stand_in_tree(tag: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("ringlet-libs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let touch = |rel: &str| {
+            let f = root.join(rel);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, b"stand-in").unwrap();
+        };
+        // /usr/local/cuda-13.1: lib64 is a link to targets/x86_64-linux/lib, as NVIDIA ships it.
+        touch("local/cuda-13.1/targets/x86_64-linux/lib/libnvrtc.so.13.1.80");
+        std::os::unix::fs::symlink(
+            "libnvrtc.so.13.1.80",
+            root.join("local/cuda-13.1/targets/x86_64-linux/lib/libnvrtc.so.13"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "targets/x86_64-linux/lib",
+            root.join("local/cuda-13.1/lib64"),
+        )
+        .unwrap();
+        touch("local/cuda-13.0/lib64/libnvrtc.so.13");
+        touch("local/cuda-12.4/lib64/libnvrtc.so.12");
+        touch("local/cuda-12.4/lib64/libcublas.so.12");
+        touch("local/cuda-toolkit/lib64/libnvrtc.so.11");
+        touch("site/nvidia/cu13/lib/libnvrtc.so.13");
+        touch("site/nvidia/cu13/lib/libcublas.so.13");
+        touch("site/nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
+        touch("site/nvidia/cublas/lib/libcublas.so.12");
+        touch("site/nvidia/nccl/lib/libnccl.so.2");
+        root
+    }
+
+    fn names(files: &[PathBuf], root: &Path) -> Vec<String> {
+        // Only the tree's own (the machine's system directories are searched too).
+        files
+            .iter()
+            .filter_map(|f| f.strip_prefix(root).ok())
+            .map(|f| f.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn cuda_installs_are_found_newest_first_and_each_directory_once() {
+        let root = stand_in_tree("installs");
+        let local = root.join("local");
+        assert_eq!(
+            names(&versioned_toolkits(&local), &root),
+            ["local/cuda-13.1", "local/cuda-13.0", "local/cuda-12.4"]
+        );
+        let dirs = search_dirs_in(CudaLib::Nvrtc, &versioned_toolkits(&local), None, &[]);
+        let dirs: Vec<String> = names(&dirs, &root);
+        // cuda-13.1's lib64 and targets/x86_64-linux/lib are one directory.
+        assert_eq!(
+            dirs[..3],
+            [
+                "local/cuda-13.1/lib64",
+                "local/cuda-13.0/lib64",
+                "local/cuda-12.4/lib64"
+            ]
+        );
+        let dirs = search_dirs_in(CudaLib::Nvrtc, &versioned_toolkits(&local), None, &[]);
+        let files = |driver| names(&candidates(CudaLib::Nvrtc, &dirs, driver), &root);
+        // A CUDA 13 driver (or none): CUDA 13.1's NVRTC, by its soname link.
+        assert_eq!(files(Some(13))[0], "local/cuda-13.1/lib64/libnvrtc.so.13");
+        assert_eq!(files(None)[0], "local/cuda-13.1/lib64/libnvrtc.so.13");
+        // A CUDA 12 driver: CUDA 12.4's, the CUDA 13 ones last (their PTX would not load).
+        let for_12 = files(Some(12));
+        assert_eq!(for_12[0], "local/cuda-12.4/lib64/libnvrtc.so.12");
+        assert!(
+            for_12[1..].iter().all(|f| f.ends_with(".so.13")),
+            "{for_12:?}"
+        );
+        let real = root.join("local/cuda-13.1/lib64/libnvrtc.so.13");
+        assert_eq!(cuda_major_of(&real), Some(13));
+        assert_eq!(cuda_major_of(Path::new("libcublas.so.12")), Some(12));
+        assert_eq!(cuda_major_of(Path::new("libnvrtc.so")), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn both_wheel_layouts_are_searched_and_the_drivers_major_decides() {
+        let root = stand_in_tree("wheels");
+        let site = root.join("site");
+        for (lib, file) in [(CudaLib::Nvrtc, "nvrtc"), (CudaLib::Cublas, "cublas")] {
+            let dirs = search_dirs_in(lib, &[], None, std::slice::from_ref(&site));
+            let pick = |driver| names(&candidates(lib, &dirs, driver), &root);
+            assert_eq!(
+                pick(Some(13))[0],
+                format!("site/nvidia/cu13/lib/lib{file}.so.13")
+            );
+            let legacy = if file == "nvrtc" {
+                "cuda_nvrtc"
+            } else {
+                "cublas"
+            };
+            assert_eq!(
+                pick(Some(12)),
+                [
+                    format!("site/nvidia/{legacy}/lib/lib{file}.so.12"),
+                    format!("site/nvidia/cu13/lib/lib{file}.so.13")
+                ]
+            );
+        }
+        let dirs = search_dirs_in(CudaLib::Nccl, &[], None, std::slice::from_ref(&site));
+        assert_eq!(
+            names(&candidates(CudaLib::Nccl, &dirs, Some(13)), &root),
+            ["site/nvidia/nccl/lib/libnccl.so.2"]
+        );
+        // LD_LIBRARY_PATH comes before the wheels; the toolkit's installs before both.
+        let ld = std::env::join_paths([site.join("nvidia/cu13/lib")]).unwrap();
+        let dirs = search_dirs_in(
+            CudaLib::Nvrtc,
+            &[root.join("local/cuda-12.4")],
+            Some(ld),
+            std::slice::from_ref(&site),
+        );
+        assert_eq!(
+            names(&dirs, &root)[..3],
+            [
+                "local/cuda-12.4/lib64",
+                "site/nvidia/cu13/lib",
+                "site/nvidia/cuda_nvrtc/lib"
+            ]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn headers_say_their_cuda_major() {
+        let dir = std::env::temp_dir().join(format!("ringlet-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("cuda.h"),
+            "#ifndef X\n#define CUDA_VERSION 13000\n",
+        )
+        .unwrap();
+        assert_eq!(header_major(&dir), Some(13));
+        std::fs::write(dir.join("cuda.h"), "#define CUDA_VERSION   12090 // 12.9\n").unwrap();
+        assert_eq!(header_major(&dir), Some(12));
+        std::fs::write(dir.join("cuda.h"), "no version here").unwrap();
+        assert_eq!(header_major(&dir), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -69,6 +69,9 @@ pub struct RankInfo {
     pub no_device: Option<String>,
     /// Where NCCL was loaded from, or why it could not be.
     pub nccl: std::result::Result<String, String>,
+    /// The CUDA versions found where there is a device: the driver's, NVRTC's and cuBLAS's
+    /// ("driver 13.0, NVRTC 13.0, cuBLAS 13.1.0"; the files are in each rank's log).
+    pub cuda: String,
 }
 
 /// The job's capabilities and the decision taken from them.
@@ -111,6 +114,11 @@ pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
             let path = libs::load(CudaLib::Nccl).map_err(short)?;
             Ok(format!("NCCL {major}.{minor}.{patch} ({})", path.display()))
         });
+    let cuda = if device.is_some() {
+        cuda_versions()
+    } else {
+        "-".into()
+    };
     RankInfo {
         rank,
         host,
@@ -119,7 +127,24 @@ pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
         device_count,
         no_device,
         nccl,
+        cuda,
     }
+}
+
+/// "driver 13.0, NVRTC 13.0, cuBLAS 13.1.0", a library missing as "no NVRTC".
+fn cuda_versions() -> String {
+    [
+        (CudaLib::Driver, "driver"),
+        (CudaLib::Nvrtc, "NVRTC"),
+        (CudaLib::Cublas, "cuBLAS"),
+    ]
+    .iter()
+    .map(|&(lib, name)| match libs::found(lib) {
+        Ok(f) => format!("{name} {}", f.version),
+        Err(_) => format!("no {name}"),
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// The reason in a few words (where we looked is in `libs`' error, for one rank at a time).
@@ -254,8 +279,8 @@ impl Communicator {
 pub fn table(t: &Topology) -> String {
     let mut out = format!("ringlet: backend {:?} ({})\n", t.backend, t.reason);
     out += &format!(
-        "ringlet: {:>4} {:<20} {:>5} {:<24} {:>6} {:>9} {:<13} {}\n",
-        "rank", "host", "local", "device", "cc", "memory", "pci", "nccl"
+        "ringlet: {:>4} {:<20} {:>5} {:<24} {:>6} {:>9} {:<13} {:<40} {}\n",
+        "rank", "host", "local", "device", "cc", "memory", "pci", "cuda", "nccl"
     );
     for r in &t.ranks {
         let (name, cc, mem, pci) = match &r.device {
@@ -272,8 +297,8 @@ pub fn table(t: &Topology) -> String {
             Err(_) => "no".into(),
         };
         out += &format!(
-            "ringlet: {:>4} {:<20} {:>5} {:<24} {:>6} {:>9} {:<13} {}\n",
-            r.rank, r.host, r.local_rank, name, cc, mem, pci, nccl
+            "ringlet: {:>4} {:<20} {:>5} {:<24} {:>6} {:>9} {:<13} {:<40} {}\n",
+            r.rank, r.host, r.local_rank, name, cc, mem, pci, r.cuda, nccl
         );
     }
     out
@@ -316,6 +341,11 @@ mod tests {
             } else {
                 Err("no NCCL".into())
             },
+            cuda: if device {
+                "driver 13.0, NVRTC 13.0, cuBLAS 13.1.0".into()
+            } else {
+                "-".into()
+            },
         }
     }
 
@@ -355,6 +385,10 @@ mod tests {
         assert_eq!(text.lines().count(), 4, "{text}");
         assert!(
             text.contains("0: GPU") && text.contains("80.0 GiB") && text.contains("none"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cuda") && text.contains("driver 13.0, NVRTC 13.0, cuBLAS 13.1.0"),
             "{text}"
         );
         assert!(decode::<Topology>(&[0xff; 7]).is_err());

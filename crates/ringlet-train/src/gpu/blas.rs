@@ -8,7 +8,6 @@
 use cudarc::cublas::{result, sys};
 use cudarc::driver::sys::CUdeviceptr;
 use ringlet_cuda::launch::Kernels;
-use ringlet_cuda::libs::{self, CudaLib};
 use ringlet_cuda::CudaError;
 use std::ffi::c_int;
 
@@ -76,33 +75,16 @@ impl Gemm {
     }
 }
 
-/// Loads cuBLAS (a CUDA install, `RINGLET_CUBLAS_LIB`, or pip's `nvidia-cublas-cu12`): a typed
-/// [`CudaError::NoCuda`] where there is none, never cudarc's panic.
+/// Loads cuBLAS (a CUDA 12 or 13 install, `RINGLET_CUBLAS_LIB`, or pip's `nvidia-cublas` wheels
+/// of either layout): a typed [`CudaError::NoCuda`] where there is none, never cudarc's panic.
 pub fn load() -> Result<(), CudaError> {
-    // libcublas needs libcublasLt; loading it first from where we find it lets the dynamic
-    // linker resolve libcublas's dependency even outside its search path.
-    let _ = libs::load(CudaLib::CublasLt);
-    // SAFETY: is_culib_present only asks whether cudarc can open the library.
-    libs::require(CudaLib::Cublas, || unsafe { sys::is_culib_present() })
+    // Logged once per process: the version and file in use.
+    ringlet_cuda::libs::found(ringlet_cuda::libs::CudaLib::Cublas).map(|_| ())
 }
 
 /// cuBLAS's version (major, minor, patch): needs the library, not a GPU.
 pub fn version() -> Result<(i32, i32, i32), CudaError> {
-    load()?;
-    let get = |what| {
-        let mut v = 0;
-        // SAFETY: cublasGetProperty writes one int through a valid pointer to our local.
-        unsafe { sys::cublasGetProperty(what, &mut v) }
-            .result()
-            .map(|()| v)
-            .map_err(blas)
-    };
-    use sys::libraryPropertyType as P;
-    Ok((
-        get(P::MAJOR_VERSION)?,
-        get(P::MINOR_VERSION)?,
-        get(P::PATCH_LEVEL)?,
-    ))
+    ringlet_cuda::versions::cublas_version()
 }
 
 fn blas(e: result::CublasError) -> CudaError {
@@ -116,7 +98,7 @@ pub struct Blas {
 }
 
 impl Blas {
-    /// Loads cuBLAS (a CUDA install, `RINGLET_CUBLAS_LIB`, or pip's `nvidia-cublas-cu12`) and
+    /// Loads cuBLAS (a CUDA install, `RINGLET_CUBLAS_LIB`, or pip's `nvidia-cublas` wheels) and
     /// makes a handle that queues its work on `kernels`' stream.
     pub fn new(kernels: &Kernels) -> Result<Blas, CudaError> {
         load()?;
@@ -226,7 +208,7 @@ mod tests {
         }
     }
 
-    /// The library loads from where users have it (CI: the `nvidia-cublas-cu12` wheel) and its
+    /// The library loads from where users have it (CI: the `nvidia-cublas-cu12` wheel; both majors in tests/cuda_majors.rs) and its
     /// entry points resolve; a GPU is not needed for that.
     #[test]
     fn cublas_loads_and_reports_its_version() {
@@ -240,7 +222,7 @@ mod tests {
                     std::env::var_os("CI").is_none(),
                     "cuBLAS is missing in CI ({e}): .ci/run installs nvidia-cublas-cu12"
                 );
-                println!("SKIPPED: {e} (pip install nvidia-cublas-cu12)");
+                println!("SKIPPED: {e} (pip install nvidia-cublas, or nvidia-cublas-cu12)");
             }
         }
     }

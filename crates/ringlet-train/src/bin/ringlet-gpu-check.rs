@@ -1,8 +1,15 @@
 //! `ringlet-gpu-check`: the reduction kernels of `kernels/` on this machine's first GPU against
 //! `ringlet-core`'s host reducers (fresh random data, every bit compared), and the reduction
-//! kernel's bandwidth against a device-to-device copy. Exits 1 on any difference, 2 without CUDA.
+//! kernel's bandwidth against a device-to-device copy. `--compile-only` needs no GPU: it compiles
+//! every kernel of `kernels/` (the collectives' and the trainer's) for every architecture with
+//! the NVRTC it finds, and prints the CUDA libraries found (version and file).
+//! Exits 1 on any difference or failed compilation, 2 without CUDA (or NVRTC).
 //! `scripts/gpu-check.sh` runs it with the other GPU checks (the optimizer kernels are checked
 //! against their references by `ringlet-train`'s GPU tests).
+
+use clap::Parser;
+use ringlet_cuda::kernels::{self as compiler, Target, ARCHS};
+use ringlet_cuda::libs::{self, CudaLib};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use ringlet_core::{Element, ReduceOp};
@@ -120,6 +127,14 @@ fn bandwidth(k: &Kernels) -> Result<(), CudaError> {
 }
 
 fn run() -> Result<usize, CudaError> {
+    for line in libs::summary(&[
+        CudaLib::Driver,
+        CudaLib::Nvrtc,
+        CudaLib::Cublas,
+        CudaLib::Nccl,
+    ]) {
+        println!("{line}");
+    }
     let list = ringlet_cuda::devices()?;
     for d in &list {
         println!(
@@ -134,7 +149,7 @@ fn run() -> Result<usize, CudaError> {
     let t = Instant::now();
     let k = Kernels::new(0)?;
     println!(
-        "kernels for sm_{} ready in {:.2} s (NVRTC or the PTX cache)",
+        "kernels for sm_{} ready in {:.2} s (NVRTC or the kernel cache)",
         k.arch,
         t.elapsed().as_secs_f64()
     );
@@ -153,9 +168,119 @@ fn run() -> Result<usize, CudaError> {
     Ok(wrong)
 }
 
+/// Checks Ringlet's CUDA kernels on this machine.
+#[derive(Parser)]
+#[command(name = "ringlet-gpu-check", version)]
+struct Args {
+    /// Compile every kernel for every architecture (sm_70 to sm_120) with the NVRTC found, and
+    /// report the CUDA libraries found; needs no GPU.
+    #[arg(long)]
+    compile_only: bool,
+}
+
+/// Every kernel source of `kernels/`.
+const SOURCES: [&compiler::KernelSource; 3] = [
+    &compiler::REDUCE,
+    &ringlet_train::gpu::kernels::MODEL,
+    &ringlet_train::gpu::kernels::OPTIM,
+];
+
+fn compile_only() -> Result<usize, CudaError> {
+    for line in libs::summary(&[
+        CudaLib::Driver,
+        CudaLib::Nvrtc,
+        CudaLib::Cublas,
+        CudaLib::Nccl,
+    ]) {
+        println!("{line}");
+    }
+    let nvrtc = libs::found(CudaLib::Nvrtc)?;
+    let supported = compiler::supported_archs()?;
+    println!("NVRTC {} at {}", nvrtc.version, nvrtc.path.display());
+    println!("NVRTC architectures: {supported:?}");
+    let known: Vec<u32> = ARCHS
+        .into_iter()
+        .filter(|a| supported.contains(a))
+        .collect();
+    let mut failed = 0;
+    for arch in ARCHS.iter().filter(|a| !known.contains(a)) {
+        match compiler::target_for(*arch, &supported) {
+            Ok(t) => println!("sm_{arch}: {t} (this NVRTC does not know sm_{arch})"),
+            Err(why) => println!("sm_{arch}: not built: {why}"),
+        }
+    }
+    let t = Instant::now();
+    match compiler::check_compiles(&SOURCES, &known) {
+        Ok(done) => {
+            println!(
+                "{:<8} {:<10} {:>8} {:>10} {:>8}",
+                "target", "source", "kernels", "bytes", "seconds"
+            );
+            for c in &done {
+                println!(
+                    "{:<8} {:<10} {:>8} {:>10} {:>8.2}",
+                    c.target.to_string(),
+                    c.source,
+                    c.kernels,
+                    c.bytes,
+                    c.seconds
+                );
+            }
+            println!(
+                "compiled {} kernel sources for {} architectures in {:.1} s",
+                SOURCES.len(),
+                known.len(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Err(e) => {
+            println!("FAILED: {e}");
+            failed += 1;
+        }
+    }
+    // A device newer than this NVRTC knows gets PTX of the newest architecture it knows.
+    let newer = supported.last().copied().unwrap_or(0) + 1;
+    let target = compiler::target_for(newer, &supported).map_err(|log| CudaError::Compile {
+        kernel: "every kernel",
+        arch: newer,
+        log,
+    })?;
+    for source in SOURCES {
+        match compiler::compile(source, target, None) {
+            Ok(image)
+                if compiler::missing_kernels(source, &image).is_empty()
+                    && matches!(target, Target::Ptx(_)) => {}
+            Ok(_) => {
+                println!(
+                    "FAILED: {} for sm_{newer}: not the PTX fallback",
+                    source.name
+                );
+                failed += 1;
+            }
+            Err(e) => {
+                println!("FAILED: {e}");
+                failed += 1;
+            }
+        }
+    }
+    println!("sm_{newer} (unknown to this NVRTC): {target} for every source");
+    Ok(failed)
+}
+
 fn main() {
-    match run() {
+    let args = Args::parse();
+    let outcome = if args.compile_only {
+        compile_only()
+    } else {
+        run()
+    };
+    match outcome {
+        Ok(0) if args.compile_only => println!("ringlet-gpu-check: every kernel compiles"),
         Ok(0) => println!("ringlet-gpu-check: every reduction kernel matches its CPU reference"),
+        Ok(failed) if args.compile_only => {
+            println!("ringlet-gpu-check: {failed} compilations failed");
+            std::process::exit(1);
+        }
         Ok(wrong) => {
             println!("ringlet-gpu-check: {wrong} elements differ");
             std::process::exit(1);
