@@ -9,11 +9,14 @@
 //! - [`optim`]: SGD with momentum and AdamW, their hyper-parameters and CPU updates (the
 //!   references the optimizer kernels match bit for bit);
 //! - [`train`]: the MLP's loop, built from `ringlet-ddp`'s pieces (sampler, bucketed all-reduce
-//!   overlapping backward, balancing, checkpoints, metrics).
+//!   overlapping backward, balancing, checkpoints, metrics);
+//! - [`grad_path`]: how its gradients are summed, decided once for the job: NCCL on device
+//!   buffers, or the TCP ring from host buckets (CPU ranks) and device buckets (GPU ranks).
 
 pub mod burn_models;
 pub mod data;
 pub mod gpu;
+pub mod grad_path;
 pub mod model;
 pub mod models;
 pub mod optim;

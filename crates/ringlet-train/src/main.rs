@@ -324,7 +324,7 @@ fn run(args: &Args) -> Result<(), Error> {
                     s.test_loss,
                     d.test_len()
                 ),
-                metrics: serde_json::json!({"test_accuracy": s.test_accuracy, "test_loss": s.test_loss}),
+                metrics: serde_json::json!({"test_accuracy": s.test_accuracy, "test_loss": s.test_loss, "grad_sync": s.grad_sync}),
                 summary: TrainSummary {
                     steps: s.steps,
                     resumed_from: s.resumed_from,

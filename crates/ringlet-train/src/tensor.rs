@@ -3,12 +3,25 @@
 //! kernels of `kernels/model.cu`). The model's forward and backward are written once, against
 //! this trait.
 //!
+//! The gradient all-reduce can run where the buffers are too: [`Backend::all_reduce_tcp`] sums a
+//! buffer over the TCP ring through ringlet's staging engine (pinned host blocks and copies on
+//! the stream for a GPU; memcpy for the CPU) — the frames a host buffer's all-reduce makes, so
+//! CPU and GPU ranks meet in one collective — and [`Backend::nccl`] gives a GPU an NCCL
+//! communicator (`crate::grad_path` decides which way is used).
+//!
 //! Matrices are row-major `[rows, cols]`; a matrix operand is a buffer and the element it
 //! starts at, so a layer's weights are used in place inside the flat parameter vector.
 
 pub use crate::gpu::blas::Gemm;
 use crate::optim::{AdamW, Sgd};
-use ringlet::Error;
+use ringlet::staged::HostDevice;
+use ringlet::{Communicator, Error, ReduceOp};
+
+/// Sums whole buffers across ranks where they live (NCCL on GPUs).
+pub trait DeviceCollective<Buf> {
+    /// In place: `buf` becomes the sum of every rank's `buf`; returns once the sum is there.
+    fn all_reduce_sum(&self, buf: &mut Buf) -> Result<(), Error>;
+}
 
 /// Where the model's buffers live and how the operations run there.
 pub trait Backend {
@@ -27,6 +40,40 @@ pub trait Backend {
     /// `host = buf[at..at + host.len()]`, once everything queued before has run.
     fn read(&self, buf: &Self::Buf, at: usize, host: &mut [f32]) -> Result<(), Error>;
     fn labels(&self, y: &[u32]) -> Result<Self::Labels, Error>;
+    /// `dst[dst_at..dst_at + len] = src[src_at..src_at + len]`, in order with the operations
+    /// queued before and after it (on a GPU a device-to-device copy on the stream: no host copy).
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_at: usize,
+        dst: &mut Self::Buf,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<(), Error>;
+    /// `buf` summed over `comm`'s ranks on the TCP ring. The collective (its call signature,
+    /// frames and bits) is the one a host buffer of the same length makes, so ranks keeping
+    /// their buffers on different backends meet in one all-reduce.
+    fn all_reduce_tcp(&self, comm: &Communicator, buf: &mut Self::Buf) -> Result<(), Error>;
+    /// Whether the buffers live in device memory (so reading them to the host is a copy over
+    /// the bus worth avoiding).
+    fn on_device(&self) -> bool {
+        false
+    }
+    /// Why NCCL cannot sum this backend's buffers (`Ok` where it can).
+    fn nccl_usable(&self) -> Result<(), String> {
+        Err("its buffers are in host memory".into())
+    }
+    /// An NCCL communicator over `comm`'s ranks for this backend's buffers. Collective: every
+    /// rank calls it, and only once all have agreed that [`nccl_usable`](Self::nccl_usable)
+    /// holds everywhere.
+    fn nccl(&self, comm: &Communicator) -> Result<Box<dyn DeviceCollective<Self::Buf>>, Error> {
+        let _ = comm;
+        Err(Error::Device(format!(
+            "{} has no NCCL: {}",
+            self.describe(),
+            self.nccl_usable().err().unwrap_or_default()
+        )))
+    }
 
     /// `c = beta·c + op(a)·op(b)` (see [`Gemm`]); `c` is another buffer than `a`'s and `b`'s.
     fn gemm(
@@ -75,7 +122,9 @@ pub trait Backend {
         classes: usize,
         delta: &mut Self::Buf,
     ) -> Result<(), Error>;
-    /// One SGD-with-momentum step over whole buffers, as [`Sgd::step`].
+    /// One SGD-with-momentum step over `p`'s elements, as [`Sgd::step`]. `g` may be longer than
+    /// `p` (the NCCL path keeps the loss sum in a slot after the gradient); only its first
+    /// `p`-length elements are read.
     fn sgd(
         &self,
         opt: &Sgd,
@@ -84,7 +133,7 @@ pub trait Backend {
         v: &mut Self::Buf,
         grad_scale: f32,
     ) -> Result<(), Error>;
-    /// One AdamW step over whole buffers, as [`AdamW::step`].
+    /// One AdamW step over `p`'s elements, as [`AdamW::step`] (`g` as in [`sgd`](Self::sgd)).
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
@@ -150,6 +199,24 @@ impl Backend for Host {
     }
     fn labels(&self, y: &[u32]) -> Result<Vec<u32>, Error> {
         Ok(y.to_vec())
+    }
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        src_at: usize,
+        dst: &mut Vec<f32>,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<(), Error> {
+        dst[dst_at..dst_at + len].copy_from_slice(&src[src_at..src_at + len]);
+        Ok(())
+    }
+    /// Through the staging engine a GPU's buffers take (`HostDevice`: memcpy for its copies,
+    /// events that complete a poll late, as a GPU's do), not `all_reduce`: the same collective
+    /// either way, but a CPU rank forced to the device way (`RINGLET_GRAD_PATH=device`) then
+    /// runs every part of a GPU rank's all-reduce except CUDA itself.
+    fn all_reduce_tcp(&self, comm: &Communicator, buf: &mut Vec<f32>) -> Result<(), Error> {
+        comm.all_reduce_device(&HostDevice { lag: 1 }, buf.as_mut_slice(), ReduceOp::Sum)
     }
 
     fn gemm(
@@ -299,7 +366,8 @@ impl Backend for Host {
         v: &mut Vec<f32>,
         grad_scale: f32,
     ) -> Result<(), Error> {
-        opt.step(p, g, v, grad_scale);
+        let n = p.len();
+        opt.step(p, &g[..n], v, grad_scale);
         Ok(())
     }
 
@@ -313,7 +381,8 @@ impl Backend for Host {
         grad_scale: f32,
         t: u32,
     ) -> Result<(), Error> {
-        opt.step(p, g, m, v, grad_scale, t);
+        let n = p.len();
+        opt.step(p, &g[..n], m, v, grad_scale, t);
         Ok(())
     }
 }

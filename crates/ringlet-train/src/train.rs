@@ -7,13 +7,17 @@
 //! sums, and the optimizer divides by the global batch: the update is the one a single process
 //! would make with the whole batch, whatever the number of ranks or the split.
 //!
-//! Overlap: gradients are grouped into buckets in reverse layer order (the first bucket small, so
-//! communication starts early); backward hands each layer's gradient over as soon as it is
-//! computed, and a bucket's asynchronous all-reduce starts as soon as its last layer is in,
-//! while backward goes on with the layers below.
+//! The gradient sum runs where the gradients are (`crate::grad_path`, decided once for the job):
+//! NCCL in place on device buffers when every rank trains on a GPU with NCCL; otherwise the TCP
+//! ring, in buckets in reverse layer order (the first bucket small, so communication starts
+//! early). A CPU rank hands each layer's gradient over as soon as backward computes it, and a
+//! bucket's asynchronous all-reduce starts as soon as its last layer is in, while backward goes
+//! on with the layers below; a GPU rank sums the same buckets from device buffers, staged through
+//! pinned host blocks, after backward. One rank sums nothing.
 
 use crate::data::Dataset;
 use crate::gpu::GpuBackend;
+use crate::grad_path::{self, GradPath};
 use crate::model::{Layer, Mlp, Workspace};
 use crate::tensor::{Backend, Host};
 use ringlet::{Communicator, Error, ReduceOp};
@@ -22,8 +26,8 @@ use crate::optim::{AdamW, Sgd};
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    agree, Balance, Balancer, CheckpointOptions, GradSync, JobCheckpoints, ParamSpec, Sampler,
-    StepReport, SyncOptions, Timing,
+    agree, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, SyncOptions,
+    Timing,
 };
 use std::time::{Duration, Instant};
 
@@ -94,6 +98,9 @@ pub struct Summary {
     pub mean_step_s: f64,
     pub comm_wait_fraction: f64,
     pub checkpoint_stall_fraction: f64,
+    /// How this rank's gradients were summed: `none` (one rank), `nccl`, `tcp-device-buckets`
+    /// or `tcp-host-buckets` (see `crate::grad_path`).
+    pub grad_sync: &'static str,
     /// Parameters after the last step (every rank holds the same).
     #[serde(skip)]
     pub params: Vec<f32>,
@@ -105,12 +112,30 @@ enum OptimState<Buf> {
 }
 
 /// Trains on `data` with `comm`'s ranks; `report` sees every step on every rank. Each rank
-/// computes on the device `opts.device` picks for it (ranks may differ: the all-reduce is over
-/// host memory, and `--balance auto` gives faster devices larger shares).
+/// computes on the device `opts.device` picks for it (ranks may differ: GPU and CPU ranks meet
+/// in the TCP ring's all-reduces, and `--balance auto` gives faster devices larger shares).
+/// `RINGLET_GRAD_PATH` may force this rank's way of summing gradients (see `crate::grad_path`).
 pub fn train(
     comm: &Communicator,
     data: &Dataset,
     opts: &Options,
+    report: impl FnMut(&StepReport),
+) -> Result<Summary, Error> {
+    let path = agree(
+        comm,
+        grad_path::Choice::from_env(),
+        "reading RINGLET_GRAD_PATH",
+    )?;
+    train_with(comm, data, opts, path, report)
+}
+
+/// As [`train`], with this rank's way of summing gradients given instead of read from
+/// `RINGLET_GRAD_PATH` (ranks may differ; [`grad_path::Choice::Auto`] for the default).
+pub fn train_with(
+    comm: &Communicator,
+    data: &Dataset,
+    opts: &Options,
+    path: grad_path::Choice,
     report: impl FnMut(&StepReport),
 ) -> Result<Summary, Error> {
     let gpu = match opts.device {
@@ -127,9 +152,9 @@ pub fn train(
     match agree(comm, gpu, "opening the GPU (--device gpu)")? {
         Some(g) => {
             tracing::info!("rank {}: training on {}", comm.rank(), g.describe());
-            run(comm, data, opts, &g, report)
+            run(comm, data, opts, &g, path, report)
         }
-        None => run(comm, data, opts, &Host, report),
+        None => run(comm, data, opts, &Host, path, report),
     }
 }
 
@@ -149,6 +174,7 @@ fn run<B: Backend>(
     data: &Dataset,
     opts: &Options,
     be: &B,
+    path: grad_path::Choice,
     mut report: impl FnMut(&StepReport),
 ) -> Result<Summary, Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
@@ -224,24 +250,15 @@ fn run<B: Backend>(
     };
     let mut ws = Workspace::default();
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut grads = be.zeros(count)?;
-    // One parameter per layer (weight and bias together), so a layer is never split over
-    // buckets; this rank's loss sum rides in the first bucket.
-    let specs = layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| ParamSpec::new(format!("layers.{i}"), l.range().len()))
-        .collect();
-    let mut sync = GradSync::new(
-        comm,
-        specs,
-        SyncOptions {
-            first_bucket_bytes: opts.first_bucket_bytes,
-            bucket_cap_bytes: opts.bucket_cap_bytes,
-            overlap: opts.overlap,
-            scalars: 1,
-        },
-    )?;
+    // Buckets hold whole layers (weight and bias together); this rank's loss sum rides along.
+    let sync_opts = SyncOptions {
+        first_bucket_bytes: opts.first_bucket_bytes,
+        bucket_cap_bytes: opts.bucket_cap_bytes,
+        overlap: opts.overlap,
+        scalars: 1,
+    };
+    let mut sync = GradPath::new(comm, be, &layers, sync_opts, path)?;
+    let mut grads = sync.gradient_buffer(be)?;
     let mut balancer = Balancer::new(
         comm,
         &opts.balance,
@@ -260,17 +277,10 @@ fn run<B: Backend>(
         let mine = sampler.next_step(balancer.batches(), rank)?;
         data.gather(mine, &mut x, &mut y);
         let (loss, _) = mlp.forward(be, &params, &x, &y, &mut ws)?;
-        sync.set_scalar(0, loss as f32)?;
-        mlp.backward(be, &params, &mut ws, &mut grads, |layer, g| {
-            let l = layers[layer].range();
-            sync.push_with(layer, |dst| be.read(g, l.start, dst))
-        })?;
+        sync.backward(be, &mlp, &params, &mut ws, &mut grads, loss as f32)?;
         let compute = t0.elapsed();
-        let synced = sync.finish()?;
-        for i in 0..layers.len() {
-            be.write(sync.grad(i), &mut grads, sync.offset(i))?;
-        }
-        let global_loss = sync.scalar(0) as f64 / global as f64;
+        let (loss_sum, synced) = sync.finish(be, &mut grads)?;
+        let global_loss = loss_sum as f64 / global as f64;
 
         let lr = opts.optimizer.lr() * ((step + 1) as f32 / opts.warmup.max(1) as f32).min(1.0);
         let scale = 1.0 / global as f32;
@@ -328,6 +338,7 @@ fn run<B: Backend>(
         mean_step_s: timing.mean_step_s(),
         comm_wait_fraction: timing.comm_wait_fraction(),
         checkpoint_stall_fraction: timing.checkpoint_stall_fraction(),
+        grad_sync: sync.path().name(),
         params,
     })
 }

@@ -1,6 +1,9 @@
 //! The model's operations on a GPU: matrix products by cuBLAS (FP32), the rest by the kernels of
 //! `kernels/model.cu` and `kernels/optim.cu`, everything queued on the device's one stream.
-//! Reads wait for the stream, so a gradient read for the all-reduce is complete.
+//! Reads wait for the stream, so a gradient read for the all-reduce is complete. The gradient
+//! all-reduce queues on the same stream: device-to-device copies into bucket buffers, the TCP
+//! ring's staging copies (`ringlet::gpu`) and NCCL's collectives (`ringlet::nccl`, which shares
+//! this [`Gpu`] through an `Arc`) all run in order with the model's kernels.
 //!
 //! Every view is bounds-checked here before its device address reaches CUDA.
 //!
@@ -11,24 +14,27 @@ pub mod blas;
 pub mod kernels;
 
 use crate::optim::{AdamW, Sgd};
-use crate::tensor::{Backend, Gemm};
+use crate::tensor::{Backend, DeviceCollective, Gemm};
 use blas::Blas;
+use cudarc::driver::result;
 use kernels::ModelArg::{self, Ptr, Size};
 use kernels::TrainKernels;
-use ringlet::Error;
+use ringlet::{Communicator, Error, NcclCommunicator, ReduceOp};
 use ringlet_cuda::{CudaError, DeviceBuffer, Gpu};
+use std::sync::Arc;
 
 /// One GPU running the model.
 pub struct GpuBackend {
     // Dropped first: destroying the handle waits for its work before the kernels' modules go.
     blas: Blas,
     kernels: TrainKernels,
-    gpu: Gpu,
+    /// Shared with the NCCL communicator, which queues its collectives on this GPU's stream.
+    gpu: Arc<Gpu>,
     name: String,
 }
 
 impl GpuBackend {
-    /// Device `ordinal`: its context, the kernels (compiled by NVRTC or from the PTX cache) and
+    /// Device `ordinal`: its context, the kernels (compiled by NVRTC or from the kernel cache) and
     /// a cuBLAS handle on its stream. Fails with a typed error where CUDA, NVRTC, cuBLAS or the
     /// device is missing.
     pub fn new(ordinal: usize) -> Result<GpuBackend, CudaError> {
@@ -37,7 +43,7 @@ impl GpuBackend {
             .nth(ordinal)
             .ok_or_else(|| CudaError::Driver(format!("no CUDA device {ordinal}")))?;
         let (major, minor, patch) = blas::version()?;
-        let gpu = Gpu::new(ordinal)?;
+        let gpu = Arc::new(Gpu::new(ordinal)?);
         let kernels = TrainKernels::new(&gpu.kernels)?;
         let blas = Blas::new(&gpu.kernels)?;
         Ok(GpuBackend {
@@ -108,6 +114,51 @@ impl Backend for GpuBackend {
     fn labels(&self, y: &[u32]) -> Result<Self::Labels, Error> {
         let signed: Vec<i32> = y.iter().map(|&v| v as i32).collect();
         self.gpu.upload(&signed).map_err(Error::from)
+    }
+
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_at: usize,
+        dst: &mut Self::Buf,
+        dst_at: usize,
+        len: usize,
+    ) -> Result<(), Error> {
+        let from = self.at(src, src_at, len, "copy src")?;
+        let to = self.at(dst, dst_at, len, "copy dst")?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.gpu
+            .kernels
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Device(format!("copy: {e:?}")))?;
+        // SAFETY: `at` checked that both addresses hold `len` f32 of their buffers; dst is a
+        // &mut buffer, so the ranges do not overlap; both buffers outlive the queued copy
+        // because every later use of them is on this same stream and freeing is stream-ordered.
+        unsafe { result::memcpy_dtod_async(to, from, len * 4, self.gpu.cu_stream()) }
+            .map_err(|e| Error::from(CudaError::from(e)))
+    }
+
+    fn all_reduce_tcp(&self, comm: &Communicator, buf: &mut Self::Buf) -> Result<(), Error> {
+        // Staged through pinned host blocks, copies on this GPU's stream: ordered after the
+        // kernels and copies that produced `buf`.
+        comm.all_reduce_device(&*self.gpu, buf, ReduceOp::Sum)
+    }
+
+    fn on_device(&self) -> bool {
+        true
+    }
+
+    fn nccl_usable(&self) -> Result<(), String> {
+        ringlet_cuda::nccl::Api::load()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn nccl(&self, comm: &Communicator) -> Result<Box<dyn DeviceCollective<Self::Buf>>, Error> {
+        Ok(Box::new(comm.nccl(self.gpu.clone())?))
     }
 
     fn gemm(
@@ -260,6 +311,14 @@ impl Backend for GpuBackend {
     }
 }
 
+/// NCCL queues its collectives on the stream of the `Gpu` it was made with (this backend's), and
+/// waits for them, so a sum is in place when `all_reduce_sum` returns and later kernels see it.
+impl DeviceCollective<DeviceBuffer<f32>> for NcclCommunicator {
+    fn all_reduce_sum(&self, buf: &mut DeviceBuffer<f32>) -> Result<(), Error> {
+        self.all_reduce(buf, ReduceOp::Sum)
+    }
+}
+
 /// Run where a GPU is (scripts/gpu-check.sh runs this test binary); elsewhere they skip, saying
 /// why.
 #[cfg(test)]
@@ -367,5 +426,113 @@ mod tests {
         let short = be.zeros(10).unwrap();
         let e = be.read(&short, 5, &mut [0.0; 6]).unwrap_err().to_string();
         assert!(e.contains("read: elements 5..11 of a buffer of 10"), "{e}");
+    }
+
+    /// Device-to-device copies at offsets (bounds named, not a CUDA fault), the TCP ring's sum
+    /// of device buffers bit for bit the host's (gathered and ring-scheduled sizes), and NCCL's
+    /// sum on the backend's own GPU (one rank: two NCCL ranks cannot share a device).
+    #[test]
+    fn the_gradient_sum_runs_on_device_buffers() {
+        let Some(be) = gpu() else { return };
+        let a = be
+            .upload(&(0..100).map(|i| i as f32).collect::<Vec<_>>())
+            .unwrap();
+        let mut b = be.zeros(50).unwrap();
+        be.copy(&a, 10, &mut b, 5, 40).unwrap();
+        let got = be.download(&b).unwrap();
+        let want: Vec<f32> = (0..50)
+            .map(|i| {
+                if (5..45).contains(&i) {
+                    (i + 5) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        assert_eq!(got, want);
+        let e = be.copy(&a, 90, &mut b, 0, 20).unwrap_err().to_string();
+        assert!(
+            e.contains("copy src: elements 90..110 of a buffer of 100"),
+            "{e}"
+        );
+        drop(be);
+
+        let value = |r: usize, i: usize| (i as f32 * 0.37 + r as f32).sin() * 1e-3;
+        let sums = ringlet_ddp::local_world::run(2, |comm| {
+            let be = GpuBackend::new(0).unwrap();
+            [100usize, 40_000]
+                .map(|n| {
+                    let mine: Vec<f32> = (0..n).map(|i| value(comm.rank(), i)).collect();
+                    let mut dev = be.upload(&mine).unwrap();
+                    be.all_reduce_tcp(&comm, &mut dev).unwrap();
+                    let mut host = mine;
+                    comm.all_reduce(&mut host, ReduceOp::Sum).unwrap();
+                    (be.download(&dev).unwrap(), host)
+                })
+                .to_vec()
+        });
+        for rank in &sums {
+            for (dev, host) in rank {
+                assert!(dev == host, "the staged sum differs from the host's");
+            }
+        }
+
+        ringlet_ddp::local_world::run(1, |comm| {
+            let be = GpuBackend::new(0).unwrap();
+            if let Err(why) = be.nccl_usable() {
+                println!("SKIPPED: NCCL ({why})");
+                return;
+            }
+            let nccl = be.nccl(&comm).unwrap();
+            let mut buf = be.upload(&[1.5, -2.0, 3.0]).unwrap();
+            nccl.all_reduce_sum(&mut buf).unwrap();
+            assert_eq!(be.download(&buf).unwrap(), vec![1.5, -2.0, 3.0]);
+        });
+    }
+
+    /// Two GPU ranks on the TCP ring: one summing device buckets (three, the first gathered),
+    /// the other reading layers into host buckets, end bit for bit where two host-way ranks do.
+    #[test]
+    fn device_buckets_on_a_gpu_match_host_buckets() {
+        use crate::grad_path::Choice;
+        use crate::train::{self, DeviceChoice, OptimizerKind, Options};
+        if gpu().is_none() {
+            return;
+        }
+        let data = crate::data::load("digits").unwrap();
+        let opts = Options {
+            device: DeviceChoice::Gpu,
+            hidden: vec![256, 64],
+            optimizer: OptimizerKind::Sgd(Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+            }),
+            warmup: 5,
+            global_batch: 48,
+            steps: 20,
+            seed: 4,
+            balance: ringlet_ddp::Balance::Off,
+            bucket_cap_bytes: 64 << 10,
+            first_bucket_bytes: 1024,
+            overlap: true,
+            checkpoint: None,
+            rebalance_every: 0,
+            calibration_steps: 0,
+        };
+        let run = |ways: [Choice; 2]| {
+            ringlet_ddp::local_world::run(2, |comm| {
+                train::train_with(&comm, &data, &opts, ways[comm.rank()], |_| {}).unwrap()
+            })
+        };
+        let host = run([Choice::Host, Choice::Host]);
+        let mixed = run([Choice::Device, Choice::Host]);
+        assert_eq!(mixed[0].grad_sync, "tcp-device-buckets");
+        for s in host.iter().chain(&mixed) {
+            assert!(
+                s.params == host[0].params,
+                "the device way changed the result"
+            );
+        }
     }
 }

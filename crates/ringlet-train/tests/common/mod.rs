@@ -79,6 +79,17 @@ pub struct Job {
 
 impl Job {
     pub fn start(n: usize, args: &[String], dir: &Path, tag: &str) -> Job {
+        Job::start_env(n, args, dir, tag, |_| Vec::new())
+    }
+
+    /// As [`start`](Job::start), rank `r` with the extra environment variables `env(r)`.
+    pub fn start_env(
+        n: usize,
+        args: &[String],
+        dir: &Path,
+        tag: &str,
+        env: impl Fn(usize) -> Vec<(&'static str, String)>,
+    ) -> Job {
         let port = free_port().to_string();
         let mut children = Vec::new();
         let mut logs = Vec::new();
@@ -98,6 +109,7 @@ impl Job {
                 // The tolerances below are those of the CPU's GEMM; a GPU machine would
                 // otherwise pick its own (scripts/gpu-check.sh compares the two).
                 .env("RINGLET_DEVICE", "cpu")
+                .envs(env(r))
                 .stdout(f.try_clone().unwrap())
                 .stderr(f)
                 .stdin(Stdio::null())
