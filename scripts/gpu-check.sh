@@ -15,26 +15,19 @@
 # directories are put in PYTHONPATH, where Ringlet looks for pip's nvidia/* packages;
 # RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB and RINGLET_CUDA_INCLUDE override the search).
 #
-# Steps (each under `timeout`, all under one deadline: GPU_CHECK_BUDGET_S, default 470 s, so the
-# whole script ends within 8 minutes; a step the deadline leaves no time for is "not run: out of
-# time"):
+# Steps (each under `timeout`, all under one deadline: GPU_CHECK_BUDGET_S, default 360 s, so the
+# whole script ends within 8 minutes with room for a rerun in a 15-minute lease; a step the
+# deadline leaves no time for is "not run: out of time"). What is newest comes first:
 #   1. ringlet-gpu-check --compile-only: every kernel of kernels/ for every architecture with the
 #      NVRTC found (no GPU needed); key figure: NVRTC's version and path.
 #   2. ringlet-gpu-check: every reduction kernel vs ringlet-core's host reducers on fresh random
 #      data (f32, f16, bf16, f64, i32, i64, u8; sum, prod, min, max, avg), bit for bit; the
 #      reduction's bandwidth as a fraction of a device-to-device copy (target >= 0.85: a ratio
 #      below it is flagged in the key figure, not failed).
-#   3. NCCL with world size 1, all_reduce/broadcast/all_gather/reduce_scatter on device buffers,
-#      every element checked. One GPU cannot host a multi-rank NCCL ring (NCCL refuses two ranks
-#      on one device), so these measure NCCL's single-rank path only: busbw is 0 by definition
-#      for world 1 except broadcast, and the key figure gives algbw beside it.
-#   4. The staged TCP fallback for device buffers across 2 and 4 processes sharing the GPU
-#      (ringlet-bench --device: chunks staged through pinned blocks, reduced by the kernels),
-#      float sum, half sum, bfloat16 max, float avg, broadcast, and the host ring for comparison;
-#      every element checked; key figure: peak busbw.
-#   5. The training binary's GPU model (cuBLAS + kernels/model.cu):
+#   3. The training binary's GPU model (cuBLAS + kernels/model.cu):
 #      - ringlet-train's gpu:: unit tests (forward, gradients, both optimizers vs the CPU model;
-#        optimizer kernels bit for bit). A test that prints SKIPPED (no GPU, no cuBLAS) fails here.
+#        optimizer kernels bit for bit; device-to-device copies, the staged and NCCL sums of
+#        device buffers). A test that prints SKIPPED (no GPU, no cuBLAS) fails here.
 #      - 100 SGD steps on the embedded digits on the GPU and on the CPU, same seed and sample order,
 #        with --metrics; the per-step losses are compared: max |gpu - cpu| / |cpu| must be at most
 #        GPU_CHECK_LOSS_TOL (default 1e-3). Why 1e-3: one forward agrees within 1e-5 relative and
@@ -42,11 +35,20 @@
 #        so the runs drift apart only by GEMM summation order compounding over 100 steps (expected
 #        1e-6..1e-4 relative); a real defect (a wrong gradient, a sample dropped or counted twice,
 #        a wrong learning rate) moves the loss by more than 1e-2 within a few steps.
-#      - 2 ranks sharing the GPU; a mixed job (rank 0 on the GPU, rank 1 on the CPU, --balance
-#        auto); throughput of a larger model on the GPU vs the CPU (synthetic data). Key figure:
-#        samples/s from the run's final summary line.
+#      - 2 ranks sharing the GPU (the gradient sum takes the TCP ring on device buffers: NCCL
+#        refuses two ranks on one device); a mixed job (rank 0 on the GPU, rank 1 on the CPU,
+#        --balance auto); throughput of a larger model on the GPU vs the CPU (synthetic data).
+#        Key figure: samples/s from the run's final summary line.
+#   4. NCCL with world size 1, all_reduce/broadcast/all_gather/reduce_scatter on device buffers,
+#      every element checked. One GPU cannot host a multi-rank NCCL ring (NCCL refuses two ranks
+#      on one device), so these measure NCCL's single-rank path only: busbw is 0 by definition
+#      for world 1 except broadcast, and the key figure gives algbw beside it.
+#   5. The staged TCP fallback for device buffers across 2 and 4 processes sharing the GPU
+#      (ringlet-bench --device: chunks staged through pinned blocks, reduced by the kernels),
+#      float sum, half sum, bfloat16 max, float avg, broadcast, and the host ring for comparison;
+#      every element checked; key figure: peak busbw.
 #
-# Output: everything on stdout; with OUT set, also $OUT/gpu-check.log (the full log),
+# Output: everything on stdout; with OUT set, only three files: $OUT/gpu-check.log (the full log),
 # $OUT/gpu-check.json ({"steps": [{"n", "name", "command", "exit", "seconds", "status"
 # (pass|fail|timeout|not-run), "key", "figures": {...}}], ...}) and $OUT/gpu-check.txt (the table
 # printed at the end: step | status | seconds | key figure).
@@ -56,7 +58,7 @@
 set -uo pipefail
 
 pack=${1:-target/gpu-pack}
-budget=${GPU_CHECK_BUDGET_S:-470}
+budget=${GPU_CHECK_BUDGET_S:-360}
 loss_tol=${GPU_CHECK_LOSS_TOL:-1e-3}
 case "$budget" in '' | *[!0-9]*) echo "gpu-check: GPU_CHECK_BUDGET_S must be whole seconds" >&2; exit 2 ;; esac
 
@@ -66,12 +68,10 @@ now() { # seconds since the epoch, with a fraction
 t_start=$(now)
 deadline=$((SECONDS + budget))
 
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT" || exit 2
-    work=$OUT
-else
-    work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX") || exit 2
-fi
+# Step logs and metrics stay in a work directory; only gpu-check.{json,txt,log} go to $OUT (a
+# device tool brings back a few files, not dozens). GPU_CHECK_KEEP_WORK=1 keeps the directory.
+[ -z "${OUT:-}" ] || mkdir -p "$OUT" || exit 2
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX") || exit 2
 log=$work/gpu-check.log
 : >"$log"
 exec 3>&1 4>&2
@@ -313,32 +313,7 @@ step "kernels compile, every arch (NVRTC)" 60 p_nvrtc "$bin/ringlet-gpu-check" -
 step "kernels vs CPU reference, bandwidth" 120 p_ratio "$bin/ringlet-gpu-check"
 
 echo
-echo "== 3: NCCL, world size 1. One GPU cannot host a multi-rank NCCL ring (NCCL refuses two"
-echo "== ranks on one device): these check NCCL's single-rank path on device buffers only."
-for coll in all_reduce broadcast all_gather reduce_scatter; do
-    step "NCCL world=1 $coll" 45 p_nccl \
-        "$bin/ringrun" -n 1 -- "$bin/ringlet-bench" "$coll" --backend nccl -b 8 -e 256M -f 8 -n 10 -w 3
-done
-
-echo
-echo "== 4: the staged TCP fallback for device buffers, processes sharing the GPU"
-for n in 2 4; do
-    step "TCP device fallback, $n procs, float sum" 45 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -b 1K -e 64M -f 4 -n 5 -w 2
-    step "TCP device fallback, $n procs, half sum" 30 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -d half -b 1K -e 16M -f 16 -n 3 -w 1
-    step "TCP device fallback, $n procs, bfloat16 max" 30 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -d bfloat16 -o max -b 1K -e 16M -f 16 -n 3 -w 1
-    step "TCP device fallback, $n procs, float avg" 30 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -o avg -b 1K -e 16M -f 16 -n 3 -w 1
-    step "TCP device fallback, $n procs, broadcast" 30 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" broadcast --device -r 1 -b 1K -e 16M -f 16 -n 3 -w 1
-    step "host ring for comparison, $n procs" 45 p_bench \
-        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce -b 1K -e 64M -f 4 -n 5 -w 2
-done
-
-echo
-echo "== 5: the training binary's GPU model"
+echo "== 3: the training binary's GPU model"
 step "GPU model vs CPU model (gpu:: unit tests)" 120 p_tests "$tests_bin" gpu:: --nocapture --test-threads=1
 steps=100
 for device in gpu cpu; do
@@ -362,6 +337,31 @@ step "throughput, --device gpu, hidden 2048,2048, batch 4096" 60 p_train \
     "$bin/ringrun" -n 1 -- "$bin/ringlet-train" --device gpu --dataset synthetic:200000 --hidden 2048,2048 --global-batch 4096 --steps 30
 step "throughput, --device cpu, hidden 2048,2048, batch 4096" 90 p_train \
     "$bin/ringrun" -n 1 -- "$bin/ringlet-train" --device cpu --dataset synthetic:200000 --hidden 2048,2048 --global-batch 4096 --steps 10
+
+echo
+echo "== 4: NCCL, world size 1. One GPU cannot host a multi-rank NCCL ring (NCCL refuses two"
+echo "== ranks on one device): these check NCCL's single-rank path on device buffers only."
+for coll in all_reduce broadcast all_gather reduce_scatter; do
+    step "NCCL world=1 $coll" 45 p_nccl \
+        "$bin/ringrun" -n 1 -- "$bin/ringlet-bench" "$coll" --backend nccl -b 8 -e 256M -f 8 -n 10 -w 3
+done
+
+echo
+echo "== 5: the staged TCP fallback for device buffers, processes sharing the GPU"
+for n in 2 4; do
+    step "TCP device fallback, $n procs, float sum" 45 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -b 1K -e 64M -f 4 -n 5 -w 2
+    step "TCP device fallback, $n procs, half sum" 30 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -d half -b 1K -e 16M -f 16 -n 3 -w 1
+    step "TCP device fallback, $n procs, bfloat16 max" 30 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -d bfloat16 -o max -b 1K -e 16M -f 16 -n 3 -w 1
+    step "TCP device fallback, $n procs, float avg" 30 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce --device -o avg -b 1K -e 16M -f 16 -n 3 -w 1
+    step "TCP device fallback, $n procs, broadcast" 30 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" broadcast --device -r 1 -b 1K -e 16M -f 16 -n 3 -w 1
+    step "host ring for comparison, $n procs" 45 p_bench \
+        "$bin/ringrun" -n $n -- "$bin/ringlet-bench" all_reduce -b 1K -e 64M -f 4 -n 5 -w 2
+done
 
 # --- report ------------------------------------------------------------------------------
 elapsed=$(awk -v a="$t_start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
@@ -403,4 +403,10 @@ table
 # Let tee finish the log before exiting.
 exec 1>&3 2>&4 3>&- 4>&-
 wait "$tee_pid" 2>/dev/null
+[ -z "${OUT:-}" ] || cp "$log" "$OUT/gpu-check.log"
+if [ "${GPU_CHECK_KEEP_WORK:-0}" = 1 ]; then
+    echo "gpu-check: step logs kept in $work"
+else
+    rm -rf "$work"
+fi
 exit "$first_fail"

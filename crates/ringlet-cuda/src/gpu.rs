@@ -116,7 +116,7 @@ impl Gpu {
         let bytes = self
             .kernels
             .stream
-            .alloc_zeros::<u8>((len * std::mem::size_of::<T>()).max(1))?;
+            .alloc_zeros::<u8>(byte_len::<T>(len)?.max(1))?;
         Ok(DeviceBuffer {
             bytes,
             len,
@@ -186,7 +186,7 @@ impl Gpu {
 
     /// A pinned host block of `len` elements, from the pool when one is large enough.
     pub fn pinned<T: Element>(&self, len: usize) -> Result<Pinned<T>, CudaError> {
-        let need = (len * std::mem::size_of::<T>()).max(1);
+        let need = byte_len::<T>(len)?.max(1);
         let reused = {
             let mut pool = self.pool.lock().map_err(|_| {
                 CudaError::Driver("the pinned block pool was poisoned by a panic".into())
@@ -313,4 +313,14 @@ impl Gpu {
         assert!(at <= buf.len, "device_addr_at out of bounds");
         self.addr(buf, at)
     }
+}
+
+/// The bytes of `len` elements of `T`, or an error where that overflows.
+fn byte_len<T: Element>(len: usize) -> Result<usize, CudaError> {
+    len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+        CudaError::Driver(format!(
+            "{len} elements of {} bytes overflow",
+            std::mem::size_of::<T>()
+        ))
+    })
 }

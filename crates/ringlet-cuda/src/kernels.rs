@@ -9,6 +9,8 @@
 //! options, target and NVRTC version, sealed with a checksum; a cached file that fails its seal
 //! or lacks an expected kernel is compiled again.
 
+pub use crate::kernel_cache::cache_dir;
+use crate::kernel_cache::{store, verified};
 use crate::libs::{self, CudaLib};
 use crate::CudaError;
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
@@ -42,15 +44,16 @@ pub const REDUCE: KernelSource = KernelSource {
 };
 
 /// The kernels of `kernels/` that the collectives use (the trainer's own, `model.cu` and
-/// `optim.cu`, are `ringlet-train`'s: it compiles them with [`ptx`] too).
+/// `optim.cu`, are `ringlet-train`'s: it compiles them with [`compile`] too).
 pub const ALL: [&KernelSource; 1] = [&REDUCE];
 
 /// Options every kernel is compiled with: no fused multiply-add, so results round like the
 /// Rust references.
 const OPTIONS: [&str; 2] = ["--fmad=false", "--std=c++17"];
 
-/// The architectures Ringlet's kernels are built and checked for: Volta (sm_70), Turing,
-/// Ampere, Ada, Hopper, and Blackwell (sm_100, sm_120).
+/// The architectures Ringlet's kernels are built and checked for, where the NVRTC found knows
+/// them: Volta (sm_70, CUDA 12's NVRTC only), Turing, Ampere, Ada, Hopper, and Blackwell
+/// (sm_100, sm_120).
 pub const ARCHS: [u32; 8] = [70, 75, 80, 86, 89, 90, 100, 120];
 
 /// What NVRTC makes for one device.
@@ -155,21 +158,6 @@ pub fn target(arch: u32) -> Result<Target, CudaError> {
     Ok(t)
 }
 
-/// Where compiled kernels are kept: `$RINGLET_CACHE_DIR`, else `$XDG_CACHE_HOME/ringlet`, else
-/// `~/.cache/ringlet`, else the temporary directory.
-pub fn cache_dir() -> PathBuf {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("RINGLET_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("ringlet")))
-        .or_else(|| var("HOME").map(|d| d.join(".cache/ringlet")))
-        .unwrap_or_else(|| std::env::temp_dir().join("ringlet-cache"))
-        .join("ptx")
-}
-
 /// `source` compiled for `target`, from the cache in `cache` or compiled now.
 pub fn compile(
     source: &KernelSource,
@@ -177,9 +165,12 @@ pub fn compile(
     cache: Option<&std::path::Path>,
 ) -> Result<Image, CudaError> {
     let version = nvrtc_version()?;
+    let nvrtc_path = libs::found(CudaLib::Nvrtc)?.path;
+    let includes = crate::headers::include_dirs(Some(&nvrtc_path));
+    // The headers are part of what is compiled: another install's make another image.
     let mut key = Sha256::new();
     key.update(source.code.as_bytes());
-    key.update(format!("{OPTIONS:?} {target:?} {version:?}").as_bytes());
+    key.update(format!("{OPTIONS:?} {target:?} {version:?} {includes:?}").as_bytes());
     let key: String = key.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -217,7 +208,7 @@ pub fn compile(
     }
     let image = Image {
         target,
-        bytes: nvrtc_compile(source, target)?,
+        bytes: nvrtc_compile(source, target, &includes)?,
     };
     let missing = missing_kernels(source, &image);
     if !missing.is_empty() {
@@ -228,7 +219,11 @@ pub fn compile(
         });
     }
     if let Some(file) = &file {
-        store(file, &image.bytes)?;
+        // A cache that cannot be written (read-only, full) costs a compilation next time, not
+        // this run.
+        if let Err(e) = store(file, &image.bytes) {
+            tracing::warn!("kernel cache: {e}");
+        }
     }
     Ok(image)
 }
@@ -241,10 +236,12 @@ impl Target {
     }
 }
 
-/// One NVRTC compilation of `source` for `target`, with the headers beside the NVRTC in use.
-fn nvrtc_compile(source: &KernelSource, target: Target) -> Result<Vec<u8>, CudaError> {
-    let nvrtc_path = libs::found(CudaLib::Nvrtc)?.path;
-    let includes = libs::include_dirs(Some(&nvrtc_path));
+/// One NVRTC compilation of `source` for `target`, with the headers in `includes`.
+fn nvrtc_compile(
+    source: &KernelSource,
+    target: Target,
+    includes: &[PathBuf],
+) -> Result<Vec<u8>, CudaError> {
     if includes.is_empty() {
         return Err(CudaError::NoCuda {
             library: "cuda_fp16.h",
@@ -372,38 +369,6 @@ fn cubin_functions(bytes: &[u8]) -> Vec<String> {
         .filter(|s| s.kind() == object::SymbolKind::Text)
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect()
-}
-
-const SEAL: &[u8] = b"\n// ringlet-kernels sha256=";
-
-fn digest(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The image of a cache file whose trailer carries the checksum of everything before it.
-fn verified(stored: &[u8]) -> Option<&[u8]> {
-    let at = stored.windows(SEAL.len()).rposition(|w| w == SEAL)?;
-    let (bytes, rest) = stored.split_at(at);
-    let sum = std::str::from_utf8(&rest[SEAL.len()..]).ok()?;
-    (sum.trim_end() == digest(bytes)).then_some(bytes)
-}
-
-/// Writes `bytes`, sealed with their checksum, to `file` through a temporary file and a rename.
-fn store(file: &std::path::Path, bytes: &[u8]) -> Result<(), CudaError> {
-    let mut sealed = bytes.to_vec();
-    sealed.extend_from_slice(SEAL);
-    sealed.extend_from_slice(digest(bytes).as_bytes());
-    sealed.push(b'\n');
-    let dir = file.parent().expect("cache files live in a directory");
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CudaError::io(format!("creating {}", dir.display()), e))?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &sealed)
-        .map_err(|e| CudaError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, file).map_err(|e| CudaError::io(format!("renaming {}", tmp.display()), e))
 }
 
 /// One line per (architecture, source) compiled by [`check_compiles`].

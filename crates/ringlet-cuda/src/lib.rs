@@ -2,14 +2,16 @@
 //! (cudarc's `dynamic-loading`), and its absence is a typed [`CudaError::NoCuda`], never a panic.
 //!
 //! Layers, bottom up (cudarc's `sys` → `result` → `safe` split):
-//! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl`, `libcublas` — the search path,
-//!   `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA 12 and 13 installs and pip wheels of either layout — before
-//!   cudarc asks for them by name;
+//! - [`libs`]: finding and loading `libcuda`, `libnvrtc`, `libnccl`, `libcublas` — the search
+//!   path, `RINGLET_{CUDA,NVRTC,NCCL,CUBLAS}_LIB`, CUDA 12 and 13 installs and pip wheels of
+//!   either layout — before cudarc asks for them by name;
 //! - [`device`]: the devices (name, compute capability, memory, PCI bus id);
 //! - [`kernels`]: the reduction kernels of `kernels/reduce.cu`, and the compilation of any kernel
-//!   source with NVRTC for a device's architecture (machine code, or PTX for a device newer than NVRTC
-//!   knows), cached on disk;
-//! - [`versions`]: each library's version, as it reports it;
+//!   source with NVRTC for a device's architecture (machine code, or PTX for a device newer than
+//!   NVRTC knows), cached on disk;
+//! - [`versions`]: what was found: each library's version, as it reports it, and its file;
+//! - [`headers`]: CUDA's headers for NVRTC, those beside the NVRTC in use first;
+//! - [`kernel_cache`]: compiled images on disk, sealed with a checksum;
 //! - [`launch`]: the reduction kernels loaded on a device and launched on its stream, and loading
 //!   other kernel sources on the same context with the same launch shape;
 //! - [`gpu`]: typed device buffers, pinned host blocks, async copies and events on one stream;
@@ -23,6 +25,8 @@
 pub mod device;
 pub mod error;
 pub mod gpu;
+pub mod headers;
+pub mod kernel_cache;
 pub mod kernels;
 pub mod launch;
 pub mod libs;

@@ -12,11 +12,14 @@
 //! open what we find by path, with `RTLD_GLOBAL`, keeping it loaded for good. The dynamic linker
 //! then hands cudarc the library already loaded under the same soname.
 //!
-//! Where several majors are installed, the newest one the driver supports is chosen (NVRTC newer
-//! than the driver would write PTX the driver cannot load; cuBLAS 13 needs a CUDA 13 driver).
+//! Where several majors are installed in the directories searched, the newest one the driver
+//! supports is chosen (NVRTC 13's kernels do not load on a CUDA 12 driver; cuBLAS 13 needs a
+//! CUDA 13 driver). What the dynamic linker finds by itself comes first, as it does for cudarc;
+//! [`found`] warns when that is a major newer than the driver's.
 //! After cudarc has opened a library, [`found`] asks the dynamic linker which file cudarc's
 //! symbols come from, so what is reported is what runs.
 
+pub use crate::versions::{found, summary, Found};
 use crate::CudaError;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -30,7 +33,7 @@ pub enum CudaLib {
     Nvrtc,
     Nccl,
     Cublas,
-    /// Needed by `libcublas`; loaded first so that it is found where `libcublas` was.
+    /// Needed by `libcublas`: taken from `libcublas`'s own directory, or `RINGLET_CUBLASLT_LIB`.
     CublasLt,
 }
 
@@ -96,7 +99,7 @@ impl CudaLib {
 
     /// Whether the library comes in one file per CUDA major (the toolkit's), so that the
     /// driver's major decides between them.
-    fn per_cuda_major(self) -> bool {
+    pub(crate) fn per_cuda_major(self) -> bool {
         matches!(self, CudaLib::Nvrtc | CudaLib::Cublas | CudaLib::CublasLt)
     }
 
@@ -150,91 +153,11 @@ pub fn present(lib: CudaLib) -> bool {
     load(lib).is_ok()
 }
 
-/// A library as found and used: its file and its version.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Found {
-    pub lib: CudaLib,
-    /// The file the symbols come from (as the dynamic linker reports it).
-    pub path: PathBuf,
-    /// `13.0`, `12.9.1.4`, `2.27.3`: as the library reports it.
-    pub version: String,
-}
-
-impl std::fmt::Display for Found {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let what = match self.lib {
-            CudaLib::Driver => "driver: CUDA",
-            _ => self.lib.title(),
-        };
-        write!(f, "{what} {} ({})", self.version, self.path.display())
-    }
-}
-
-/// `lib` loaded, its version asked and the file that answered, logged once per process.
-pub fn found(lib: CudaLib) -> Result<Found, CudaError> {
-    static FOUND: OnceLock<std::sync::Mutex<Vec<Found>>> = OnceLock::new();
-    // Held while asking, so threads compiling kernels together log a library once.
-    let mut cache = FOUND
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(f) = cache.iter().find(|f| f.lib == lib) {
-        return Ok(f.clone());
-    }
-    let (version, symbol) = crate::versions::ask(lib)?;
-    let ours = load(lib)?;
-    let path = symbol.and_then(file_of).unwrap_or(ours.clone());
-    if !same_file(&path, &ours) {
-        tracing::warn!(
-            "{} was found at {} but cudarc opened {} by name (the dynamic linker's search comes \
-             first); using that",
-            lib.title(),
-            ours.display(),
-            path.display()
-        );
-    }
-    let f = Found { lib, path, version };
-    tracing::info!("{f}");
-    cache.push(f.clone());
-    Ok(f)
-}
-
-/// One line per library: what was found, or why not (the device table's CUDA column).
-pub fn summary(libs: &[CudaLib]) -> Vec<String> {
-    libs.iter()
-        .map(|&lib| match found(lib) {
-            Ok(f) => f.to_string(),
-            Err(CudaError::NoCuda { env, .. }) => format!("{}: not found (set {env})", lib.title()),
-            Err(e) => format!("{}: {e}", lib.title()),
-        })
-        .collect()
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         // A bare soname (found by the linker's own search) cannot be compared: trust it.
         _ => true,
-    }
-}
-
-/// The file holding the code at `addr` (a symbol of a loaded library).
-fn file_of(addr: *const std::ffi::c_void) -> Option<PathBuf> {
-    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
-    // SAFETY: dladdr only reads the loader's tables and fills `info`; the file name it points to
-    // belongs to the loaded object, which is never unloaded (we and cudarc keep every handle).
-    unsafe {
-        if libc::dladdr(addr, info.as_mut_ptr()) == 0 {
-            return None;
-        }
-        let name = info.assume_init().dli_fname;
-        if name.is_null() {
-            return None;
-        }
-        let bytes = std::ffi::CStr::from_ptr(name).to_bytes();
-        Some(PathBuf::from(
-            std::ffi::OsStr::from_encoded_bytes_unchecked(bytes),
-        ))
     }
 }
 
@@ -278,6 +201,12 @@ fn find_and_open_with(
     };
     for f in files {
         if f.exists() {
+            if lib == CudaLib::Cublas {
+                // libcublas needs its own libcublasLt (same directory, same major): loaded first
+                // from there, the dynamic linker resolves the dependency even where the
+                // directory is on no search path and another major's libcublasLt is.
+                open_sibling_cublaslt(&f);
+            }
             if open(&f) {
                 tracing::debug!(library = %f.display(), "loaded");
                 return Ok(f);
@@ -336,6 +265,17 @@ pub fn cuda_major_of(file: &Path) -> Option<u32> {
         let (_, version) = name.split_once(".so.")?;
         version.split('.').next()?.parse().ok()
     })
+}
+
+/// Opens the `libcublasLt` beside the `libcublas` file `cublas`, of its major, if there is one.
+fn open_sibling_cublaslt(cublas: &Path) {
+    let (Some(dir), Some(major)) = (cublas.parent(), cuda_major_of(cublas)) else {
+        return;
+    };
+    let lt = dir.join(format!("libcublasLt.so.{major}"));
+    if lt.exists() && !open(&lt) {
+        tracing::debug!(library = %lt.display(), "failed to load: {}", dlerror());
+    }
 }
 
 /// Opens a library for good (never closed: cudarc keeps calling into it).
@@ -441,6 +381,12 @@ pub fn search_dirs_in(
     );
     dirs.retain(|d| d.is_dir());
     // A toolkit's lib64 is often a link to targets/<arch>/lib: one directory, tried once.
+    once_each(&mut dirs);
+    dirs
+}
+
+/// Keeps the first of the paths naming one directory (through links).
+pub(crate) fn once_each(dirs: &mut Vec<PathBuf>) {
     let mut seen = Vec::new();
     dirs.retain(|d| {
         let key = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
@@ -448,16 +394,27 @@ pub fn search_dirs_in(
         seen.push(key);
         new
     });
-    dirs
 }
 
-/// Python site directories where pip may have put NVIDIA's wheels: the active virtualenv or
-/// conda env, `PYTHONPATH`, the user's, the system's and pyenv's.
+/// Python site directories where pip may have put NVIDIA's wheels: `PYTHONPATH`, the active
+/// virtualenv or conda env, that of the first `python3` on `PATH`, the user's, pyenv's and the
+/// system's.
 pub fn python_site_dirs() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = Vec::new();
     for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
         if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
             roots.push(PathBuf::from(v).join("lib"));
+        }
+    }
+    // The environment of the `python3` a user would run: a virtualenv on PATH but not activated
+    // (its bin/python3 is a link to the base interpreter: the link's own directory counts).
+    if let Some(bin) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .find(|d| d.join("python3").exists())
+    {
+        if let Some(prefix) = bin.parent() {
+            roots.push(prefix.join("lib"));
         }
     }
     let home = std::env::var_os("HOME").map(PathBuf::from);
@@ -488,65 +445,6 @@ pub fn python_site_dirs() -> Vec<PathBuf> {
     }
     sites.retain(|d| d.is_dir());
     sites
-}
-
-/// Directories with CUDA's headers (`cuda_fp16.h`) for the NVRTC at `nvrtc`:
-/// `RINGLET_CUDA_INCLUDE`, then the headers that came with that NVRTC (its install's `include`,
-/// or the runtime wheel beside its wheel: `nvidia/cu13/include`, `nvidia/cuda_runtime/include`),
-/// then any other install — of the same CUDA major first, since a major's headers may use
-/// built-ins an older NVRTC lacks.
-pub fn include_dirs(nvrtc: Option<&Path>) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(v) = std::env::var_os("RINGLET_CUDA_INCLUDE").filter(|v| !v.is_empty()) {
-        dirs.extend(std::env::split_paths(&v));
-    }
-    let real = nvrtc.and_then(|p| std::fs::canonicalize(p).ok());
-    let major = nvrtc.and_then(cuda_major_of);
-    if let Some(lib_dir) = real.as_deref().and_then(Path::parent) {
-        // lib64/, lib/, targets/<arch>/lib/ of an install; nvidia/<pkg>/lib/ of a wheel.
-        dirs.push(lib_dir.join("../include"));
-        dirs.push(lib_dir.join("../../cuda_runtime/include"));
-    }
-    let mut others: Vec<PathBuf> = Vec::new();
-    for root in toolkit_roots() {
-        others.push(root.join("include"));
-        others.push(root.join(format!("targets/{}-linux/include", std::env::consts::ARCH)));
-    }
-    for site in python_site_dirs() {
-        others.push(site.join("nvidia/cu13/include"));
-        others.push(site.join("nvidia/cuda_runtime/include"));
-    }
-    others.push("/usr/include".into());
-    // Stable: the same major's headers first, in search order.
-    others.sort_by_key(|d| header_major(d) != major || major.is_none());
-    dirs.extend(others);
-    dirs.retain(|d| d.join("cuda_fp16.h").is_file());
-    let mut seen = Vec::new();
-    dirs.retain(|d| {
-        let key = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
-        let new = !seen.contains(&key);
-        seen.push(key);
-        new
-    });
-    dirs
-}
-
-/// The CUDA major of a header directory, from `CUDA_VERSION` in its `cuda.h` (13000 is 13).
-fn header_major(dir: &Path) -> Option<u32> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(dir.join("cuda.h"))
-        .ok()?
-        .take(1 << 20)
-        .read_to_string(&mut text)
-        .ok()?;
-    let at = text.find("#define CUDA_VERSION ")?;
-    let digits: String = text[at + 21..]
-        .chars()
-        .skip_while(|c| c.is_whitespace())
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse::<u32>().ok().map(|v| v / 1000)
 }
 
 #[cfg(test)]
@@ -708,22 +606,5 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn headers_say_their_cuda_major() {
-        let dir = std::env::temp_dir().join(format!("ringlet-headers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("cuda.h"),
-            "#ifndef X\n#define CUDA_VERSION 13000\n",
-        )
-        .unwrap();
-        assert_eq!(header_major(&dir), Some(13));
-        std::fs::write(dir.join("cuda.h"), "#define CUDA_VERSION   12090 // 12.9\n").unwrap();
-        assert_eq!(header_major(&dir), Some(12));
-        std::fs::write(dir.join("cuda.h"), "no version here").unwrap();
-        assert_eq!(header_major(&dir), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

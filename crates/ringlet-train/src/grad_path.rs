@@ -111,6 +111,9 @@ pub struct RankTraits {
     pub forced: Choice,
     /// Its `RINGLET_BACKEND`.
     pub backend: BackendChoice,
+    /// Another rank computes on the same GPU (same host, same PCI bus id): NCCL refuses two
+    /// ranks on one device. Not in the byte: found from every rank's device key.
+    pub shares_gpu: bool,
 }
 
 impl RankTraits {
@@ -142,7 +145,27 @@ impl RankTraits {
                 2 => BackendChoice::Nccl,
                 _ => BackendChoice::Auto,
             },
+            shares_gpu: false,
         }
+    }
+}
+
+/// A rank's device as a number every rank compares: FNV-1a of its host and the device's PCI bus
+/// id (stable across processes and builds); 0 for a rank on the CPU.
+fn device_key(host: &str, device: Option<&str>) -> i64 {
+    let Some(device) = device else { return 0 };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.bytes().chain([0]).chain(device.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    // Never 0, the CPU's key.
+    (h | 1) as i64
+}
+
+/// Marks the ranks whose device key another rank has too.
+fn mark_shared(ranks: &mut [RankTraits], keys: &[i64]) {
+    for (r, t) in ranks.iter_mut().enumerate() {
+        t.shares_gpu = keys[r] != 0 && keys.iter().filter(|&&k| k == keys[r]).count() > 1;
     }
 }
 
@@ -184,6 +207,8 @@ pub fn decide(ranks: &[RankTraits]) -> Result<Decision, String> {
                 format!("sets {ENV}={}", t.forced.name())
             } else if !t.nccl {
                 "cannot load NCCL".to_string()
+            } else if t.shares_gpu {
+                "shares its GPU with another rank (NCCL needs a GPU per rank)".to_string()
             } else {
                 return None;
             };
@@ -333,26 +358,47 @@ impl<'c, B: Backend> GradPath<'c, B> {
             nccl,
             forced,
             backend,
+            shares_gpu: false,
         };
         let mut all = vec![0u8; n];
         comm.all_gather(&[mine.encode()], &mut all)?;
-        let ranks: Vec<RankTraits> = all.into_iter().map(RankTraits::decode).collect();
-        let decision = decide(&ranks).map_err(Error::Config)?;
+        let mut ranks: Vec<RankTraits> = all.into_iter().map(RankTraits::decode).collect();
+        let mut keys = vec![0i64; n];
+        let key = device_key(&ringlet::topology::hostname(), be.device_id().as_deref());
+        comm.all_gather(&[key], &mut keys)?;
+        mark_shared(&mut ranks, &keys);
+        let mut decision = decide(&ranks).map_err(Error::Config)?;
         if rank == 0 {
             tracing::info!("{}", describe(&decision, &ranks, opts.overlap));
         }
-        let path = decision.paths[rank];
         let ranges: Vec<Range<usize>> = layers.iter().map(Layer::range).collect();
         let count = ranges.last().map_or(0, |r| r.end);
         let opts = SyncOptions { scalars: 1, ..opts };
-        let how = match path {
-            Path::None => How::None,
-            // Collective too; every rank is here, as all decided the same.
-            Path::Nccl => How::Nccl(agree(
+        let mut nccl = None;
+        if decision.paths[rank] == Path::Nccl {
+            // Collective too; every rank is here, as all decided the same. A failure is agreed,
+            // so every rank falls back together (unless NCCL was demanded).
+            match agree(
                 comm,
                 be.nccl(comm).map_err(|e| e.to_string()),
                 "starting NCCL for the gradients",
-            )?),
+            ) {
+                Ok(c) => nccl = Some(c),
+                Err(e) if ranks.iter().any(|t| t.backend == BackendChoice::Nccl) => return Err(e),
+                Err(e) => {
+                    if rank == 0 {
+                        tracing::warn!(
+                            "gradient sync: NCCL did not start ({e}); the TCP ring instead"
+                        );
+                    }
+                    decision.paths = vec![Path::DeviceBuckets; n];
+                }
+            }
+        }
+        let path = decision.paths[rank];
+        let how = match path {
+            Path::None => How::None,
+            Path::Nccl => How::Nccl(nccl.expect("NCCL started on the way to this path")),
             Path::DeviceBuckets => Self::device(comm, be, &ranges, &opts)?,
             Path::HostBuckets => {
                 let specs = (ranges.iter().enumerate())
@@ -505,11 +551,27 @@ mod tests {
                 nccl: i & 2 != 0,
                 forced: choices[i / 4 % 3],
                 backend: backends[i / 12],
+                shares_gpu: false,
             };
             assert_eq!(RankTraits::decode(t.encode()), t);
         }
         assert_eq!(Choice::parse(" Device "), Some(Choice::Device));
         assert_eq!(Choice::parse(""), Some(Choice::Auto));
         assert_eq!(Choice::parse("gpu"), None);
+    }
+
+    #[test]
+    fn ranks_on_one_gpu_of_one_host_are_marked_as_sharing_it() {
+        let a = device_key("node0", Some("00000000:3b:00.0"));
+        let b = device_key("node0", Some("00000000:5e:00.0"));
+        let c = device_key("node1", Some("00000000:3b:00.0"));
+        assert!(a != b && a != c && b != c && a != 0);
+        assert_eq!(device_key("node0", None), 0);
+        let keys = [a, b, a, 0, 0, c];
+        let mut ranks = vec![RankTraits::decode(0b11); keys.len()];
+        mark_shared(&mut ranks, &keys);
+        let shared: Vec<bool> = ranks.iter().map(|t| t.shares_gpu).collect();
+        // CPU ranks (key 0) share nothing, however many there are.
+        assert_eq!(shared, [true, false, true, false, false, false]);
     }
 }

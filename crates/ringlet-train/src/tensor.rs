@@ -59,6 +59,11 @@ pub trait Backend {
     fn on_device(&self) -> bool {
         false
     }
+    /// The device this backend computes on, named so that two ranks on one host using the same
+    /// device name it alike (its PCI bus id); `None` on the CPU.
+    fn device_id(&self) -> Option<String> {
+        None
+    }
     /// Why NCCL cannot sum this backend's buffers (`Ok` where it can).
     fn nccl_usable(&self) -> Result<(), String> {
         Err("its buffers are in host memory".into())
@@ -208,8 +213,18 @@ impl Backend for Host {
         dst_at: usize,
         len: usize,
     ) -> Result<(), Error> {
-        dst[dst_at..dst_at + len].copy_from_slice(&src[src_at..src_at + len]);
-        Ok(())
+        let fits = |at: usize, buf_len: usize| at.checked_add(len).filter(|&end| end <= buf_len);
+        match (fits(src_at, src.len()), fits(dst_at, dst.len())) {
+            (Some(src_end), Some(dst_end)) => {
+                dst[dst_at..dst_end].copy_from_slice(&src[src_at..src_end]);
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "copy of {len} elements from {src_at} of {} to {dst_at} of {}",
+                src.len(),
+                dst.len()
+            ))),
+        }
     }
     /// Through the staging engine a GPU's buffers take (`HostDevice`: memcpy for its copies,
     /// events that complete a poll late, as a GPU's do), not `all_reduce`: the same collective
@@ -366,8 +381,8 @@ impl Backend for Host {
         v: &mut Vec<f32>,
         grad_scale: f32,
     ) -> Result<(), Error> {
-        let n = p.len();
-        opt.step(p, &g[..n], v, grad_scale);
+        let g = gradient_for(p, g)?;
+        opt.step(p, g, v, grad_scale);
         Ok(())
     }
 
@@ -381,8 +396,20 @@ impl Backend for Host {
         grad_scale: f32,
         t: u32,
     ) -> Result<(), Error> {
-        let n = p.len();
-        opt.step(p, &g[..n], m, v, grad_scale, t);
+        let g = gradient_for(p, g)?;
+        opt.step(p, g, m, v, grad_scale, t);
         Ok(())
     }
+}
+
+/// The first `p.len()` elements of `g` (a gradient buffer may hold a loss slot after them), or an
+/// error where `g` is shorter than the parameters.
+fn gradient_for<'g>(p: &[f32], g: &'g [f32]) -> Result<&'g [f32], Error> {
+    g.get(..p.len()).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a gradient of {} elements for {} parameters",
+            g.len(),
+            p.len()
+        ))
+    })
 }

@@ -262,6 +262,7 @@ fn rank(on_device: bool, nccl: bool) -> RankTraits {
         nccl,
         forced: Choice::Auto,
         backend: BackendChoice::Auto,
+        shares_gpu: false,
     }
 }
 
@@ -286,6 +287,19 @@ fn nccl_only_when_every_rank_can_use_it() {
         "gradient sync: TCP ring (no NCCL for every rank: rank 1 cannot load NCCL; rank 2 \
          trains on the CPU); ranks 0,1 stage device buffers through pinned host blocks, rank \
          2 host buckets overlapped with backward"
+    );
+
+    // Two ranks on one GPU (ringrun -n 2 on a one-GPU machine): NCCL refuses them.
+    let mut shared = all;
+    shared[0].shares_gpu = true;
+    shared[1].shares_gpu = true;
+    let d = decide(&shared).unwrap();
+    assert_eq!(d.paths, vec![D; 3]);
+    assert!(
+        d.reason.contains("rank 0 shares its GPU with another rank")
+            && d.reason.contains("rank 1 shares"),
+        "{}",
+        d.reason
     );
 
     let mut tcp = all;

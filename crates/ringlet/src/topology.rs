@@ -114,7 +114,9 @@ pub fn describe(rank: usize, local_rank: usize) -> RankInfo {
             let path = libs::load(CudaLib::Nccl).map_err(short)?;
             Ok(format!("NCCL {major}.{minor}.{patch} ({})", path.display()))
         });
-    let cuda = if device.is_some() {
+    // Only for the table (loading cuBLAS costs every GPU rank a moment at start-up).
+    let debug = std::env::var("RINGLET_DEBUG").is_ok_and(|v| v == "1");
+    let cuda = if device.is_some() && debug {
         cuda_versions()
     } else {
         "-".into()
@@ -176,10 +178,24 @@ pub fn decide(
     let lacking: Vec<String> = ranks
         .iter()
         .filter_map(|r| {
-            let why = match (&r.no_device, &r.nccl) {
-                (Some(why), _) => why.clone(),
-                (None, Err(why)) => why.clone(),
-                (None, Ok(_)) => return None,
+            let shares = |d: &Device| {
+                ranks.iter().find(|o| {
+                    o.rank != r.rank
+                        && o.host == r.host
+                        && o.device
+                            .as_ref()
+                            .is_some_and(|od| od.pci_bus_id == d.pci_bus_id)
+                })
+            };
+            let why = match (&r.no_device, &r.nccl, r.device.as_ref().and_then(shares)) {
+                (Some(why), _, _) => why.clone(),
+                (None, Err(why), _) => why.clone(),
+                // NCCL refuses two ranks on one device.
+                (None, Ok(_), Some(other)) => format!(
+                    "shares its GPU with rank {} (NCCL needs a GPU per rank)",
+                    other.rank
+                ),
+                (None, Ok(_), None) => return None,
             };
             Some(format!("rank {} ({}): {why}", r.rank, r.host))
         })
@@ -365,6 +381,12 @@ mod tests {
             why.contains("2 of 3") && why.contains("rank 1 (node1)"),
             "{why}"
         );
+        // Two ranks of one host on one GPU: NCCL would refuse them.
+        let mut shared = [info(0, true, true), info(1, true, true)];
+        shared[1].host = shared[0].host.clone();
+        let (b, why) = decide(BackendChoice::Auto, &shared).unwrap();
+        assert_eq!(b, Backend::Tcp);
+        assert!(why.contains("shares its GPU with rank 1"), "{why}");
         let e = decide(BackendChoice::Nccl, &mixed).unwrap_err();
         assert!(
             e.contains("rank 1 (node1): no CUDA") && e.contains("rank 2 (node2): no NCCL"),

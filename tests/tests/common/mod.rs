@@ -249,22 +249,28 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<ExitStatus>, S
         })
     })
     .collect();
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) on the process group we created; no memory is involved.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_bounded(&mut child, limit);
     for r in readers {
         let _ = r.join();
     }
     let text = out.lock().unwrap().clone();
     (status, text)
+}
+
+/// Waits for `child` (started in its own process group) up to `limit`; past it, kills the
+/// whole group (SIGKILL) and returns `None`.
+pub fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group we created; no memory is involved.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -10,6 +10,7 @@
 use clap::Parser;
 use ringlet_cuda::kernels::{self as compiler, Target, ARCHS};
 use ringlet_cuda::libs::{self, CudaLib};
+use ringlet_train::gpu::kernels::{differing, CheckRng};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use ringlet_core::{Element, ReduceOp};
@@ -17,39 +18,9 @@ use ringlet_cuda::launch::{suffix, Kernels};
 use ringlet_cuda::CudaError;
 use std::time::Instant;
 
-struct Rng(u64);
-
-impl Rng {
-    /// Uniform in [-2, 2) (xorshift64*).
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-        x as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-    }
-    fn vec<T: Element>(&mut self, n: usize, scale: f64) -> Vec<T> {
-        (0..n).map(|_| T::from_f64(self.next() * scale)).collect()
-    }
-}
-
-fn bits<T: Element>(v: &[T]) -> &[u8] {
-    bytemuck::cast_slice(v)
-}
-
-/// Elements whose bits differ between the GPU result and the CPU reference.
-fn differing<T: Element>(gpu: &[T], cpu: &[T]) -> usize {
-    let size = std::mem::size_of::<T>();
-    bits(gpu)
-        .chunks_exact(size)
-        .zip(bits(cpu).chunks_exact(size))
-        .filter(|(a, b)| a != b)
-        .count()
-}
-
 fn check_reduce<T: Element + DeviceRepr>(
     k: &Kernels,
-    rng: &mut Rng,
+    rng: &mut CheckRng,
     n: usize,
 ) -> Result<usize, CudaError> {
     let mut wrong = 0;
@@ -126,15 +97,21 @@ fn bandwidth(k: &Kernels) -> Result<(), CudaError> {
     Ok(())
 }
 
-fn run() -> Result<usize, CudaError> {
-    for line in libs::summary(&[
+/// The CUDA libraries found: version and file, or why not.
+fn print_libraries() {
+    let libs = [
         CudaLib::Driver,
         CudaLib::Nvrtc,
         CudaLib::Cublas,
         CudaLib::Nccl,
-    ]) {
+    ];
+    for line in libs::summary(&libs) {
         println!("{line}");
     }
+}
+
+fn run() -> Result<usize, CudaError> {
+    print_libraries();
     let list = ringlet_cuda::devices()?;
     for d in &list {
         println!(
@@ -153,7 +130,7 @@ fn run() -> Result<usize, CudaError> {
         k.arch,
         t.elapsed().as_secs_f64()
     );
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64);
+    let mut rng = CheckRng::fresh();
     let n = (1 << 22) + 3; // not a multiple of any block size
     println!("reductions vs ringlet-core's host reducers (bits):");
     let mut wrong = check_reduce::<f32>(&k, &mut rng, n)?;
@@ -172,7 +149,8 @@ fn run() -> Result<usize, CudaError> {
 #[derive(Parser)]
 #[command(name = "ringlet-gpu-check", version)]
 struct Args {
-    /// Compile every kernel for every architecture (sm_70 to sm_120) with the NVRTC found, and
+    /// Compile every kernel for every architecture of sm_70 to sm_120 that the NVRTC found knows
+    /// (CUDA 13's no longer knows sm_70), and the PTX fallback for a newer device, and
     /// report the CUDA libraries found; needs no GPU.
     #[arg(long)]
     compile_only: bool,
@@ -186,14 +164,7 @@ const SOURCES: [&compiler::KernelSource; 3] = [
 ];
 
 fn compile_only() -> Result<usize, CudaError> {
-    for line in libs::summary(&[
-        CudaLib::Driver,
-        CudaLib::Nvrtc,
-        CudaLib::Cublas,
-        CudaLib::Nccl,
-    ]) {
-        println!("{line}");
-    }
+    print_libraries();
     let nvrtc = libs::found(CudaLib::Nvrtc)?;
     let supported = compiler::supported_archs()?;
     println!("NVRTC {} at {}", nvrtc.version, nvrtc.path.display());

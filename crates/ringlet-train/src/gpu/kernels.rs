@@ -193,6 +193,38 @@ pub enum ModelArg {
     Size(u64),
 }
 
+/// Random data for checking kernels against their CPU references: xorshift64*, uniform in
+/// [-2, 2) times a scale, seeded per process so every run checks fresh numbers.
+pub struct CheckRng(u64);
+
+impl CheckRng {
+    pub fn fresh() -> CheckRng {
+        CheckRng(0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()))
+    }
+    pub fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        x as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+    }
+    pub fn vec<T: ringlet_core::Element>(&mut self, n: usize, scale: f64) -> Vec<T> {
+        (0..n)
+            .map(|_| T::from_f64(self.uniform() * scale))
+            .collect()
+    }
+}
+
+/// Elements whose bits differ between a GPU result and its CPU reference.
+pub fn differing<T: ringlet_core::Element>(gpu: &[T], cpu: &[T]) -> usize {
+    let size = std::mem::size_of::<T>();
+    let (gpu, cpu): (&[u8], &[u8]) = (bytemuck::cast_slice(gpu), bytemuck::cast_slice(cpu));
+    gpu.chunks_exact(size)
+        .zip(cpu.chunks_exact(size))
+        .filter(|(a, b)| a != b)
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,30 +244,6 @@ mod tests {
         assert_eq!(done.len(), archs.len() * ALL.len());
     }
 
-    struct Rng(u64);
-
-    impl Rng {
-        /// Uniform in [-2, 2) (xorshift64*).
-        fn next(&mut self) -> f64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-            x as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-        }
-        fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
-            (0..n).map(|_| (self.next() * scale) as f32).collect()
-        }
-    }
-
-    /// Elements whose bits differ between the GPU result and the CPU reference.
-    fn differing(gpu: &[f32], cpu: &[f32]) -> usize {
-        gpu.iter()
-            .zip(cpu)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
-    }
-
     /// The optimizer kernels on the first GPU against [`Sgd::step`] and [`AdamW::step`] on fresh
     /// random data (not a multiple of any block size), every bit compared, three steps each.
     /// Run where a GPU is (scripts/gpu-check.sh runs this test binary); elsewhere it skips.
@@ -249,7 +257,7 @@ mod tests {
             }
         };
         let tk = TrainKernels::new(&k).unwrap_or_else(|e| panic!("{e}"));
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64);
+        let mut rng = CheckRng::fresh();
         let n = (1 << 22) + 3;
         let sgd = Sgd {
             lr: 0.05,

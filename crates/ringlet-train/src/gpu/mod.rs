@@ -31,6 +31,8 @@ pub struct GpuBackend {
     /// Shared with the NCCL communicator, which queues its collectives on this GPU's stream.
     gpu: Arc<Gpu>,
     name: String,
+    /// The device's PCI bus id: two ranks with the same on one host share it.
+    pci_bus_id: String,
 }
 
 impl GpuBackend {
@@ -52,6 +54,7 @@ impl GpuBackend {
                 info.name,
                 info.arch()
             ),
+            pci_bus_id: info.pci_bus_id.clone(),
             gpu,
             kernels,
             blas,
@@ -149,6 +152,10 @@ impl Backend for GpuBackend {
 
     fn on_device(&self) -> bool {
         true
+    }
+
+    fn device_id(&self) -> Option<String> {
+        Some(self.pci_bus_id.clone())
     }
 
     fn nccl_usable(&self) -> Result<(), String> {
