@@ -97,11 +97,20 @@ fn many_small_chunks_pipeline_correctly() {
 
 #[test]
 fn small_buffers_use_the_ring_when_gathering_is_disabled() {
-    let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "64")];
-    run(2, "0,1,2,3,1000", "all", "all", "all_reduce", &env, 600);
+    // The smallest chunk: 10007 elements are several chunks per rank for every type.
+    let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "4K")];
+    run(
+        2,
+        "0,1,2,3,1000,10007",
+        "all",
+        "all",
+        "all_reduce",
+        &env,
+        600,
+    );
     run(
         3,
-        "0,1,2,3,1000",
+        "0,1,2,3,1000,10007",
         "float,int32,bfloat16",
         "all",
         "all_reduce",

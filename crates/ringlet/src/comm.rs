@@ -598,17 +598,7 @@ pub(crate) fn check_config(config: &Config) -> Result<()> {
             config.rank, config.world_size
         )));
     }
-    if !(1..=crate::config::MAX_FRAME_BYTES).contains(&config.chunk_bytes)
-        || config.small_bytes > crate::config::MAX_FRAME_BYTES
-        || config.timeout.is_zero()
-        || config.timeout.as_secs_f64() > crate::config::MAX_TIMEOUT_SECS
-    {
-        return Err(Error::Config(format!(
-            "chunk_bytes {} (1..=1 GiB), small_bytes {} (<= 1 GiB) or timeout {:?} (0 < t <= 1 year) out of range",
-            config.chunk_bytes, config.small_bytes, config.timeout
-        )));
-    }
-    Ok(())
+    config.check_ranges()
 }
 
 fn effective_token(config: &Config) -> JobToken {
