@@ -31,7 +31,7 @@ pub fn include_dirs(nvrtc: Option<&Path>) -> Vec<PathBuf> {
     }
     others.push("/usr/include".into());
     // Stable: the same major's headers first, in search order.
-    others.sort_by_key(|d| header_major(d) != major || major.is_none());
+    others.sort_by_cached_key(|d| header_major(d) != major || major.is_none());
     dirs.extend(others);
     dirs.retain(|d| d.join("cuda_fp16.h").is_file());
     once_each(&mut dirs);

@@ -165,8 +165,7 @@ pub fn compile(
     cache: Option<&std::path::Path>,
 ) -> Result<Image, CudaError> {
     let version = nvrtc_version()?;
-    let nvrtc_path = libs::found(CudaLib::Nvrtc)?.path;
-    let includes = crate::headers::include_dirs(Some(&nvrtc_path));
+    let includes = nvrtc_includes()?;
     // The headers are part of what is compiled: another install's make another image.
     let mut key = Sha256::new();
     key.update(source.code.as_bytes());
@@ -208,7 +207,7 @@ pub fn compile(
     }
     let image = Image {
         target,
-        bytes: nvrtc_compile(source, target, &includes)?,
+        bytes: nvrtc_compile(source, target, includes)?,
     };
     let missing = missing_kernels(source, &image);
     if !missing.is_empty() {
@@ -234,6 +233,17 @@ impl Target {
             Target::Sass(a) | Target::Ptx(a) => a,
         }
     }
+}
+
+/// The header directories for the NVRTC in use, searched once per process: a process loads one
+/// NVRTC for good, and the search reads directories and `cuda.h` files.
+fn nvrtc_includes() -> Result<&'static [PathBuf], CudaError> {
+    static DIRS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+    if let Some(dirs) = DIRS.get() {
+        return Ok(dirs);
+    }
+    let nvrtc = libs::found(CudaLib::Nvrtc)?.path;
+    Ok(DIRS.get_or_init(|| crate::headers::include_dirs(Some(&nvrtc))))
 }
 
 /// One NVRTC compilation of `source` for `target`, with the headers in `includes`.

@@ -247,7 +247,8 @@ pub fn candidates(lib: CudaLib, dirs: &[PathBuf], driver_major: Option<u32>) -> 
         }
     }
     if lib.per_cuda_major() {
-        files.sort_by_key(|(tier, f)| {
+        // Cached: the key resolves links on disk.
+        files.sort_by_cached_key(|(tier, f)| {
             let major = cuda_major_of(f);
             let too_new = matches!((major, driver_major), (Some(m), Some(d)) if m > d);
             (*tier, too_new, std::cmp::Reverse(major))

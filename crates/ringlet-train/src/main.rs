@@ -25,7 +25,8 @@ use std::path::PathBuf;
 /// (shuffled per epoch from --seed); rank r computes its contiguous slice; the gradient sums are
 /// all-reduced and divided by the global batch, so any number of ranks and any split make the
 /// update one process would. Gradients are all-reduced in buckets (reverse layer order) while
-/// backward goes on.
+/// backward goes on; an mlp on GPUs sums its device buffers instead (NCCL when every rank has a
+/// GPU of its own, else the TCP ring after backward; rank 0 logs which).
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
