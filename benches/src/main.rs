@@ -96,6 +96,9 @@ fn parse_op(s: &str) -> Result<ReduceOp, String> {
 #[derive(serde::Serialize)]
 struct Row {
     backend: String,
+    /// The all-reduce algorithm Ringlet's own transport ran ("" for other collectives and
+    /// backends).
+    algo: String,
     size_bytes: usize,
     count: usize,
     dtype: String,
@@ -212,8 +215,8 @@ fn run(args: &Args) -> Result<u64, Error> {
             String::new()
         };
         println!(
-            "# {:>10} {:>12} {:>8} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{extra}",
-            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong"
+            "# {:>10} {:>12} {:>8} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7} {:>8}{extra}",
+            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "algo"
         );
         println!(
             "# {:>10} {:>12} {:>8} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
@@ -271,6 +274,9 @@ fn run(args: &Args) -> Result<u64, Error> {
             };
             let Some(mut row) = row else { continue };
             row.backend = format!("{kind:?}").to_lowercase();
+            if let (BackendKind::Tcp, Op::AllReduce, Some(c)) = (kind, args.collective, &tcp) {
+                row.algo = c.all_reduce_algorithm(row.size_bytes).name().into();
+            }
             if lead {
                 let extra = if several {
                     format!(" {:>7}", row.backend)
@@ -278,7 +284,7 @@ fn run(args: &Args) -> Result<u64, Error> {
                     String::new()
                 };
                 println!(
-                    "  {:>10} {:>12} {:>8} {:>6} {:>5} {:>10.2} {:>8.3} {:>8.3} {:>7}{extra}",
+                    "  {:>10} {:>12} {:>8} {:>6} {:>5} {:>10.2} {:>8.3} {:>8.3} {:>7} {:>8}{extra}",
                     row.size_bytes,
                     row.count,
                     row.dtype,
@@ -291,7 +297,8 @@ fn run(args: &Args) -> Result<u64, Error> {
                     row.time_us,
                     row.algbw_gbps,
                     row.busbw_gbps,
-                    row.wrong
+                    row.wrong,
+                    if row.algo.is_empty() { "-" } else { &row.algo }
                 );
             }
             rows.push(row);
@@ -446,6 +453,7 @@ fn measure<T: Element>(
     let algbw = bytes as f64 / median[0] / 1e9;
     Ok(Some(Row {
         backend: String::new(),
+        algo: String::new(),
         size_bytes: bytes,
         count: total,
         dtype: T::DTYPE.name().into(),

@@ -12,12 +12,14 @@
 mod common;
 
 use common::{error_line, Job, TESTRANK};
+use ringlet::card::{RankCard, CARD_LEN};
+use ringlet::config::{DEFAULT_CHUNK_BYTES, DEFAULT_SMALL_BYTES};
 use ringlet::wire::{Collective, FrameKind, Header, HEADER_LEN};
 use ringlet_core::auth::{connect_handshake, Role};
 use ringlet_core::error::PeerId;
 use ringlet_core::{msg, Error, JobToken};
 use ringlet_store::StoreClient;
-use ringlet_transport::{form_ring, Link, Readiness, RingOptions, TcpLink};
+use ringlet_transport::{join, Interest, JoinOptions, Peers, Readiness, TcpPeers};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
@@ -272,16 +274,16 @@ fn hostile_store_client(addr: SocketAddr, token: &JobToken) {
     s.write_all(&frame).unwrap();
 }
 
-/// Ring hellos from holders of the token that are not the expected predecessor (or claim to be it
-/// when it is already connected), and hellos that are not hellos.
+/// Peer hellos from holders of the token that claim no other rank of the job (their own, or one
+/// beyond the world), or a rank already connected, and hellos that are not hellos.
 fn forged_ring_hellos(addr: SocketAddr, token: &JobToken, rank: usize, n: usize) {
     let peer = PeerId::addr(addr.to_string());
     let deadline = || Instant::now() + Duration::from_secs(5);
     let prev = (rank + n - 1) % n;
-    let other = (rank + 1) % n;
     let cases = [
         ("world", prev, n, "already connected".to_string()),
-        ("world", other, n, format!("claims rank {other}")),
+        ("world", rank, n, format!("claims rank {rank}")),
+        ("world", n, n, format!("claims rank {n}")),
         ("world", prev, n + 1, "world size".to_string()),
         ("another-comm", prev, n, "communicator".to_string()),
     ];
@@ -382,7 +384,7 @@ fn strangers_on_the_store_and_ring_ports_of_a_live_job_are_refused_and_the_job_c
         assert!(!out.contains("panicked"), "rank {r}\n{all}");
         // Each refusal is logged by the process that made it.
         assert!(
-            out.contains("refused a connection on the ring port"),
+            out.contains("refused a connection on our port"),
             "rank {r} logged no refusal\n{out}"
         );
     }
@@ -492,25 +494,38 @@ enum Misbehaviour {
     TruncatedThenSilence,
 }
 
-fn send_all(link: &mut TcpLink, bytes: &[u8], deadline: Instant) {
+/// Rank 1's only peer.
+const RANK_0: usize = 0;
+
+fn send_all(link: &mut TcpPeers, bytes: &[u8], deadline: Instant) {
     let mut sent = 0;
+    let room = [Interest {
+        peer: RANK_0,
+        recv: false,
+        send: true,
+    }];
     while sent < bytes.len() {
-        let n = link.send(&[IoSlice::new(&bytes[sent..])]).unwrap();
+        let n = link.send(RANK_0, &[IoSlice::new(&bytes[sent..])]).unwrap();
         sent += n;
         if n == 0 {
-            assert_eq!(link.wait(false, true, deadline).unwrap(), Readiness::Ready);
+            assert_eq!(link.wait(&room, deadline).unwrap(), Readiness::Ready);
         }
     }
 }
 
-fn recv_exact(link: &mut TcpLink, buf: &mut [u8], deadline: Instant) {
+fn recv_exact(link: &mut TcpPeers, buf: &mut [u8], deadline: Instant) {
     let mut got = 0;
+    let data = [Interest {
+        peer: RANK_0,
+        recv: true,
+        send: false,
+    }];
     while got < buf.len() {
-        let n = link.recv(&mut buf[got..]).unwrap();
+        let n = link.recv(RANK_0, &mut buf[got..]).unwrap();
         got += n;
         if n == 0 {
             assert_eq!(
-                link.wait(true, false, deadline).unwrap(),
+                link.wait(&data, deadline).unwrap(),
                 Readiness::Ready,
                 "rank 0 sent no frame"
             );
@@ -519,7 +534,7 @@ fn recv_exact(link: &mut TcpLink, buf: &mut [u8], deadline: Instant) {
 }
 
 /// Reads one frame from rank 0.
-fn recv_frame(link: &mut TcpLink, deadline: Instant) -> (Header, Vec<u8>) {
+fn recv_frame(link: &mut TcpPeers, deadline: Instant) -> (Header, Vec<u8>) {
     let mut h = [0u8; HEADER_LEN];
     recv_exact(link, &mut h, deadline);
     let h = Header::decode(&h).expect("rank 0 sends valid frames");
@@ -547,7 +562,7 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let store = format!("127.0.0.1:{}", job.port);
     let mut client = StoreClient::connect(&store, &token, deadline).unwrap();
-    let opts = RingOptions {
+    let opts = JoinOptions {
         rank: 1,
         world_size: 2,
         comm: "world".into(),
@@ -556,9 +571,9 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
         deadline,
         busy_poll: Duration::ZERO,
     };
-    let mut link = form_ring(&mut client, &token, &opts)
+    let mut link = join(&mut client, &token, &opts)
         .unwrap()
-        .expect("two ranks have a ring");
+        .expect("two ranks have peers");
     let me = link.local().addr.clone();
 
     let early = matches!(what, Misbehaviour::Garbage | Misbehaviour::Http);
@@ -568,12 +583,22 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
             _ => HTTP_PROBE.to_vec(),
         }
     } else {
-        // An honest barrier: rank 0's frame names the call, and the same header with a zero
-        // byte completes it.
+        // An honest join: rank 0's first frame carries its rank card; the same header with
+        // ours completes the exchange.
         let (h, payload) = recv_frame(&mut link, deadline);
-        assert_eq!(h.sig.collective, Collective::Barrier, "{h:?}");
+        assert_eq!(
+            (h.sig.collective, h.sig.seq, payload.len()),
+            (Collective::AllGather, 1, CARD_LEN),
+            "{h:?}"
+        );
+        let card = RankCard {
+            addr: me.clone(),
+            chunk_bytes: DEFAULT_CHUNK_BYTES as u64,
+            small_bytes: DEFAULT_SMALL_BYTES as u64,
+            algo: "auto".into(),
+        };
         send_all(&mut link, &h.encode(), deadline);
-        send_all(&mut link, &vec![0u8; payload.len()], deadline);
+        send_all(&mut link, &card.encode().unwrap(), deadline);
         // Rank 0's first all-reduce frame: the call to answer badly.
         let (h, payload) = recv_frame(&mut link, deadline);
         assert_eq!(

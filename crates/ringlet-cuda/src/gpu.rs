@@ -240,7 +240,9 @@ impl Gpu {
     }
 
     /// Queues `buf[range] = block[..]`, or with `reduce`: the block copied to `scratch` and
-    /// `buf[range] = op(buf[range], scratch)` by the reduction kernel.
+    /// `buf[range] = op(buf[range], scratch)` by the reduction kernel; with `reversed`,
+    /// `op(scratch, buf[range])` (computed in `scratch`, then copied over `buf[range]`), so that
+    /// the lower rank's operand is on the left whichever rank reduces.
     pub fn upload_range<T: Element>(
         &self,
         block: &Pinned<T>,
@@ -248,6 +250,7 @@ impl Gpu {
         range: Range<usize>,
         scratch: &mut DeviceBuffer<T>,
         reduce: Option<ReduceOp>,
+        reversed: bool,
     ) -> Result<(), CudaError> {
         let n = range.len();
         assert!(
@@ -268,7 +271,15 @@ impl Gpu {
                 let tmp = self.addr(scratch, 0);
                 // SAFETY: as in download; scratch holds n elements.
                 unsafe { result::memcpy_htod_async(tmp, src, stream) }?;
-                self.kernels.reduce_at::<T>(op, at, tmp, n)
+                if !reversed {
+                    return self.kernels.reduce_at::<T>(op, at, tmp, n);
+                }
+                self.kernels.reduce_at::<T>(op, tmp, at, n)?;
+                let bytes = n * std::mem::size_of::<T>();
+                // SAFETY: both addresses hold n elements of this context's memory; the copy is
+                // ordered after the kernel on the same stream.
+                unsafe { result::memcpy_dtod_async(at, tmp, bytes, stream) }
+                    .map_err(CudaError::from)
             }
         }
     }

@@ -1,26 +1,33 @@
-//! Byte transport between ring neighbours.
+//! Byte links between the ranks of a job.
 //!
-//! Collective algorithms (crate `ringlet`) are written against [`Link`]: a non-blocking duplex of
-//! bytes to the next rank and from the previous one, plus a bounded wait. This crate owns the TCP
-//! implementation ([`TcpLink`]) and how a ring of them is formed ([`form_ring`]): each rank
-//! listens, publishes its address in the rendezvous store, connects to its successor and accepts
-//! its predecessor, every connection authenticated with the job token; and which interface it
-//! uses ([`iface`], `RINGLET_SOCKET_IFNAME`). Framing, validation and
-//! what the bytes mean belong to the algorithms, not here.
+//! Collective algorithms (crate `ringlet`) are written against [`Peers`]: non-blocking byte
+//! streams to and from any other rank, named by rank, plus one bounded wait over several of them.
+//! Two implementations plug in underneath:
+//! - [`TcpPeers`]: authenticated TCP connections. [`join`] listens, publishes our address in the
+//!   rendezvous store and connects the ring (next and previous rank) at once; a link to any other
+//!   rank is made when a schedule first names it, and cached. Every connection proves the job
+//!   token and says which rank it is; strangers on our port are refused and logged. [`iface`]
+//!   picks the interface (`RINGLET_SOCKET_IFNAME`).
+//! - [`MemPeers`]: every rank of a job as threads of one process, over bounded in-memory pipes,
+//!   so that the engine, the schedules and failure handling are unit-tested without sockets.
+//!
+//! Framing, validation and what the bytes mean belong to the algorithms, not here.
 
 pub mod iface;
+mod mem;
 mod setup;
 mod tcp;
 
-pub use setup::{form_ring, RingOptions};
-pub use tcp::TcpLink;
+pub use mem::{mem_world, MemPeers};
+pub use setup::{join, JoinOptions};
+pub use tcp::TcpPeers;
 
 use ringlet_core::error::PeerId;
 use ringlet_core::Result;
 use std::io::IoSlice;
 use std::time::Instant;
 
-/// What [`Link::wait`] found.
+/// What [`Peers::wait`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readiness {
     /// Something may be read, or written, without blocking.
@@ -29,23 +36,37 @@ pub enum Readiness {
     TimedOut,
 }
 
-/// A non-blocking byte duplex to the ring neighbours: bytes go to the next rank
-/// (`rank + 1 mod n`) and come from the previous one. Errors name the neighbour at fault.
-pub trait Link: Send {
+/// What a [`Peers::wait`] waits for on one peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    pub peer: usize,
+    /// Wake when bytes from `peer` can be read.
+    pub recv: bool,
+    /// Wake when bytes to `peer` can be written.
+    pub send: bool,
+}
+
+/// Non-blocking byte streams to and from the other ranks of a job. The stream to a peer and the
+/// stream from it are independent (each keeps its own order and buffers); bytes sent to a peer
+/// arrive in order and complete, or the peer is reported lost. Errors name the peer at fault.
+pub trait Peers: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// This rank, with the address its neighbours know it by.
+    /// This rank, with the address the others know it by.
     fn local(&self) -> &PeerId;
-    /// The rank bytes are sent to.
-    fn next(&self) -> &PeerId;
-    /// The rank bytes come from.
-    fn prev(&self) -> &PeerId;
-    /// Writes what it can of `bufs` without blocking; `Ok(0)` when nothing could be written now.
-    fn send(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize>;
-    /// Reads what is available into `buf` without blocking; `Ok(0)` when nothing is available now.
-    /// The peer closing the connection is an error (`PeerLost`), never `Ok(0)`.
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize>;
-    /// Blocks until a `recv` (if `want_recv`) or a `send` (if `want_send`) can make progress, a
-    /// neighbour hangs up (an error naming it), or `deadline` passes.
-    fn wait(&mut self, want_recv: bool, want_send: bool, deadline: Instant) -> Result<Readiness>;
+    /// Rank `rank`, with the address it is known by.
+    fn peer(&self, rank: usize) -> PeerId;
+    /// Makes sure we can send to each of `peers` (connecting, and proving who we are, where
+    /// needed), by `deadline`. Streams *from* peers arrive when they connect to us; until then
+    /// `recv` finds nothing and `wait` wakes when one arrives.
+    fn connect(&mut self, peers: &[usize], deadline: Instant) -> Result<()>;
+    /// Writes what it can of `bufs` to `peer` without blocking; `Ok(0)` when nothing could be
+    /// written now. `connect` must have been called for `peer`.
+    fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> Result<usize>;
+    /// Reads what is available from `peer` into `buf` without blocking; `Ok(0)` when nothing is
+    /// available now. The peer closing its stream is an error (`PeerLost`), never `Ok(0)`.
+    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<usize>;
+    /// Blocks until one of `interests` can make progress, a peer we send to hangs up (an error
+    /// naming it), or `deadline` passes.
+    fn wait(&mut self, interests: &[Interest], deadline: Instant) -> Result<Readiness>;
 }

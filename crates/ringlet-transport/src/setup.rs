@@ -1,29 +1,33 @@
-//! Forming the ring: listen, publish our address in the store, connect to the next rank, accept
-//! the previous one. Every connection proves the job token before a byte of ring traffic is
-//! accepted, and a stranger on our port (garbage, an HTTP probe, a wrong token, another job's
-//! rank) is refused and logged without disturbing the job.
+//! Joining a job's transport: listen, publish our address in the store, connect to the next rank
+//! and wait for the previous one (the ring every collective can use from the start). Every
+//! connection proves the job token and says which rank it is before a byte of collective traffic
+//! is accepted; a stranger on our port (garbage, an HTTP probe, a wrong token, another job's
+//! rank, a rank already connected) is refused and logged without disturbing the job.
 
-use crate::tcp::TcpLink;
+use crate::tcp::TcpPeers;
 use ringlet_core::auth::{accept_handshake, connect_handshake};
 use ringlet_core::error::PeerId;
 use ringlet_core::{msg, Error, JobToken, Result, Role};
 use ringlet_store::StoreClient;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a connection on our ring port gets to authenticate and say who it is. A real rank
-/// needs a round trip or two; a short window keeps silent strangers from holding slots.
+/// How long a connection on our port gets to authenticate and say who it is. A real rank needs a
+/// round trip or two; a short window keeps silent strangers from holding slots.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Handshakes in flight at once; more connections than this are closed unanswered (the real
-/// predecessor retries until the deadline).
+/// Handshakes in flight at once; more connections than this are closed unanswered (a real peer
+/// retries until its deadline).
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
-/// Everything a rank needs to join a ring.
+/// Everything a rank needs to join.
 #[derive(Clone, Debug)]
-pub struct RingOptions {
+pub struct JoinOptions {
     pub rank: usize,
     pub world_size: usize,
     /// Names this communicator's keys in the store, so several can share one.
@@ -32,21 +36,21 @@ pub struct RingOptions {
     pub bind_ip: IpAddr,
     /// Host (name or IP) the other ranks use to reach us.
     pub advertise_host: String,
-    /// Deadline for the whole formation.
+    /// Deadline for joining.
     pub deadline: Instant,
-    /// See [`TcpLink`]: spin this long before sleeping in a wait.
+    /// See [`TcpPeers`]: spin this long before sleeping in a wait.
     pub busy_poll: Duration,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct RingHello {
+struct PeerHello {
     comm: String,
     rank: u64,
     world_size: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct RingAck {
+struct PeerAck {
     refused: Option<String>,
 }
 
@@ -54,59 +58,60 @@ fn addr_key(comm: &str, rank: usize) -> String {
     format!("{comm}/ring/{rank}")
 }
 
-/// Joins the ring described by `opts`. Returns `None` for a world of one, which has no
-/// neighbours.
-pub fn form_ring(
+/// Joins the job described by `opts`: returns once we are connected to the next rank and the
+/// previous rank is connected to us. `None` for a world of one, which has no peers.
+pub fn join(
     store: &mut StoreClient,
     token: &JobToken,
-    opts: &RingOptions,
-) -> Result<Option<TcpLink>> {
+    opts: &JoinOptions,
+) -> Result<Option<TcpPeers>> {
     let n = opts.world_size;
     if n <= 1 {
         return Ok(None);
     }
     let (next, prev) = ((opts.rank + 1) % n, (opts.rank + n - 1) % n);
     let listener = TcpListener::bind(SocketAddr::new(opts.bind_ip, 0))
-        .map_err(|e| Error::io(format!("listening for ring peers on {}", opts.bind_ip), e))?;
+        .map_err(|e| Error::io(format!("listening for peers on {}", opts.bind_ip), e))?;
     let port = listener
         .local_addr()
-        .map_err(|e| Error::io("reading our ring port", e))?
+        .map_err(|e| Error::io("reading our port", e))?
         .port();
     let ours = format!("{}:{port}", opts.advertise_host);
-    let (found_prev, arrivals) = mpsc::channel();
-    let acceptor = Acceptor::spawn(listener, token.clone(), opts.clone(), prev, found_prev)?;
+    let arrivals = Arc::new(Arrivals::new()?);
+    let acceptor = Acceptor::spawn(listener, token.clone(), opts.clone(), arrivals.clone())?;
     store.set(
         &addr_key(&opts.comm, opts.rank),
         ours.as_bytes(),
         opts.deadline,
     )?;
-    tracing::debug!(rank = opts.rank, %ours, "listening for ring peers");
+    tracing::debug!(rank = opts.rank, %ours, "listening for peers");
 
     let next_addr = peer_addr(store, &opts.comm, next, opts.deadline)?;
     let prev_addr = peer_addr(store, &opts.comm, prev, opts.deadline)?;
-    let next_id = PeerId::rank(next, next_addr.clone());
-    let prev_id = PeerId::rank(prev, prev_addr);
-    let to_next = connect_next(&next_addr, &next_id, token, opts)?;
-
-    let left = opts.deadline.saturating_duration_since(Instant::now());
-    let from_prev = arrivals.recv_timeout(left).map_err(|_| Error::Timeout {
-        peer: prev_id.clone(),
-        waiting_for: format!("for {prev_id} to connect to our ring port {ours}"),
-        after: left,
-    })?;
-    let local = PeerId::rank(opts.rank, ours);
-    TcpLink::new(
-        opts.rank,
-        n,
+    let local = PeerId::rank(opts.rank, ours.clone());
+    let mut peers = TcpPeers::new(
+        opts.clone(),
+        token.clone(),
         local,
-        next_id,
-        prev_id,
-        to_next,
-        from_prev,
-        opts.busy_poll,
+        arrivals.clone(),
         acceptor,
-    )
-    .map(Some)
+    );
+    peers.know(next, next_addr.clone());
+    peers.know(prev, prev_addr.clone());
+    let next_id = PeerId::rank(next, next_addr.clone());
+    let to_next = connect_peer(&next_addr, &next_id, token, opts, opts.deadline)?;
+    peers.adopt_to(next, to_next)?;
+
+    let prev_id = PeerId::rank(prev, prev_addr);
+    let started = Instant::now();
+    if !arrivals.wait_for(prev, opts.deadline) {
+        return Err(Error::Timeout {
+            peer: prev_id.clone(),
+            waiting_for: format!("for {prev_id} to connect to our port {ours}"),
+            after: started.elapsed(),
+        });
+    }
+    Ok(Some(peers))
 }
 
 fn peer_addr(
@@ -119,29 +124,31 @@ fn peer_addr(
     String::from_utf8(raw).map_err(|_| {
         Error::protocol(
             &PeerId::addr(store.server_addr().to_string()),
-            format!("rank {rank}'s published ring address is not text"),
+            format!("rank {rank}'s published address is not text"),
         )
     })
 }
 
-/// Connects to the next rank and proves ourselves, retrying until the deadline: the next rank's
-/// port may be busy with strangers, or a connection may break during the handshake. Only a
-/// token mismatch or an explicit refusal is final.
-fn connect_next(
+/// Connects to a peer and proves ourselves, retrying until `deadline`: the peer's port may be
+/// busy with strangers, or a connection may break during the handshake. A refused connection
+/// (nobody listens: the peer is gone, since it listened before publishing its address), a token
+/// mismatch or an explicit refusal is final.
+pub(crate) fn connect_peer(
     addr: &str,
     peer: &PeerId,
     token: &JobToken,
-    opts: &RingOptions,
+    opts: &JoinOptions,
+    deadline: Instant,
 ) -> Result<TcpStream> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(5);
     loop {
-        let err = match try_connect_next(addr, peer, token, opts) {
+        let err = match try_connect(addr, peer, token, opts, deadline) {
             Ok(stream) => return Ok(stream),
-            Err(e @ (Error::Auth { .. } | Error::Config(_))) => return Err(e),
-            Err(e) => e,
+            Err(Attempt::Final(e)) => return Err(e),
+            Err(Attempt::Retry(e)) => e,
         };
-        if Instant::now() + backoff >= opts.deadline {
+        if Instant::now() + backoff >= deadline {
             return Err(Error::Timeout {
                 peer: peer.clone(),
                 waiting_for: format!("connecting to {peer} (last error: {err})"),
@@ -153,12 +160,29 @@ fn connect_next(
     }
 }
 
-fn try_connect_next(
+/// Why a connection attempt failed, and whether trying again can help.
+enum Attempt {
+    Retry(Error),
+    Final(Error),
+}
+
+impl From<Error> for Attempt {
+    /// A token mismatch or an explicit refusal is final; anything else may pass.
+    fn from(e: Error) -> Attempt {
+        match e {
+            Error::Auth { .. } | Error::Config(_) => Attempt::Final(e),
+            e => Attempt::Retry(e),
+        }
+    }
+}
+
+fn try_connect(
     addr: &str,
     peer: &PeerId,
     token: &JobToken,
-    opts: &RingOptions,
-) -> Result<TcpStream> {
+    opts: &JoinOptions,
+    deadline: Instant,
+) -> std::result::Result<TcpStream, Attempt> {
     let target = addr
         .to_socket_addrs()
         .map_err(|e| {
@@ -172,30 +196,123 @@ fn try_connect_next(
                 "{peer} published {addr:?}, which resolves to nothing"
             ))
         })?;
-    let left = opts
-        .deadline
+    let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
-    let mut stream = TcpStream::connect_timeout(&target, left)
-        .map_err(|e| Error::io(format!("connecting to {peer}"), e))?;
-    connect_handshake(&mut stream, token, Role::Ring, peer, opts.deadline)?;
-    let hello = RingHello {
+    let mut stream = TcpStream::connect_timeout(&target, left).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Attempt::Final(Error::PeerLost {
+                peer: peer.clone(),
+                detail: format!("nothing listens on its port any more ({e})"),
+            })
+        } else {
+            Attempt::Retry(Error::io(format!("connecting to {peer}"), e))
+        }
+    })?;
+    connect_handshake(&mut stream, token, Role::Ring, peer, deadline)?;
+    let hello = PeerHello {
         comm: opts.comm.clone(),
         rank: opts.rank as u64,
         world_size: opts.world_size as u64,
     };
-    msg::send(&mut stream, &hello, peer, opts.deadline)?;
-    let ack: RingAck = msg::recv(&mut stream, 4096, peer, opts.deadline)?;
+    msg::send(&mut stream, &hello, peer, deadline)?;
+    let ack: PeerAck = msg::recv(&mut stream, 4096, peer, deadline)?;
     if let Some(why) = ack.refused {
-        return Err(Error::Config(format!(
-            "{peer} refused our ring connection: {why}"
-        )));
+        return Err(Attempt::Final(Error::Config(format!(
+            "{peer} refused our connection: {why}"
+        ))));
     }
     Ok(stream)
 }
 
-/// The thread behind our ring port. It hands the authenticated connection from the expected
-/// previous rank to `form_ring`, and refuses everything else for as long as the link lives.
+/// Connections the acceptor admitted and the engine has not taken yet, and the bell that wakes
+/// an engine waiting for one (a socket pair: its read end sits in the engine's `ppoll`).
+pub(crate) struct Arrivals {
+    queue: Mutex<Vec<(usize, TcpStream)>>,
+    /// Ranks ever admitted: each may connect once.
+    admitted: Mutex<Vec<usize>>,
+    bell_rx: UnixStream,
+    bell_tx: UnixStream,
+}
+
+impl Arrivals {
+    fn new() -> Result<Arrivals> {
+        let (bell_rx, bell_tx) =
+            UnixStream::pair().map_err(|e| Error::io("creating the arrival bell", e))?;
+        for s in [&bell_rx, &bell_tx] {
+            s.set_nonblocking(true)
+                .map_err(|e| Error::io("configuring the arrival bell", e))?;
+        }
+        Ok(Arrivals {
+            queue: Mutex::new(Vec::new()),
+            admitted: Mutex::new(Vec::new()),
+            bell_rx,
+            bell_tx,
+        })
+    }
+
+    pub(crate) fn bell_fd(&self) -> i32 {
+        self.bell_rx.as_raw_fd()
+    }
+
+    /// Claims `rank`'s single connection; false when it already has one.
+    fn claim(&self, rank: usize) -> bool {
+        let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        if admitted.contains(&rank) {
+            return false;
+        }
+        admitted.push(rank);
+        true
+    }
+
+    fn push(&self, rank: usize, stream: TcpStream) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((rank, stream));
+        // A full bell already rings; nothing is lost by a failed write.
+        let _ = (&self.bell_tx).write(&[1]);
+    }
+
+    /// Everything that arrived, draining the bell first (an arrival after the drain rings again).
+    pub(crate) fn take(&self) -> Vec<(usize, TcpStream)> {
+        let mut sink = [0u8; 64];
+        while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Blocks until `rank` has connected (its stream stays queued) or `deadline` passes.
+    fn wait_for(&self, rank: usize, deadline: Instant) -> bool {
+        loop {
+            let here = self
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(r, _)| *r == rank);
+            if here {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fd = [libc::pollfd {
+                fd: self.bell_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let ms = left.as_millis().clamp(1, 100) as i32;
+            // SAFETY: one initialised pollfd, its length passed; the fd is ours and open.
+            unsafe { libc::poll(fd.as_mut_ptr(), 1, ms) };
+            let mut sink = [0u8; 64];
+            while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
+        }
+    }
+}
+
+/// The thread behind our port. It admits each other rank of the job once, hands its connection
+/// to the engine through [`Arrivals`], and refuses everything else for as long as we live.
 pub(crate) struct Acceptor {
     stop: Arc<AtomicBool>,
     /// The listening socket (a duplicate of the thread's): shutting it down wakes `accept`.
@@ -207,19 +324,18 @@ impl Acceptor {
     fn spawn(
         listener: TcpListener,
         token: JobToken,
-        opts: RingOptions,
-        prev: usize,
-        found_prev: mpsc::Sender<TcpStream>,
+        opts: JoinOptions,
+        arrivals: Arc<Arrivals>,
     ) -> Result<Acceptor> {
         let handle = listener
             .try_clone()
-            .map_err(|e| Error::io("duplicating our ring port", e))?;
+            .map_err(|e| Error::io("duplicating our port", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ringlet-accept-{}", opts.rank))
-            .spawn(move || accept_loop(listener, token, opts, prev, found_prev, stopping))
-            .map_err(|e| Error::io("starting the ring acceptor thread", e))?;
+            .spawn(move || accept_loop(listener, token, opts, arrivals, stopping))
+            .map_err(|e| Error::io("starting the acceptor thread", e))?;
         Ok(Acceptor {
             stop,
             listener: handle,
@@ -242,12 +358,10 @@ impl Drop for Acceptor {
 fn accept_loop(
     listener: TcpListener,
     token: JobToken,
-    opts: RingOptions,
-    prev: usize,
-    found_prev: mpsc::Sender<TcpStream>,
+    opts: JoinOptions,
+    arrivals: Arc<Arrivals>,
     stop: Arc<AtomicBool>,
 ) {
-    let claimed = Arc::new(AtomicBool::new(false));
     let pending = Arc::new(AtomicUsize::new(0));
     let opts = Arc::new(opts);
     while !stop.load(Ordering::SeqCst) {
@@ -255,7 +369,7 @@ fn accept_loop(
             Ok(c) => c,
             Err(_) if stop.load(Ordering::SeqCst) => break,
             Err(e) => {
-                tracing::warn!(rank = opts.rank, "ring port accept failed: {e}");
+                tracing::warn!(rank = opts.rank, "accept failed on our port: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -265,25 +379,21 @@ fn accept_loop(
         }
         if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
             pending.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(rank = opts.rank, %from, "too many pending handshakes on the ring port; closing");
+            tracing::warn!(rank = opts.rank, %from, "too many pending handshakes on our port; closing");
             continue;
         }
-        let (token, job, claimed, pending, found_prev) = (
+        let (token, job, pending, arrivals) = (
             token.clone(),
             opts.clone(),
-            claimed.clone(),
             pending.clone(),
-            found_prev.clone(),
+            arrivals.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("ringlet-handshake".into())
             .spawn(move || {
                 let peer = PeerId::addr(from.to_string());
-                if let Err(e) = admit(stream, &peer, &token, &job, prev, &claimed, &found_prev) {
-                    tracing::warn!(
-                        rank = job.rank,
-                        "refused a connection on the ring port: {e}"
-                    );
+                if let Err(e) = admit(stream, &peer, &token, &job, &arrivals) {
+                    tracing::warn!(rank = job.rank, "refused a connection on our port: {e}");
                 }
                 pending.fetch_sub(1, Ordering::SeqCst);
             });
@@ -300,14 +410,12 @@ fn admit(
     mut stream: TcpStream,
     peer: &PeerId,
     token: &JobToken,
-    opts: &RingOptions,
-    prev: usize,
-    claimed: &AtomicBool,
-    found_prev: &mpsc::Sender<TcpStream>,
+    opts: &JoinOptions,
+    arrivals: &Arrivals,
 ) -> Result<()> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     accept_handshake(&mut stream, token, Role::Ring, peer, deadline)?;
-    let hello: RingHello = msg::recv(&mut stream, 4096, peer, deadline)?;
+    let hello: PeerHello = msg::recv(&mut stream, 4096, peer, deadline)?;
     let refusal = if hello.comm != opts.comm {
         Some(format!(
             "it belongs to communicator {:?}, we are {:?}",
@@ -318,19 +426,19 @@ fn admit(
             "it has world size {}, we have {}",
             hello.world_size, opts.world_size
         ))
-    } else if hello.rank != prev as u64 {
+    } else if hello.rank >= opts.world_size as u64 || hello.rank == opts.rank as u64 {
         Some(format!(
-            "it claims rank {}, we expect rank {prev} to connect",
-            hello.rank
+            "it claims rank {}, which is not another rank of a world of {}",
+            hello.rank, opts.world_size
         ))
-    } else if claimed.swap(true, Ordering::SeqCst) {
-        Some(format!("rank {prev} is already connected"))
+    } else if !arrivals.claim(hello.rank as usize) {
+        Some(format!("rank {} is already connected", hello.rank))
     } else {
         None
     };
     msg::send(
         &mut stream,
-        &RingAck {
+        &PeerAck {
             refused: refusal.clone(),
         },
         peer,
@@ -339,8 +447,7 @@ fn admit(
     match refusal {
         Some(why) => Err(Error::Config(format!("{peer}: {why}"))),
         None => {
-            // form_ring may have given up already; then the connection just closes.
-            let _ = found_prev.send(stream);
+            arrivals.push(hello.rank as usize, stream);
             Ok(())
         }
     }

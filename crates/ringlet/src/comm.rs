@@ -5,19 +5,21 @@
 //! each call takes a ticket, and runs when its ticket comes up. Synchronous calls run on the
 //! caller's thread; asynchronous ones on a worker thread that owns nothing but its queue.
 
+use crate::algo::{self, Algo, AlgoSetting};
+use crate::card;
 use crate::config::Config;
 use crate::engine::{self, Deadlines};
-use crate::schedule::{self, Plan};
+use crate::schedule::{self, Schedule};
 use crate::wire::{CallSig, Collective};
 use ringlet_core::{Element, Error, JobToken, ReduceOp, Result};
 use ringlet_store::{StoreClient, StoreServer};
-use ringlet_transport::{form_ring, Link, RingOptions, TcpLink};
+use ringlet_transport::{join, JoinOptions, Peers};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A member of a ring of ranks. Cheap to share across threads (`&self` everywhere).
+/// A rank of a job. Cheap to share across threads (`&self` everywhere).
 pub struct Communicator {
     rank: usize,
     world_size: usize,
@@ -29,21 +31,24 @@ pub struct Communicator {
 }
 
 pub(crate) struct Inner {
-    ring: Mutex<Ring>,
+    links: Mutex<Links>,
     order: Mutex<Order>,
     turn: Condvar,
     chunk_bytes: usize,
     pub(crate) small_bytes: usize,
+    pub(crate) algo: AlgoSetting,
     pub(crate) deadlines: Deadlines,
 }
 
-struct Ring {
-    link: Option<TcpLink>,
+/// The transport, and what goes with using it: one collective at a time holds it.
+pub(crate) type PeersBox = Box<dyn Peers>;
+
+struct Links {
+    peers: Option<PeersBox>,
     seq: u64,
-    /// Reused across calls (8-byte aligned, so any element type can view them): chunks waiting
-    /// to be reduced, and every rank's block of a small all-reduce.
+    /// Reused across calls (8-byte aligned, so any element type can view it): chunks waiting
+    /// to be reduced.
     scratch: Vec<u64>,
-    staging: Vec<u64>,
     broken: Option<String>,
 }
 
@@ -117,7 +122,7 @@ impl Inner {
         o.issued - 1
     }
 
-    fn wait_turn(&self, ticket: u64) -> (Turn<'_>, MutexGuard<'_, Ring>) {
+    fn wait_turn(&self, ticket: u64) -> (Turn<'_>, MutexGuard<'_, Links>) {
         let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
         while o.running != ticket {
             o = self.turn.wait(o).unwrap_or_else(|p| p.into_inner());
@@ -125,7 +130,7 @@ impl Inner {
         drop(o);
         (
             Turn(self),
-            self.ring.lock().unwrap_or_else(|p| p.into_inner()),
+            self.links.lock().unwrap_or_else(|p| p.into_inner()),
         )
     }
 
@@ -135,95 +140,58 @@ impl Inner {
         ticket: u64,
         call: Call,
         buf: &mut [T],
-        plan: impl FnOnce() -> Plan,
+        schedule: impl FnOnce() -> Schedule,
     ) -> Result<()> {
         let deadlines = self.deadlines;
-        self.run_with::<T>(ticket, call, plan, |link, sig, plan, scratch, staging| {
-            run_on_host(link, sig, plan, buf, scratch, staging, deadlines)
+        self.run_with::<T>(ticket, call, schedule, |peers, sig, schedule, scratch| {
+            let scratch = typed(scratch, schedule.scratch_len());
+            engine::run(peers, sig, &schedule, buf, scratch, deadlines)
         })
     }
 
-    /// Runs one collective: numbers it, checks the communicator is usable, hands the link and
-    /// plan to `exec`, and marks the communicator broken on failure (the ring's byte streams are
-    /// out of step after an error).
+    /// Runs one collective: numbers it, checks the communicator is usable, hands the transport
+    /// and schedule to `exec`, and marks the communicator broken on failure (the byte streams
+    /// between ranks are out of step after an error).
     pub(crate) fn run_with<T: Element>(
         &self,
         ticket: u64,
         call: Call,
-        plan: impl FnOnce() -> Plan,
-        exec: impl FnOnce(&mut TcpLink, CallSig, Plan, &mut Vec<u64>, &mut Vec<u64>) -> Result<()>,
+        schedule: impl FnOnce() -> Schedule,
+        exec: impl FnOnce(&mut dyn Peers, CallSig, Schedule, &mut Vec<u64>) -> Result<()>,
     ) -> Result<()> {
-        let (_turn, mut ring) = self.wait_turn(ticket);
-        if let Some(why) = &ring.broken {
+        let (_turn, mut links) = self.wait_turn(ticket);
+        if let Some(why) = &links.broken {
             return Err(Error::Broken(why.clone()));
         }
-        ring.seq += 1;
+        links.seq += 1;
         let sig = CallSig {
             collective: call.collective,
-            seq: ring.seq,
+            seq: links.seq,
             dtype: T::DTYPE,
             op: call.op,
             count: call.count as u64,
             root: call.root as u32,
         };
-        let Some(_) = ring.link else {
+        let Some(_) = links.peers else {
             return Ok(());
         };
-        let plan = plan();
-        // Until the engine returns, the ring counts as broken: a panic on the way leaves it so.
-        ring.broken = Some(format!("{sig} panicked"));
-        let Ring {
-            link,
-            scratch,
-            staging,
-            ..
-        } = &mut *ring;
-        let link = link.as_mut().expect("checked above");
-        let result = exec(link, sig, plan, scratch, staging);
+        let schedule = schedule();
+        // Until the engine returns, the communicator counts as broken: a panic on the way
+        // leaves it so.
+        links.broken = Some(format!("{sig} panicked"));
+        let Links { peers, scratch, .. } = &mut *links;
+        let peers = peers.as_mut().expect("checked above");
+        let result = exec(peers.as_mut(), sig, schedule, scratch);
         match &result {
-            Ok(()) => ring.broken = None,
+            Ok(()) => links.broken = None,
             Err(e) => {
-                ring.broken = Some(e.to_string());
-                // Close our connections: a neighbour still sending to us, or waiting on us, then
+                links.broken = Some(e.to_string());
+                // Close our connections: a peer still sending to us, or waiting on us, then
                 // fails at once instead of at its deadline.
-                ring.link = None;
+                links.peers = None;
             }
         }
         result
-    }
-}
-
-/// Executes `plan` on a host buffer.
-pub(crate) fn run_on_host<T: Element>(
-    link: &mut TcpLink,
-    sig: CallSig,
-    plan: Plan,
-    buf: &mut [T],
-    scratch: &mut Vec<u64>,
-    staging: &mut Vec<u64>,
-    deadlines: Deadlines,
-) -> Result<()> {
-    match plan {
-        Plan::InPlace(schedule) => {
-            let scratch = typed(scratch, schedule.scratch_len());
-            engine::run(link, sig, &schedule, buf, scratch, deadlines)
-        }
-        Plan::GatherReduce { gather, op } => {
-            let (rank, n, count) = (link.rank(), link.world_size(), buf.len());
-            let all = typed(staging, n * count);
-            all[rank * count..(rank + 1) * count].copy_from_slice(buf);
-            let scratch = typed(scratch, gather.scratch_len());
-            engine::run(link, sig, &gather, all, scratch, deadlines).map(|()| {
-                // The same operations in the same order on every rank: identical bits.
-                buf.copy_from_slice(&all[..count]);
-                for block in all[count..].chunks_exact(count.max(1)) {
-                    T::reduce_into(op.pairwise(), buf, block);
-                }
-                if op == ReduceOp::Avg {
-                    T::divide_by(buf, n);
-                }
-            })
-        }
     }
 }
 
@@ -264,11 +232,12 @@ impl Communicator {
         store: Option<StoreServer>,
     ) -> Result<Communicator> {
         let deadline = Instant::now() + config.timeout;
-        let link = if config.world_size > 1 {
+        let deadlines = Deadlines::new(config.timeout);
+        let peers: Option<PeersBox> = if config.world_size > 1 {
             // Local choices first: a bad setting fails at once, not after waiting on the store.
             let (advertise, bind_ip) = ring_address(&config, store_sock)?;
             let mut client = StoreClient::connect(&config.store_addr, &token, deadline)?;
-            let opts = RingOptions {
+            let opts = JoinOptions {
                 rank: config.rank,
                 world_size: config.world_size,
                 comm: config.name.clone(),
@@ -277,35 +246,68 @@ impl Communicator {
                 deadline,
                 busy_poll: config.effective_busy_poll(),
             };
-            form_ring(&mut client, &token, &opts)?
+            let mut peers = join(&mut client, &token, &opts)?.expect("more than one rank");
+            let ours = card_of(&config, peers.local().addr.clone());
+            let cards = card::exchange(&mut peers, &ours, deadlines)?;
+            peers.learn_addresses(cards.into_iter().map(|c| c.addr).collect())?;
+            Some(Box::new(peers))
         } else {
             None
         };
-        let comm = Communicator {
+        // Every rank has its ring links and knows every address once this returns, so none needs
+        // the store any more.
+        let comm = Communicator::assemble(&config, peers, store);
+        tracing::debug!(rank = comm.rank, world = comm.world_size, "joined");
+        Ok(comm)
+    }
+
+    /// A communicator over any transport (in-process links, say) for the job `config` places
+    /// it in (only rank, world size and the tuning settings are used). Runs the join's card
+    /// exchange, so it returns once every rank has called it, and fails if their settings differ.
+    pub fn over(mut peers: PeersBox, config: Config) -> Result<Communicator> {
+        check_config(&config)?;
+        if (peers.rank(), peers.world_size()) != (config.rank, config.world_size) {
+            return Err(Error::InvalidArgument(format!(
+                "the transport is rank {} of {}, the config rank {} of {}",
+                peers.rank(),
+                peers.world_size(),
+                config.rank,
+                config.world_size
+            )));
+        }
+        let peers = if config.world_size > 1 {
+            let ours = card_of(&config, peers.local().addr.clone());
+            card::exchange(peers.as_mut(), &ours, Deadlines::new(config.timeout))?;
+            Some(peers)
+        } else {
+            None
+        };
+        Ok(Communicator::assemble(&config, peers, None))
+    }
+
+    fn assemble(config: &Config, peers: Option<PeersBox>, store: Option<StoreServer>) -> Self {
+        Communicator {
             rank: config.rank,
             world_size: config.world_size,
             local_rank: config.local_rank,
             inner: Arc::new(Inner {
-                ring: Mutex::new(Ring {
-                    link,
-                    seq: 0,
+                links: Mutex::new(Links {
+                    peers,
+                    // The card exchange was call 1.
+                    seq: 1,
                     scratch: Vec::new(),
-                    staging: Vec::new(),
                     broken: None,
                 }),
                 order: Mutex::new(Order::default()),
                 turn: Condvar::new(),
                 chunk_bytes: config.chunk_bytes,
                 small_bytes: config.small_bytes,
+                algo: config.algo,
                 deadlines: Deadlines::new(config.timeout),
             }),
             worker: Mutex::new(None),
             _store: store,
-        };
-        // Every rank has its ring links once this returns, so none needs the store any more.
-        comm.barrier()?;
-        tracing::debug!(rank = comm.rank, world = comm.world_size, "joined the ring");
-        Ok(comm)
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -328,6 +330,12 @@ impl Communicator {
 
     pub(crate) fn chunk_elems<T>(&self) -> usize {
         (self.inner.chunk_bytes / std::mem::size_of::<T>()).max(1)
+    }
+
+    /// The algorithm an all-reduce of `bytes` bytes runs on this communicator (the same on
+    /// every rank): see [`algo`](crate::algo).
+    pub fn all_reduce_algorithm(&self, bytes: usize) -> Algo {
+        self.inner.all_reduce_algo(bytes, self.world_size)
     }
 
     /// Reduces `buf` across all ranks, in place: afterwards every rank holds the same result,
@@ -416,7 +424,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::Broadcast, ReduceOp::Sum, root, count),
             buf,
-            || Plan::InPlace(schedule::chain_broadcast(count, rank, n, chunk, root)),
+            || schedule::chain_broadcast(count, rank, n, chunk, root),
         )
     }
 
@@ -439,7 +447,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::AllGather, ReduceOp::Sum, 0, m),
             recv,
-            || Plan::InPlace(schedule::ring_all_gather(n * m, rank, n, chunk)),
+            || schedule::ring_all_gather(n * m, rank, n, chunk),
         )
     }
 
@@ -469,7 +477,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::ReduceScatter, op, 0, n * m),
             &mut work,
-            || Plan::InPlace(schedule::ring_reduce_scatter(n * m, rank, n, chunk, op)),
+            || schedule::ring_reduce_scatter(n * m, rank, n, chunk, op),
         )?;
         recv.copy_from_slice(&work[rank * m..(rank + 1) * m]);
         Ok(())
@@ -484,7 +492,7 @@ impl Communicator {
             ticket,
             Call::new(Collective::Barrier, ReduceOp::Sum, 0, 1),
             &mut token,
-            || schedule::gather_reduce(1, rank, n, ReduceOp::Sum),
+            || schedule::doubling_all_reduce(1, rank, n, 1, ReduceOp::Sum),
         )
     }
 
@@ -505,21 +513,20 @@ fn all_reduce_on<T: Element>(
     op: ReduceOp,
 ) -> Result<()> {
     let count = buf.len();
-    // Gathering moves (n − 1) buffers through each rank where the ring moves about two, so the
-    // hop count it saves pays only for buffers this small.
-    let small = std::mem::size_of_val(buf).saturating_mul((n - 1).max(1)) <= inner.small_bytes;
+    let algo = inner.all_reduce_algo(std::mem::size_of_val(buf), n);
     inner.run(
         ticket,
         Call::new(Collective::AllReduce, op, 0, count),
         buf,
-        || {
-            if small {
-                schedule::gather_reduce(count, rank, n, op)
-            } else {
-                Plan::InPlace(schedule::ring_all_reduce(count, rank, n, chunk, op))
-            }
-        },
+        || algo::all_reduce_schedule(algo, count, rank, n, chunk, op),
     )
+}
+
+impl Inner {
+    /// The algorithm an all-reduce of `bytes` bytes runs (the same on every rank).
+    pub(crate) fn all_reduce_algo(&self, bytes: usize, n: usize) -> Algo {
+        self.algo.choose(bytes, n, self.small_bytes)
+    }
 }
 
 impl Drop for Communicator {
@@ -599,6 +606,15 @@ pub(crate) fn check_config(config: &Config) -> Result<()> {
         )));
     }
     config.check_ranges()
+}
+
+fn card_of(config: &Config, addr: String) -> card::RankCard {
+    card::RankCard {
+        addr,
+        chunk_bytes: config.chunk_bytes as u64,
+        small_bytes: config.small_bytes as u64,
+        algo: config.algo.name().into(),
+    }
 }
 
 fn effective_token(config: &Config) -> JobToken {

@@ -10,13 +10,15 @@
 //! | `RINGLET_JOB_TOKEN` | the job's shared secret (set by `ringrun`) | none: a warning, and only job identity is checked |
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M`/`G` suffixes), 4K to 1G | 1M |
-//! | `RINGLET_SMALL_BYTES` | all-reduces of at most this / (n − 1) bytes gather every buffer and reduce locally instead of using the ring; 0 to 64M | 64K |
+//! | `RINGLET_SMALL_BYTES` | all-reduces of at most this many bytes use recursive doubling (⌈log2 n⌉ hops) instead of the ring; 0 to 64M | 64K |
+//! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring` or `doubling` (see [`algo`](crate::algo)) | auto |
 //! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping, 0 to 10000 | 50 |
 //!
 //! A value outside its range is refused with one line naming the variable and the range: a
 //! setting that cannot work well is an error, not a slow job.
 
+use crate::algo::AlgoSetting;
 use ringlet_core::{Error, JobToken, Result, DEFAULT_TIMEOUT};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -39,6 +41,8 @@ pub struct Config {
     pub timeout: Duration,
     pub chunk_bytes: usize,
     pub small_bytes: usize,
+    /// `RINGLET_ALGO`.
+    pub algo: AlgoSetting,
     /// `None`: [`DEFAULT_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
     /// Prefix of this communicator's store keys.
@@ -59,8 +63,8 @@ pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// loopback, 1 MiB all-reduce: 0.35 ms with 1M chunks, 1.7 ms with 4K, 30 ms with 64 B, 575 ms
 /// with 1 B).
 pub const MIN_CHUNK_BYTES: usize = 4 << 10;
-/// The largest gathered all-reduce: gathering holds every rank's buffer and sends n − 1 copies;
-/// the ring is faster long before this (the default is 64K).
+/// The largest all-reduce recursive doubling may take: it sends the whole buffer at every one
+/// of its ⌈log2 n⌉ hops, so the ring is faster long before this (the default is 64K).
 pub const MAX_SMALL_BYTES: usize = 64 << 20;
 /// Polling longer than this only burns a core that another rank could use.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
@@ -80,6 +84,7 @@ impl Config {
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             small_bytes: DEFAULT_SMALL_BYTES,
+            algo: AlgoSetting::Auto,
             busy_poll: None,
             name: "world".into(),
             socket_ifname: None,
@@ -136,6 +141,9 @@ impl Config {
         }
         if let Some(v) = get("RINGLET_SMALL_BYTES") {
             c.small_bytes = bytes_in("RINGLET_SMALL_BYTES", &v, 0, MAX_SMALL_BYTES)?;
+        }
+        if let Some(v) = get("RINGLET_ALGO") {
+            c.algo = AlgoSetting::parse(&v)?;
         }
         c.socket_ifname = get("RINGLET_SOCKET_IFNAME").filter(|s| !s.trim().is_empty());
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {

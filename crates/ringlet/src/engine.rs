@@ -1,22 +1,29 @@
-//! Runs one collective's [`Schedule`] over a [`Link`]: a single-threaded event loop that keeps
-//! sending to the next rank, receiving from the previous one and reducing, all at chunk
-//! granularity, so the network, the kernel copies and the reduction overlap without threads and
-//! without touching the same bytes twice.
+//! Runs one collective's [`Schedule`] over [`Peers`]: a single-threaded event loop that keeps
+//! sending to every peer the schedule names, receiving the frames it expects in order, and
+//! reducing, all at chunk granularity, so the network, the kernel copies and the reduction
+//! overlap without threads and without touching the same bytes twice.
 //!
-//! It also owns failure handling on the ring:
-//! - every frame is checked against our own call; a mismatch, malformed frame or dead neighbour
-//!   fails the collective and an abort notice is sent onward, so every rank fails with the same
-//!   explanation instead of waiting for its deadline;
-//! - when nothing moves for the timeout, a rank announces it is stalled (it is alive, waiting on
-//!   its predecessor) and waits a short grace period. The first rank whose predecessor made no
-//!   such announcement blames that predecessor, and its verdict travels the ring.
+//! Each peer is a *lane*: its own queue of outgoing frames (a slow peer never holds up the
+//! others) and its own incoming header. Payloads are read in the schedule's order; headers are
+//! read on every lane that still owes us frames, so a notice from any peer is seen at once.
+//!
+//! It also owns failure handling, whatever the schedule's shape:
+//! - every frame is checked against our own call; a mismatch, malformed frame or dead peer
+//!   fails the collective and an abort notice goes to every rank we send to, each of which
+//!   passes it on, so every rank fails with the same explanation instead of waiting for its
+//!   deadline (schedules keep their send graph strongly connected, so the notice reaches all);
+//! - when nothing moves for the timeout, a rank announces to the ranks it sends to that it is
+//!   stalled (it is alive, waiting) and waits a short grace period. A rank whose awaited peer
+//!   made no such announcement blames that peer, and its verdict travels like any abort.
+
+mod failure;
 
 use crate::memory::{HostMemory, Memory};
-use crate::schedule::{RecvSpec, Schedule, Xfer};
-use crate::wire::{AbortNotice, CallSig, FrameKind, Header, HEADER_LEN, MAX_CONTROL_PAYLOAD};
+use crate::schedule::{Apply, RecvSpec, Schedule, Xfer};
+use crate::wire::{AbortNotice, CallSig, FrameKind, Header, HEADER_LEN};
 use ringlet_core::error::PeerId;
 use ringlet_core::{Element, Error, Result};
-use ringlet_transport::{Link, Readiness};
+use ringlet_transport::{Interest, Peers, Readiness};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::ops::Range;
@@ -53,6 +60,10 @@ struct Outgoing<O> {
 struct Incoming<I> {
     header: [u8; HEADER_LEN],
     header_len: usize,
+    /// A complete data header, decoded, waiting for its turn.
+    parked: Option<Header>,
+    /// The parked header matched the frame we expect.
+    checked: bool,
     target: Option<I>,
     got: usize,
 }
@@ -62,16 +73,31 @@ impl<I> Incoming<I> {
         Incoming {
             header: [0; HEADER_LEN],
             header_len: 0,
+            parked: None,
+            checked: false,
             target: None,
             got: 0,
         }
     }
 }
 
+/// One peer of the schedule.
+struct Lane<O, I> {
+    peer: usize,
+    /// The schedule sends to this peer; notices go to it too.
+    sends_to: bool,
+    sends: VecDeque<Outgoing<O>>,
+    incoming: Incoming<I>,
+    /// Frames still expected from this peer.
+    owed: usize,
+    /// The peer announced a stall during this collective: it is alive and waiting.
+    stalled: bool,
+}
+
 /// Executes `schedule` for the call `sig` on `buf`, with `scratch` holding `schedule.slots`
 /// chunks of `slot_len` elements.
-pub fn run<T: Element, L: Link + ?Sized>(
-    link: &mut L,
+pub fn run<T: Element, P: Peers + ?Sized>(
+    peers: &mut P,
     sig: CallSig,
     schedule: &Schedule,
     buf: &mut [T],
@@ -80,7 +106,7 @@ pub fn run<T: Element, L: Link + ?Sized>(
 ) -> Result<()> {
     let mut mem = HostMemory::new(buf, scratch, schedule.slots, schedule.slot_len);
     run_on(
-        link,
+        peers,
         sig,
         schedule,
         &mut mem,
@@ -90,33 +116,63 @@ pub fn run<T: Element, L: Link + ?Sized>(
 }
 
 /// As [`run`], on any [`Memory`] holding elements of `elem_size` bytes.
-pub fn run_on<L: Link + ?Sized, M: Memory>(
-    link: &mut L,
+pub fn run_on<P: Peers + ?Sized, M: Memory>(
+    peers: &mut P,
     sig: CallSig,
     schedule: &Schedule,
     mem: &mut M,
     elem_size: usize,
     deadlines: Deadlines,
 ) -> Result<()> {
+    let send_peers = schedule.send_peers();
+    let mut lanes: Vec<Lane<M::Out, M::In>> = schedule
+        .peers()
+        .into_iter()
+        .map(|peer| Lane {
+            peer,
+            sends_to: send_peers.binary_search(&peer).is_ok(),
+            sends: VecDeque::new(),
+            incoming: Incoming::new(),
+            owed: 0,
+            stalled: false,
+        })
+        .collect();
+    let lane_of = |peer: usize, lanes: &[Lane<M::Out, M::In>]| {
+        lanes
+            .binary_search_by_key(&peer, |l| l.peer)
+            .expect("every peer of the schedule has a lane")
+    };
+    for x in &schedule.sends {
+        let li = lane_of(x.peer, &lanes);
+        lanes[li].sends.push_back(outgoing(sig, x, elem_size));
+    }
+    let recv_lane: Vec<usize> = schedule
+        .recvs
+        .iter()
+        .map(|r| lane_of(r.xfer.peer, &lanes))
+        .collect();
+    for &li in &recv_lane {
+        lanes[li].owed += 1;
+    }
     let mut exec = Exec {
-        link,
+        peers,
         mem,
         elem_size,
         sig,
         schedule,
         deadlines,
-        sends: schedule
-            .sends
-            .iter()
-            .map(|x| outgoing(sig, x, elem_size))
-            .collect(),
-        incoming: Incoming::new(),
+        lanes,
+        recv_lane,
         received: 0,
         ready: VecDeque::new(),
         applied: 0,
-        prev_stalled: false,
     };
-    match exec.drive() {
+    let result = exec
+        .peers
+        .connect(&send_peers, Instant::now() + deadlines.timeout)
+        .map_err(Failure::from)
+        .and_then(|()| exec.drive());
+    match result {
         Ok(()) => Ok(()),
         Err(failure) => Err(exec.fail(failure)),
     }
@@ -139,17 +195,17 @@ fn outgoing<O>(sig: CallSig, x: &Xfer, elem_size: usize) -> Outgoing<O> {
     }
 }
 
-/// How many queued sends the memory may prepare ahead of the one on the wire: copies of the
-/// next chunks overlap with sending this one.
+/// How many queued sends per lane the memory may prepare ahead of the one on the wire: copies
+/// of the next chunks overlap with sending this one.
 const STAGE_AHEAD: usize = 3;
 
-/// Why the loop stopped; `fail` turns it into the caller's error and tells the ring.
+/// Why the loop stopped; `fail` turns it into the caller's error and tells the other ranks.
 /// (Boxed: the loop returns it on the cold path only, and it is large.)
 enum Failure {
-    /// We detected it: tell the next rank (unless it is the one at fault).
+    /// We detected it: tell the ranks we send to (except one at fault).
     Local(Box<Error>),
-    /// A neighbour told us: pass the notice on.
-    Relayed(Box<AbortNotice>),
+    /// A peer told us: pass the notice on (not back to the lane it came from).
+    Relayed(Box<AbortNotice>, Option<usize>),
 }
 
 impl From<Error> for Failure {
@@ -158,28 +214,27 @@ impl From<Error> for Failure {
     }
 }
 
-struct Exec<'a, L: Link + ?Sized, M: Memory> {
-    link: &'a mut L,
+struct Exec<'a, P: Peers + ?Sized, M: Memory> {
+    peers: &'a mut P,
     mem: &'a mut M,
     elem_size: usize,
     sig: CallSig,
     schedule: &'a Schedule,
     deadlines: Deadlines,
-    sends: VecDeque<Outgoing<M::Out>>,
-    incoming: Incoming<M::In>,
+    lanes: Vec<Lane<M::Out, M::In>>,
+    /// The lane each of `schedule.recvs` arrives on.
+    recv_lane: Vec<usize>,
     /// Frames fully received so far (indexes `schedule.recvs`).
     received: usize,
     /// Received frames not yet applied: (index into recvs, where the payload landed).
     ready: VecDeque<(usize, M::In)>,
     applied: usize,
-    /// Our predecessor announced a stall during this collective: it is alive and waiting.
-    prev_stalled: bool,
 }
 
-impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
+impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
     fn done(&mut self) -> Result<bool> {
         Ok(self.applied == self.schedule.recvs.len()
-            && self.sends.is_empty()
+            && self.lanes.iter().all(|l| l.sends.is_empty())
             && !self.mem.busy()?)
     }
 
@@ -207,15 +262,14 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
                     }
                     .into());
                 }
+                let interests = self.interests();
                 let soon = Instant::now() + Duration::from_micros(20);
-                self.link
-                    .wait(self.can_receive(), !self.sends.is_empty(), soon)?;
+                self.peers.wait(&interests, soon)?;
                 continue;
             }
             // Asked only once the device is idle: landing places free up as its copies finish.
-            let want_send = !self.sends.is_empty();
-            let want_recv = self.can_receive();
-            if !want_send && !want_recv {
+            let interests = self.interests();
+            if interests.is_empty() {
                 // The device may have caught up since `done` last looked.
                 if self.done()? {
                     return Ok(());
@@ -226,9 +280,9 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
                 ))
                 .into());
             }
-            // A rank whose predecessor is stalled too waits a second grace period: the verdict
+            // A rank whose awaited peer is stalled too waits a second grace period: the verdict
             // is made at the end of some other rank's first one and needs a moment to get here.
-            let grace = if self.prev_stalled {
+            let grace = if self.current_lane().is_some_and(|li| self.lanes[li].stalled) {
                 2 * self.deadlines.grace
             } else {
                 self.deadlines.grace
@@ -237,29 +291,69 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
                 None => last_progress + self.deadlines.timeout,
                 Some(t) => t + grace,
             };
-            if self.link.wait(want_recv, want_send, deadline)? == Readiness::TimedOut {
+            if self.peers.wait(&interests, deadline)? == Readiness::TimedOut {
                 match stalled_since {
                     None => {
                         self.announce_stall();
                         stalled_since = Some(Instant::now());
                     }
-                    Some(_) => return Err(self.stall_verdict(want_recv, last_progress)),
+                    Some(_) => return Err(self.stall_verdict(last_progress)),
                 }
             }
         }
     }
 
-    fn can_receive(&self) -> bool {
-        let Some(spec) = self.schedule.recvs.get(self.received) else {
-            return false;
-        };
-        let i = &self.incoming;
-        i.header_len < HEADER_LEN || i.target.is_some() || self.mem.can_land(spec.apply)
+    /// The lane the next expected frame arrives on.
+    fn current_lane(&self) -> Option<usize> {
+        self.recv_lane.get(self.received).copied()
     }
 
-    /// Asks the memory to prepare the first few queued sends.
-    fn stage_ahead(&mut self) -> Result<()> {
-        for o in self.sends.iter_mut().take(STAGE_AHEAD) {
+    /// What to wait for: headers on every lane that owes us frames, the payload of the
+    /// expected frame if it can land, and room on every lane with frames to send.
+    fn interests(&self) -> Vec<Interest> {
+        let current = self.current_lane();
+        self.lanes
+            .iter()
+            .enumerate()
+            .map(|(li, l)| Interest {
+                peer: l.peer,
+                recv: l.owed > 0
+                    && (l.incoming.header_len < HEADER_LEN
+                        || (Some(li) == current && self.can_receive())),
+                send: !l.sends.is_empty(),
+            })
+            .filter(|i| i.recv || i.send)
+            .collect()
+    }
+
+    /// Whether the expected frame's payload can be read now.
+    fn can_receive(&self) -> bool {
+        let (Some(spec), Some(li)) = (self.schedule.recvs.get(self.received), self.current_lane())
+        else {
+            return false;
+        };
+        let i = &self.lanes[li].incoming;
+        i.target.is_some() || (self.may_land(spec) && self.mem.can_land(spec.apply))
+    }
+
+    /// A copy lands in place, so not over a region whose send is still queued.
+    fn may_land(&self, spec: &RecvSpec) -> bool {
+        spec.apply != Apply::Copy || !self.sending(&spec.xfer.range)
+    }
+
+    /// Whether a queued send (on any lane) still needs `range` as it is.
+    fn sending(&self, range: &Range<usize>) -> bool {
+        !range.is_empty()
+            && self.lanes.iter().any(|l| {
+                l.sends
+                    .iter()
+                    .any(|o| !o.notice && o.range.start < range.end && range.start < o.range.end)
+            })
+    }
+
+    /// Asks the memory to prepare the first few queued sends of every lane.
+    fn stage_ahead(&mut self, li: usize) -> Result<()> {
+        for o in self.lanes[li].sends.iter_mut().take(STAGE_AHEAD) {
             if o.stage.is_none() && !o.notice {
                 match self.mem.stage(o.range.clone())? {
                     Some(stage) => o.stage = Some(stage),
@@ -272,9 +366,18 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
 
     fn pump_sends(&mut self) -> Result<bool> {
         let mut progressed = false;
+        for li in 0..self.lanes.len() {
+            progressed |= self.pump_lane(li)?;
+        }
+        Ok(progressed)
+    }
+
+    fn pump_lane(&mut self, li: usize) -> Result<bool> {
+        let mut progressed = false;
         loop {
-            self.stage_ahead()?;
-            let Some(o) = self.sends.front_mut() else {
+            self.stage_ahead(li)?;
+            let lane = &mut self.lanes[li];
+            let Some(o) = lane.sends.front_mut() else {
                 break;
             };
             let payload: &[u8] = match (o.notice, o.stage) {
@@ -287,11 +390,13 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
             };
             let total = HEADER_LEN + payload.len();
             let n = if o.sent < HEADER_LEN {
-                self.link
-                    .send(&[IoSlice::new(&o.header[o.sent..]), IoSlice::new(payload)])?
+                self.peers.send(
+                    lane.peer,
+                    &[IoSlice::new(&o.header[o.sent..]), IoSlice::new(payload)],
+                )?
             } else {
-                self.link
-                    .send(&[IoSlice::new(&payload[o.sent - HEADER_LEN..])])?
+                self.peers
+                    .send(lane.peer, &[IoSlice::new(&payload[o.sent - HEADER_LEN..])])?
             };
             if n == 0 {
                 break;
@@ -302,133 +407,168 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
                 if let Some(stage) = o.stage {
                     self.mem.release(stage);
                 }
-                self.sends.pop_front();
+                lane.sends.pop_front();
             }
         }
         Ok(progressed)
+    }
+
+    /// Reads a lane's next header if it owes us frames, consuming notices. `Ok(true)` when a
+    /// data header is parked there.
+    fn read_header(&mut self, li: usize) -> Result<bool, Failure> {
+        loop {
+            let lane = &mut self.lanes[li];
+            if lane.incoming.parked.is_some() {
+                return Ok(true);
+            }
+            if lane.owed == 0 {
+                return Ok(false);
+            }
+            let at = lane.incoming.header_len;
+            let n = self
+                .peers
+                .recv(lane.peer, &mut lane.incoming.header[at..])?;
+            if n == 0 {
+                return Ok(false);
+            }
+            lane.incoming.header_len += n;
+            if lane.incoming.header_len < HEADER_LEN {
+                continue;
+            }
+            let from = self.peers.peer(lane.peer);
+            let h =
+                Header::decode(&lane.incoming.header).map_err(|why| Error::protocol(&from, why))?;
+            match h.kind {
+                FrameKind::Data => lane.incoming.parked = Some(h),
+                FrameKind::Stalled => {
+                    self.note_stall(li, &h, from)?;
+                    self.lanes[li].incoming = Incoming::new();
+                }
+                FrameKind::Abort => {
+                    let notice = self.read_notice(&h, li)?;
+                    return Err(Failure::Relayed(Box::new(notice), Some(li)));
+                }
+            }
+        }
+    }
+
+    /// A peer says it is stalled: alive, and waiting on someone.
+    fn note_stall(&mut self, li: usize, h: &Header, from: PeerId) -> Result<()> {
+        // From an earlier collective: the peer is still in it, so it is alive and waiting. The
+        // same sequence number but another call: everyone waits on everyone, because the ranks
+        // called different things.
+        if h.sig.seq >= self.sig.seq && h.sig != self.sig {
+            return Err(Error::Mismatch {
+                peer: from,
+                detail: format!(
+                    "it is stalled in a different call: {}",
+                    self.sig.describe_mismatch(&h.sig)
+                ),
+            });
+        }
+        self.lanes[li].stalled = true;
+        Ok(())
     }
 
     fn pump_recvs(&mut self) -> Result<bool, Failure> {
         let size = self.elem_size;
         let mut progressed = false;
-        while self.received < self.schedule.recvs.len() {
-            if self.incoming.header_len < HEADER_LEN {
-                let at = self.incoming.header_len;
-                let n = self.link.recv(&mut self.incoming.header[at..])?;
-                if n == 0 {
-                    break;
-                }
-                self.incoming.header_len += n;
-                if self.incoming.header_len < HEADER_LEN {
-                    continue;
-                }
-                let spec = &self.schedule.recvs[self.received];
-                if !self.accept_header(spec, size)? {
-                    // A stall notice: not progress, or ranks stalled on each other would keep
-                    // resetting each other's deadline.
-                    self.incoming = Incoming::new();
-                    continue;
-                }
-                progressed = true;
+        for li in 0..self.lanes.len() {
+            self.read_header(li)?;
+        }
+        while let Some(li) = self.current_lane() {
+            if !self.read_header(li)? {
+                break;
             }
             let spec = &self.schedule.recvs[self.received];
-            if self.incoming.target.is_none() {
+            if !self.lanes[li].incoming.checked {
+                self.check_data(li, spec, size)?;
+                progressed = true;
+            }
+            if self.lanes[li].incoming.target.is_none() {
+                if !self.may_land(spec) {
+                    break;
+                }
                 match self.mem.land(spec.xfer.range.clone(), spec.apply) {
-                    Some(landing) => self.incoming.target = Some(landing),
+                    Some(landing) => self.lanes[li].incoming.target = Some(landing),
                     None => break,
                 }
             }
             let want = spec.xfer.range.len() * size;
-            if self.incoming.got < want {
-                let landing = self.incoming.target.expect("target chosen above");
+            let lane = &mut self.lanes[li];
+            if lane.incoming.got < want {
+                let landing = lane.incoming.target.expect("target chosen above");
                 let dst = self.mem.landing_bytes(landing);
-                let n = self.link.recv(&mut dst[self.incoming.got..])?;
+                let n = self.peers.recv(lane.peer, &mut dst[lane.incoming.got..])?;
                 if n == 0 {
                     break;
                 }
                 progressed = true;
-                self.incoming.got += n;
+                lane.incoming.got += n;
             }
-            if self.incoming.got == want {
-                let target = self.incoming.target.take().expect("target chosen above");
+            if lane.incoming.got == want {
+                let target = lane.incoming.target.take().expect("target chosen above");
                 self.ready.push_back((self.received, target));
                 self.received += 1;
-                self.incoming = Incoming::new();
+                lane.owed -= 1;
+                lane.incoming = Incoming::new();
                 progressed = true;
             }
         }
         Ok(progressed)
     }
 
-    /// Checks a complete header against what we expect next. `Ok(false)`: a stall notice, consumed.
-    fn accept_header(&mut self, spec: &RecvSpec, size: usize) -> Result<bool, Failure> {
-        let prev = self.link.prev().clone();
-        let h = Header::decode(&self.incoming.header).map_err(|why| Error::protocol(&prev, why))?;
-        match h.kind {
-            FrameKind::Stalled => {
-                // From an earlier collective: our predecessor is still in it, so it is alive and
-                // waiting on its own predecessor.
-                if h.sig.seq < self.sig.seq {
-                    self.prev_stalled = true;
-                    return Ok(false);
-                }
-                // Everyone waiting on everyone: the ranks called different things.
-                if h.sig != self.sig {
-                    return Err(Error::Mismatch {
-                        peer: prev,
-                        detail: format!(
-                            "it is stalled in a different call: {}",
-                            self.sig.describe_mismatch(&h.sig)
-                        ),
-                    }
-                    .into());
-                }
-                self.prev_stalled = true;
-                Ok(false)
-            }
-            FrameKind::Abort => {
-                let notice = self.read_notice(&h, &prev)?;
-                Err(Failure::Relayed(Box::new(notice)))
-            }
-            FrameKind::Data => {
-                if h.sig != self.sig {
-                    return Err(Error::Mismatch {
-                        peer: prev,
-                        detail: self.sig.describe_mismatch(&h.sig),
-                    }
-                    .into());
-                }
-                let want_len = spec.xfer.range.len() * size;
-                if h.step != spec.xfer.step
-                    || h.chunk != spec.xfer.chunk
-                    || h.payload_len as usize != want_len
-                {
-                    return Err(Error::protocol(
-                        &prev,
-                        format!(
-                            "in {}: got step {} chunk {} with {} bytes, expected step {} chunk {} with {want_len} \
-                             (do all ranks use the same RINGLET_CHUNK_BYTES and RINGLET_SMALL_BYTES?)",
-                            self.sig, h.step, h.chunk, h.payload_len, spec.xfer.step, spec.xfer.chunk
-                        ),
-                    )
-                    .into());
-                }
-                self.prev_stalled = false;
-                Ok(true)
-            }
+    /// Checks a parked data header against the frame we expect next from its lane.
+    fn check_data(&mut self, li: usize, spec: &RecvSpec, size: usize) -> Result<()> {
+        let from = self.peers.peer(self.lanes[li].peer);
+        let h = self.lanes[li].incoming.parked.expect("a parked header");
+        if h.sig != self.sig {
+            return Err(Error::Mismatch {
+                peer: from,
+                detail: self.sig.describe_mismatch(&h.sig),
+            });
         }
+        let want_len = spec.xfer.range.len() * size;
+        if h.step != spec.xfer.step
+            || h.chunk != spec.xfer.chunk
+            || h.payload_len as usize != want_len
+        {
+            return Err(Error::protocol(
+                &from,
+                format!(
+                    "in {}: got step {} chunk {} with {} bytes, expected step {} chunk {} with {want_len} \
+                     (do all ranks use the same RINGLET_CHUNK_BYTES, RINGLET_SMALL_BYTES and RINGLET_ALGO?)",
+                    self.sig, h.step, h.chunk, h.payload_len, spec.xfer.step, spec.xfer.chunk
+                ),
+            ));
+        }
+        let lane = &mut self.lanes[li];
+        lane.incoming.checked = true;
+        lane.stalled = false;
+        Ok(())
     }
 
     fn apply_ready(&mut self) -> Result<bool> {
         let mut progressed = false;
-        while let Some((i, landing)) = self.ready.pop_front() {
+        while let Some(&(i, landing)) = self.ready.front() {
             let spec = &self.schedule.recvs[i];
-            let divide = spec.finish_avg.then(|| self.link.world_size());
+            // Both ends of an exchange send a region and reduce into it: the reduction waits
+            // until our copy of the region is out.
+            if spec.apply != Apply::Copy && self.sending(&spec.xfer.range) {
+                break;
+            }
+            self.ready.pop_front();
+            let divide = spec.finish_avg.then(|| self.peers.world_size());
             self.mem
                 .apply(landing, self.schedule.op, spec.apply, divide)?;
             // Staged after the apply, so a device copies the chunk out once it is reduced.
             if let Some(fwd) = &spec.forward {
-                self.sends
+                let li = self
+                    .lanes
+                    .binary_search_by_key(&fwd.peer, |l| l.peer)
+                    .expect("every peer of the schedule has a lane");
+                self.lanes[li]
+                    .sends
                     .push_back(outgoing(self.sig, fwd, self.elem_size));
             }
             self.applied += 1;
@@ -436,227 +576,4 @@ impl<L: Link + ?Sized, M: Memory> Exec<'_, L, M> {
         }
         Ok(progressed)
     }
-
-    /// Reads an abort notice's payload (bounded size, short deadline).
-    fn read_notice(&mut self, h: &Header, prev: &PeerId) -> Result<AbortNotice> {
-        if h.payload_len > MAX_CONTROL_PAYLOAD {
-            return Err(Error::protocol(prev, "oversized abort notice"));
-        }
-        let mut body = vec![0u8; h.payload_len as usize];
-        let deadline = Instant::now() + self.deadlines.grace.max(Duration::from_secs(1));
-        let mut got = 0;
-        while got < body.len() {
-            let n = self.link.recv(&mut body[got..])?;
-            got += n;
-            if n == 0 && self.link.wait(true, false, deadline)? == Readiness::TimedOut {
-                return Err(Error::protocol(prev, "abort notice cut short"));
-            }
-        }
-        ringlet_core::msg::decode(&body, prev)
-    }
-
-    /// Tells the next rank we are alive but waiting; only possible between frames.
-    fn announce_stall(&mut self) {
-        // Mid-frame the next rank cannot parse a notice; it will time out on us instead, which is
-        // right: we are blocked on it.
-        if self.sends.front().is_some_and(|o| o.sent > 0) {
-            return;
-        }
-        let header = Header {
-            kind: FrameKind::Stalled,
-            sig: self.sig,
-            step: 0,
-            chunk: 0,
-            payload_len: 0,
-        };
-        // Queued like any frame, so a partial write of it can never be cut by the next one.
-        self.sends.push_front(Outgoing {
-            header: header.encode(),
-            range: 0..0,
-            stage: None,
-            sent: 0,
-            notice: true,
-        });
-    }
-
-    fn stall_verdict(&self, want_recv: bool, last_progress: Instant) -> Failure {
-        let waited = last_progress.elapsed();
-        let error = if want_recv && self.prev_stalled {
-            Error::Timeout {
-                peer: self.link.prev().clone(),
-                waiting_for: format!(
-                    "in {}; {} is itself waiting on its predecessor, and no verdict came from upstream",
-                    self.sig,
-                    self.link.prev()
-                ),
-                after: waited,
-            }
-        } else if want_recv {
-            Error::Timeout {
-                peer: self.link.prev().clone(),
-                waiting_for: format!("in {} for data from {}", self.sig, self.link.prev()),
-                after: waited,
-            }
-        } else {
-            Error::Timeout {
-                peer: self.link.next().clone(),
-                waiting_for: format!("in {} for {} to accept data", self.sig, self.link.next()),
-                after: waited,
-            }
-        };
-        Failure::from(error)
-    }
-
-    /// Turns a failure into the caller's error after telling the next rank, so the whole ring
-    /// fails with one explanation.
-    fn fail(&mut self, failure: Failure) -> Error {
-        let me = self.link.rank();
-        let (notice, error) = match failure {
-            Failure::Relayed(notice) => {
-                let origin = PeerId::rank(notice.origin_rank as usize, notice.origin_addr.clone());
-                let error = Error::Aborted {
-                    origin,
-                    blamed: notice
-                        .blamed
-                        .as_ref()
-                        .map(|(rank, addr)| PeerId::rank(*rank as usize, addr.clone())),
-                    detail: notice.detail.clone(),
-                };
-                (*notice, error)
-            }
-            Failure::Local(error) => {
-                let error = *error;
-                if let Some(notice) = self.explanation_of(&error) {
-                    return self.fail(Failure::Relayed(Box::new(notice)));
-                }
-                let notice = AbortNotice {
-                    origin_rank: me as u64,
-                    origin_addr: self.link.local().addr.clone(),
-                    blamed: error
-                        .blamed_peer()
-                        .and_then(|p| p.rank.map(|r| (r as u64, p.addr.clone()))),
-                    detail: error.to_string(),
-                };
-                (notice, error)
-            }
-        };
-        // The notice goes round the ring until it reaches the rank that started it, and is not
-        // sent to a next rank that is dead or not reading (the rank after it tells the others).
-        let next = self.link.next().rank;
-        // (A relayed notice goes on even to the rank it blames: a mismatched rank is alive and
-        // must hear why its peers stopped.)
-        let next_unreachable = matches!(&error, Error::PeerLost { peer, .. } | Error::Timeout { peer, .. } if peer.rank == next);
-        if next != Some(notice.origin_rank as usize) && !next_unreachable {
-            self.send_notice(&notice);
-        }
-        error
-    }
-
-    /// When the next rank's connection broke, that rank may only have been closing after a
-    /// failure further round the ring, whose abort notice is then on its way to us from the
-    /// previous rank. Reads (and discards) what the previous rank sent, briefly, looking for it.
-    fn explanation_of(&mut self, error: &Error) -> Option<AbortNotice> {
-        let next = self.link.next().rank;
-        if !matches!(error, Error::PeerLost { peer, .. } if peer.rank == next) {
-            return None;
-        }
-        let deadline = Instant::now() + self.deadlines.grace.min(Duration::from_millis(250));
-        let mut header = self.incoming.header;
-        let mut have = self.incoming.header_len;
-        let mut skip = 0;
-        if have == HEADER_LEN {
-            // Mid-payload: finish skipping this frame, then read headers afresh.
-            let h = Header::decode(&header).ok()?;
-            skip = (h.payload_len as usize).saturating_sub(self.incoming.got);
-            have = 0;
-        }
-        let mut junk = [0u8; 16 << 10];
-        loop {
-            let n = if skip > 0 {
-                let take = skip.min(junk.len());
-                let n = self.link.recv(&mut junk[..take]).ok()?;
-                skip -= n;
-                n
-            } else if have < HEADER_LEN {
-                let n = self.link.recv(&mut header[have..]).ok()?;
-                have += n;
-                n
-            } else {
-                let h = Header::decode(&header).ok()?;
-                match h.kind {
-                    FrameKind::Abort => {
-                        return self.read_notice(&h, &self.link.prev().clone()).ok()
-                    }
-                    FrameKind::Data => skip = h.payload_len as usize,
-                    FrameKind::Stalled => {}
-                }
-                have = 0;
-                continue;
-            };
-            if n == 0 && self.link.wait(true, false, deadline).ok()? == Readiness::TimedOut {
-                return None;
-            }
-        }
-    }
-
-    /// Best effort, bounded: finish the frame in flight (a notice cannot cut into it), then send
-    /// the abort notice. A dead or stopped next rank makes this fail fast or at the short deadline.
-    fn send_notice(&mut self, notice: &AbortNotice) {
-        let deadline = Instant::now() + self.deadlines.grace.min(Duration::from_secs(2));
-        if let Some(o) = self.sends.front() {
-            if o.sent > 0 {
-                // A frame under way has its bytes staged: they stay until released.
-                let payload: &[u8] = match (o.notice, o.stage) {
-                    (false, Some(stage)) => match self.mem.staged_bytes(stage) {
-                        Ok(Some(bytes)) => bytes,
-                        _ => return,
-                    },
-                    _ => &[],
-                };
-                let frame = [&o.header[..], payload];
-                let (head, tail) = (o.sent.min(HEADER_LEN), o.sent.saturating_sub(HEADER_LEN));
-                if send_all(self.link, &[&frame[0][head..], &frame[1][tail..]], deadline).is_err() {
-                    return;
-                }
-            }
-        }
-        let body =
-            bincode::serde::encode_to_vec(notice, bincode::config::standard()).unwrap_or_default();
-        let body = &body[..body.len().min(MAX_CONTROL_PAYLOAD as usize)];
-        let header = Header {
-            kind: FrameKind::Abort,
-            sig: self.sig,
-            step: 0,
-            chunk: 0,
-            payload_len: body.len() as u32,
-        };
-        let _ = send_all(self.link, &[&header.encode(), body], deadline);
-    }
-}
-
-/// Sends every byte of `parts` in order, waiting as needed until `deadline`.
-fn send_all<L: Link + ?Sized>(link: &mut L, parts: &[&[u8]], deadline: Instant) -> Result<()> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut sent = 0;
-    while sent < total {
-        let mut skip = sent;
-        let mut slices = Vec::with_capacity(parts.len());
-        for p in parts {
-            if skip >= p.len() {
-                skip -= p.len();
-            } else {
-                slices.push(IoSlice::new(&p[skip..]));
-                skip = 0;
-            }
-        }
-        let n = link.send(&slices)?;
-        sent += n;
-        if n == 0 && link.wait(false, true, deadline)? == Readiness::TimedOut {
-            return Err(Error::Deadline {
-                waiting_for: "sending a control frame".into(),
-                after: Duration::ZERO,
-            });
-        }
-    }
-    Ok(())
 }

@@ -37,8 +37,9 @@ impl<T: Element> Device<T> for Gpu {
         range: Range<usize>,
         scratch: &mut DeviceBuffer<T>,
         reduce: Option<ReduceOp>,
+        reversed: bool,
     ) -> Result<()> {
-        self.upload_range(block, buf, range, scratch, reduce)
+        self.upload_range(block, buf, range, scratch, reduce, reversed)
             .map_err(Error::from)
     }
     fn divide(&self, buf: &mut DeviceBuffer<T>, range: Range<usize>, n: usize) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Ring collectives for data-parallel training.
+//! Collectives for data-parallel training.
 //!
 //! A [`Communicator`] joins a job (from the torchrun-style environment or an explicit
 //! [`Config`]) and runs `all_reduce`, `all_reduce_async`, `broadcast`, `all_gather`,
@@ -6,9 +6,11 @@
 //!
 //! Layers, top down:
 //! - [`comm`]: the communicator, call ordering, the asynchronous handle;
-//! - [`schedule`]: each algorithm as data (which chunk goes where at which step);
-//! - [`engine`]: executes a schedule over a [`ringlet_transport::Link`], checks every frame,
-//!   enforces deadlines and spreads failures around the ring;
+//! - [`algo`]: which algorithm an all-reduce runs (by size and world size, or `RINGLET_ALGO`);
+//! - [`schedule`]: each algorithm as data (which chunk goes to which peer at which step);
+//! - [`engine`]: executes a schedule over [`ringlet_transport::Peers`], checks every frame,
+//!   enforces deadlines and spreads failures to every rank taking part;
+//! - [`card`]: what ranks tell each other when they join (addresses, settings to agree on);
 //! - [`wire`]: the frame header;
 //! - [`memory`], [`staged`]: the buffer as the engine sees it — a host slice, or a device buffer
 //!   staged through host blocks (the TCP fallback for device buffers);
@@ -25,7 +27,9 @@
 //! # Ok::<(), ringlet::Error>(())
 //! ```
 
+pub mod algo;
 pub mod bootstrap;
+pub mod card;
 pub mod comm;
 pub mod config;
 pub mod engine;

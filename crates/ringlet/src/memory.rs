@@ -95,17 +95,16 @@ impl<T: Element> Memory for HostMemory<'_, T> {
         apply == Apply::Copy || !self.free_slots.is_empty()
     }
 
-    /// Copies land in place. That is safe because no schedule receives into a region it is
-    /// still sending: a region is rewritten only after its data has come back round the ring.
+    /// Copies land in place. That is safe because the engine lands no copy over a region whose
+    /// send is still queued.
     fn land(&mut self, range: Range<usize>, apply: Apply) -> Option<HostLanding> {
         let (start, end) = (range.start, range.end);
         match apply {
             Apply::Copy => Some(HostLanding::Direct { start, end }),
-            Apply::Reduce => {
-                self.free_slots
-                    .pop()
-                    .map(|slot| HostLanding::Slot { slot, start, end })
-            }
+            Apply::Reduce | Apply::ReduceRev => self
+                .free_slots
+                .pop()
+                .map(|slot| HostLanding::Slot { slot, start, end }),
         }
     }
 
@@ -132,11 +131,15 @@ impl<T: Element> Memory for HostMemory<'_, T> {
             HostLanding::Direct { start, end } => (start, end),
             HostLanding::Slot { slot, start, end } => {
                 let at = slot * self.slot_len;
-                let src = &self.scratch[at..at + (end - start)];
+                let src = &mut self.scratch[at..at + (end - start)];
                 let dst = &mut self.buf[start..end];
                 match apply {
                     Apply::Copy => dst.copy_from_slice(src),
                     Apply::Reduce => T::reduce_into(op, dst, src),
+                    Apply::ReduceRev => {
+                        T::reduce_into(op, src, dst);
+                        dst.copy_from_slice(src);
+                    }
                 }
                 self.free_slots.push(slot);
                 (start, end)

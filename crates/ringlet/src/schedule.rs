@@ -1,6 +1,13 @@
-//! The collective algorithms, as data: which chunks a rank sends to the next rank, which it
-//! expects from the previous one and what it does with each. The [`engine`](crate::engine)
-//! executes any schedule over any link; nothing here touches a socket or a buffer.
+//! The collective algorithms, as data: which chunks a rank sends to which peer, which it expects
+//! from which peer (in order), and what it does with each. The [`engine`](crate::engine)
+//! executes any schedule over any [`Peers`](ringlet_transport::Peers); nothing here touches a
+//! socket or a buffer.
+//!
+//! Every schedule keeps two rules the engine relies on: the ranks a collective sends to form a
+//! strongly connected graph (so an abort notice, passed to every rank one sends to, reaches every
+//! rank), and a received chunk never overwrites a region whose send is still queued (the engine
+//! also holds a reduction back until such sends are out, for exchanges where both sides send the
+//! same region at once).
 //!
 //! Ring algorithms use the usual numbering: at step `g` rank `r` sends segment `r - g` and
 //! receives segment `r - g - 1` (mod n). Every received chunk is forwarded at the next step, so a
@@ -13,6 +20,8 @@ use std::ops::Range;
 /// One frame's worth of the caller's buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Xfer {
+    /// The rank the frame goes to (a send) or comes from (a receive).
+    pub peer: usize,
     pub step: u32,
     pub chunk: u32,
     /// Elements of the buffer the frame carries.
@@ -23,6 +32,10 @@ pub struct Xfer {
 pub enum Apply {
     /// `buf[range] = buf[range] (op) payload`.
     Reduce,
+    /// `buf[range] = payload (op) buf[range]`: the lower rank's operand stays on the left, so two
+    /// ranks that reduce each other's data get the same bits even where `op` is not commutative
+    /// bit for bit (NaN payloads, `min(0.0, -0.0)`).
+    ReduceRev,
     /// `buf[range] = payload`.
     Copy,
 }
@@ -41,7 +54,7 @@ pub struct RecvSpec {
 pub struct Schedule {
     /// Sent at the start, in order.
     pub sends: Vec<Xfer>,
-    /// Expected from the previous rank, in this order.
+    /// Expected, in this order (each from its own peer).
     pub recvs: Vec<RecvSpec>,
     /// The pairwise op for `Reduce` (`Avg` reduces as `Sum`).
     pub op: ReduceOp,
@@ -53,6 +66,24 @@ pub struct Schedule {
 impl Schedule {
     pub fn scratch_len(&self) -> usize {
         self.slots * self.slot_len
+    }
+
+    /// The ranks this schedule exchanges frames with, ascending.
+    pub fn peers(&self) -> Vec<usize> {
+        let mut peers: Vec<usize> = self.send_peers();
+        peers.extend(self.recvs.iter().map(|r| r.xfer.peer));
+        peers.sort_unstable();
+        peers.dedup();
+        peers
+    }
+
+    /// The ranks this schedule sends to, ascending.
+    pub fn send_peers(&self) -> Vec<usize> {
+        let forwards = self.recvs.iter().filter_map(|r| r.forward.as_ref());
+        let mut peers: Vec<usize> = self.sends.iter().chain(forwards).map(|x| x.peer).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
     }
 
     /// The most elements any one frame carries.
@@ -150,24 +181,96 @@ pub fn ring_all_gather(count: usize, rank: usize, n: usize, chunk: usize) -> Sch
     )
 }
 
-/// A small all-reduce: gather every rank's `count` elements (one frame per block and hop, n − 1
-/// hops instead of the ring's 2(n − 1)), then reduce locally in rank order — the same operations
-/// in the same order on every rank, so the same bits.
-pub fn gather_reduce(count: usize, rank: usize, n: usize, op: ReduceOp) -> Plan {
-    let segs = segments(n * count, n);
-    Plan::GatherReduce {
-        gather: ring_steps(&segs, rank, count.max(1), ReduceOp::Sum, 0, n - 1, 0),
-        op,
+/// Recursive doubling all-reduce in place: ⌈log2 n⌉ exchanges of the whole buffer instead of the
+/// ring's 2(n − 1) hops, for buffers small enough that latency, not bandwidth, sets the time.
+///
+/// With `p` the largest power of two not above `n`, the first `2(n − p)` ranks pair up: each odd
+/// one hands its buffer to the even one below it (step 0) and gets the result back at the end,
+/// two hops more than the others. The `p` remaining ranks exchange with the rank whose position
+/// differs in bit `k` at step `k + 1`, each reducing with the lower rank's data on the left, so
+/// both ends of every exchange (and so every rank) hold the same bits. Pipelined by chunk: a
+/// chunk goes to the next partner as soon as it is reduced.
+pub fn doubling_all_reduce(
+    count: usize,
+    rank: usize,
+    n: usize,
+    chunk: usize,
+    op: ReduceOp,
+) -> Schedule {
+    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let rem = n - p;
+    let levels = p.trailing_zeros() as usize;
+    let all = 0..count;
+    let chunk = chunk.max(1);
+    let nch = count.div_ceil(chunk).max(1);
+    let xfer = |peer: usize, step: usize, c: usize| Xfer {
+        peer,
+        step: step as u32,
+        chunk: c as u32,
+        range: chunk_of(&all, c, chunk),
+    };
+    let recv = |xfer: Xfer, apply: Apply, finish_avg: bool, forward: Option<Xfer>| RecvSpec {
+        xfer,
+        apply,
+        finish_avg,
+        forward,
+    };
+    let last = levels + 1;
+    let slot_len = chunk.min(count).max(1);
+    if rank < 2 * rem && rank % 2 == 1 {
+        // Folded into rank − 1: hand it our buffer, take the result.
+        let sends = (0..nch).map(|c| xfer(rank - 1, 0, c)).collect();
+        let recvs = (0..nch)
+            .map(|c| recv(xfer(rank - 1, last, c), Apply::Copy, false, None))
+            .collect();
+        return Schedule {
+            sends,
+            recvs,
+            op: op.pairwise(),
+            slots: 2,
+            slot_len,
+        };
     }
-}
-
-/// How a collective uses its schedule.
-pub enum Plan {
-    /// Run the schedule on the caller's buffer.
-    InPlace(Schedule),
-    /// Run the all-gather `gather` over every rank's copy of the buffer, then reduce the copies
-    /// with `op` in rank order.
-    GatherReduce { gather: Schedule, op: ReduceOp },
+    let v = if rank < 2 * rem { rank / 2 } else { rank - rem };
+    let real = |v: usize| if v < rem { 2 * v } else { v + rem };
+    let partner = |k: usize| real(v ^ (1 << k));
+    let extra = (rank < 2 * rem).then_some(rank + 1);
+    let mut recvs = Vec::with_capacity(nch * (levels + 2));
+    if let Some(x) = extra {
+        for c in 0..nch {
+            let forward = Some(xfer(partner(0), 1, c));
+            recvs.push(recv(xfer(x, 0, c), Apply::Reduce, false, forward));
+        }
+    }
+    for k in 0..levels {
+        let q = partner(k);
+        let apply = if rank < q {
+            Apply::Reduce
+        } else {
+            Apply::ReduceRev
+        };
+        for c in 0..nch {
+            let forward = if k + 1 < levels {
+                Some(xfer(partner(k + 1), k + 2, c))
+            } else {
+                extra.map(|x| xfer(x, last, c))
+            };
+            let avg = k + 1 == levels && op == ReduceOp::Avg;
+            recvs.push(recv(xfer(q, k + 1, c), apply, avg, forward));
+        }
+    }
+    let sends = if extra.is_some() {
+        Vec::new()
+    } else {
+        (0..nch).map(|c| xfer(partner(0), 1, c)).collect()
+    };
+    Schedule {
+        sends,
+        recvs,
+        op: op.pairwise(),
+        slots: 2,
+        slot_len,
+    }
 }
 
 fn pipelined(segs: &[Range<usize>], max_chunk: usize) -> usize {
@@ -188,26 +291,28 @@ fn ring_steps(
 ) -> Schedule {
     let n = segs.len();
     let nch = chunks_per_segment(segs, chunk);
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
     let seg_at = |g: usize| &segs[md(rank as isize - (g + shift) as isize, n)];
-    let xfer = |g: usize, c: usize, seg: &Range<usize>| Xfer {
+    let xfer = |peer: usize, g: usize, c: usize, seg: &Range<usize>| Xfer {
+        peer,
         step: g as u32,
         chunk: c as u32,
         range: chunk_of(seg, c, chunk),
     };
-    let sends = (0..nch).map(|c| xfer(0, c, seg_at(0))).collect();
+    let sends = (0..nch).map(|c| xfer(next, 0, c, seg_at(0))).collect();
     let mut recvs = Vec::with_capacity(steps * nch);
     for g in 0..steps {
         let seg = seg_at(g + 1);
         for c in 0..nch {
             recvs.push(RecvSpec {
-                xfer: xfer(g, c, seg),
+                xfer: xfer(prev, g, c, seg),
                 apply: if g < reduce_steps {
                     Apply::Reduce
                 } else {
                     Apply::Copy
                 },
                 finish_avg: g + 1 == reduce_steps && op == ReduceOp::Avg,
-                forward: (g + 1 < steps).then(|| xfer(g + 1, c, seg)),
+                forward: (g + 1 < steps).then(|| xfer(next, g + 1, c, seg)),
             });
         }
     }
@@ -229,36 +334,39 @@ pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: 
     let chunk = pipeline_chunk(count, chunk);
     let nch = count.div_ceil(chunk).max(1);
     let pos = md(rank as isize - root as isize, n);
-    let xfer = |c: usize| Xfer {
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+    let xfer = |peer: usize, c: usize| Xfer {
+        peer,
         step: 0,
         chunk: c as u32,
         range: chunk_of(&all, c, chunk),
     };
     // The last rank of the chain acknowledges to the root, whose call therefore fails too when
     // a peer disagrees (it would otherwise only send, and never learn).
-    let ack = Xfer {
+    let ack = |peer: usize| Xfer {
+        peer,
         step: 1,
         chunk: 0,
         range: 0..0,
     };
     let (sends, recvs) = if pos == 0 {
         let recvs = vec![RecvSpec {
-            xfer: ack,
+            xfer: ack(prev),
             apply: Apply::Copy,
             finish_avg: false,
             forward: None,
         }];
-        ((0..nch).map(xfer).collect(), recvs)
+        ((0..nch).map(|c| xfer(next, c)).collect(), recvs)
     } else {
         let recvs = (0..nch)
             .map(|c| RecvSpec {
-                xfer: xfer(c),
+                xfer: xfer(prev, c),
                 apply: Apply::Copy,
                 finish_avg: false,
                 forward: if pos + 1 < n {
-                    Some(xfer(c))
+                    Some(xfer(next, c))
                 } else {
-                    (c + 1 == nch).then(|| ack.clone())
+                    (c + 1 == nch).then(|| ack(next))
                 },
             })
             .collect();
@@ -277,45 +385,52 @@ pub fn chain_broadcast(count: usize, rank: usize, n: usize, chunk: usize, root: 
 mod tests {
     use super::*;
 
-    /// Simulates every rank's schedule in lockstep on f64 buffers, moving frames between
-    /// neighbours through queues, and returns the final buffers. Checks that every frame a rank
-    /// receives is exactly the one it expects next.
+    /// Simulates every rank's schedule on f64 buffers, moving frames between ranks through one
+    /// queue per ordered pair, and returns the final buffers. Each rank takes its expected frames
+    /// in order, from the peer each names; checks that every frame is exactly the one expected.
     fn simulate(scheds: &[Schedule], mut bufs: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
         use std::collections::VecDeque;
         let n = scheds.len();
-        let mut wires: Vec<VecDeque<(u32, u32, Vec<f64>)>> = vec![VecDeque::new(); n];
+        type Wire = VecDeque<(u32, u32, Vec<f64>)>;
+        let mut wires: Vec<Vec<Wire>> = vec![vec![VecDeque::new(); n]; n];
         let mut next_recv = vec![0usize; n];
         for (r, s) in scheds.iter().enumerate() {
             for x in &s.sends {
-                wires[(r + 1) % n].push_back((x.step, x.chunk, bufs[r][x.range.clone()].to_vec()));
+                assert_ne!(x.peer, r, "rank {r} sends to itself");
+                let data = bufs[r][x.range.clone()].to_vec();
+                wires[r][x.peer].push_back((x.step, x.chunk, data));
             }
         }
         let mut moved = true;
         while moved {
             moved = false;
             for r in 0..n {
-                while let Some((step, chunk, data)) = wires[r].pop_front() {
-                    let spec = &scheds[r].recvs[next_recv[r]];
+                while let Some(spec) = scheds[r].recvs.get(next_recv[r]) {
+                    let Some((step, chunk, data)) = wires[spec.xfer.peer][r].pop_front() else {
+                        break;
+                    };
                     assert_eq!(
                         (step, chunk),
                         (spec.xfer.step, spec.xfer.chunk),
-                        "rank {r} frame order"
+                        "rank {r} frame order from rank {}",
+                        spec.xfer.peer
                     );
                     assert_eq!(data.len(), spec.xfer.range.len());
                     let dst = &mut bufs[r][spec.xfer.range.clone()];
                     match spec.apply {
                         Apply::Copy => dst.copy_from_slice(&data),
-                        Apply::Reduce => dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b),
+                        // Exact sums of integers: the operand order of `ReduceRev` shows only
+                        // with the real reducers (tests/in_process.rs).
+                        Apply::Reduce | Apply::ReduceRev => {
+                            dst.iter_mut().zip(&data).for_each(|(a, b)| *a += b)
+                        }
                     }
                     if spec.finish_avg {
                         dst.iter_mut().for_each(|x| *x /= n as f64);
                     }
                     if let Some(f) = &spec.forward {
-                        wires[(r + 1) % n].push_back((
-                            f.step,
-                            f.chunk,
-                            bufs[r][f.range.clone()].to_vec(),
-                        ));
+                        let data = bufs[r][f.range.clone()].to_vec();
+                        wires[r][f.peer].push_back((f.step, f.chunk, data));
                     }
                     next_recv[r] += 1;
                     moved = true;
@@ -328,8 +443,38 @@ mod tests {
                 scheds[r].recvs.len(),
                 "rank {r} got every frame"
             );
+            for (q, wire) in wires[r].iter().enumerate() {
+                assert!(
+                    wire.is_empty(),
+                    "rank {r} sent rank {q} frames it never took"
+                );
+            }
         }
+        assert_send_graph_connected(scheds);
         bufs
+    }
+
+    /// An abort notice goes to every rank one sends to: from any rank, those edges must reach
+    /// every other rank.
+    fn assert_send_graph_connected(scheds: &[Schedule]) {
+        let n = scheds.len();
+        for start in 0..n {
+            let mut seen = vec![false; n];
+            let mut todo = vec![start];
+            seen[start] = true;
+            while let Some(r) = todo.pop() {
+                for q in scheds[r].send_peers() {
+                    if !seen[q] {
+                        seen[q] = true;
+                        todo.push(q);
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&s| s),
+                "notices from rank {start} miss some rank"
+            );
+        }
     }
 
     fn inputs(n: usize, count: usize) -> Vec<Vec<f64>> {
@@ -364,6 +509,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn doubling_sums_and_averages_for_every_world_size() {
+        for n in 2..=9 {
+            for count in [0, 1, 5, 64] {
+                for chunk in [1, 3, 1000] {
+                    for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                        let scheds: Vec<_> = (0..n)
+                            .map(|r| doubling_all_reduce(count, r, n, chunk, op))
+                            .collect();
+                        let out = simulate(&scheds, inputs(n, count));
+                        for i in 0..count {
+                            let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
+                            let want = if op == ReduceOp::Avg {
+                                sum / n as f64
+                            } else {
+                                sum
+                            };
+                            for (r, b) in out.iter().enumerate() {
+                                assert_eq!(
+                                    b[i], want,
+                                    "n={n} count={count} chunk={chunk} {op} rank {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn doubling_takes_log_hops() {
+        // Frames a rank receives per chunk: ⌈log2 n⌉ exchanges, plus the fold for ranks that
+        // hold a folded-in partner; the folded-in ranks receive once.
+        for (n, hops) in [(2, [1, 1]), (4, [2, 2]), (8, [3, 3])] {
+            for r in 0..n {
+                let s = doubling_all_reduce(4, r, n, 4, ReduceOp::Sum);
+                assert_eq!(s.recvs.len(), hops[r % 2], "n={n} rank {r}");
+            }
+        }
+        let s = doubling_all_reduce(4, 0, 6, 4, ReduceOp::Sum);
+        assert_eq!((s.recvs.len(), s.peers()), (3, vec![1, 2, 4]));
+        let s = doubling_all_reduce(4, 1, 6, 4, ReduceOp::Sum);
+        assert_eq!((s.recvs.len(), s.peers()), (1, vec![0]));
     }
 
     #[test]

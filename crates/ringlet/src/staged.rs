@@ -6,10 +6,11 @@
 //! memory, so the logic is tested across processes without a GPU. A CUDA device implements the
 //! same trait with pinned blocks, one stream, events and the kernels of `kernels/`.
 
-use crate::comm::{run_on_host, Call};
+use crate::algo;
+use crate::comm::Call;
 use crate::engine;
 use crate::memory::Memory;
-use crate::schedule::{self, Apply, Plan};
+use crate::schedule::{self, Apply, Schedule};
 use crate::wire::Collective;
 use crate::Communicator;
 use ringlet_core::{Element, ReduceOp, Result};
@@ -40,7 +41,7 @@ pub trait Device<T: Element> {
         block: &mut Self::Block,
     ) -> Result<()>;
     /// `buf[range] = block[..]`, or with `reduce`: `buf[range] = op(buf[range], block[..])`
-    /// (through `scratch`).
+    /// (through `scratch`); with `reversed` as well, `op(block[..], buf[range])`.
     fn upload(
         &self,
         block: &Self::Block,
@@ -48,6 +49,7 @@ pub trait Device<T: Element> {
         range: Range<usize>,
         scratch: &mut Self::Scratch,
         reduce: Option<ReduceOp>,
+        reversed: bool,
     ) -> Result<()>;
     /// `buf[range] /= n` (an average's last step).
     fn divide(&self, buf: &mut Self::Buffer, range: Range<usize>, n: usize) -> Result<()>;
@@ -215,10 +217,18 @@ impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
 
     fn apply(&mut self, i: usize, op: ReduceOp, apply: Apply, divide: Option<usize>) -> Result<()> {
         let b = &mut self.ins[i];
-        let reduce = (apply == Apply::Reduce).then_some(op);
+        let reduce = (apply != Apply::Copy).then_some(op);
+        let reversed = apply == Apply::ReduceRev;
         let queued = self
             .dev
-            .upload(&b.block, self.buf, b.range.clone(), &mut b.scratch, reduce)
+            .upload(
+                &b.block,
+                self.buf,
+                b.range.clone(),
+                &mut b.scratch,
+                reduce,
+                reversed,
+            )
             .and_then(|()| match divide {
                 Some(n) => self.dev.divide(self.buf, b.range.clone(), n),
                 None => Ok(()),
@@ -249,10 +259,9 @@ impl<T: Element, D: Device<T>> Memory for Staged<'_, T, D> {
 }
 
 impl Communicator {
-    /// [`all_reduce`](Communicator::all_reduce) of a device buffer over the TCP ring: the same
-    /// frames (and bits) as a host buffer's, each chunk reduced on the device. Small buffers
-    /// (gathered whole, see `RINGLET_SMALL_BYTES`) go through one host copy and are reduced on
-    /// the host, as a host buffer's are.
+    /// [`all_reduce`](Communicator::all_reduce) of a device buffer over Ringlet's own
+    /// transport: the same algorithm, frames (and bits) as a host buffer's, each chunk reduced
+    /// on the device.
     pub fn all_reduce_device<T: Element, D: Device<T>>(
         &self,
         dev: &D,
@@ -262,21 +271,15 @@ impl Communicator {
         let ticket = self.inner.ticket();
         let (rank, n, count) = (self.rank(), self.world_size(), dev.len(buf));
         let chunk = self.chunk_elems::<T>();
-        let small = (count * std::mem::size_of::<T>()).saturating_mul((n - 1).max(1))
-            <= self.inner.small_bytes;
-        let plan = || {
-            if small {
-                schedule::gather_reduce(count, rank, n, op)
-            } else {
-                Plan::InPlace(schedule::ring_all_reduce(count, rank, n, chunk, op))
-            }
-        };
+        let algo = self
+            .inner
+            .all_reduce_algo(count.saturating_mul(std::mem::size_of::<T>()), n);
         self.run_device(
             ticket,
             Call::new(Collective::AllReduce, op, 0, count),
             dev,
             buf,
-            plan,
+            || algo::all_reduce_schedule(algo, count, rank, n, chunk, op),
         )
     }
 
@@ -296,13 +299,12 @@ impl Communicator {
             );
         }
         let chunk = self.chunk_elems::<T>();
-        let plan = || Plan::InPlace(schedule::chain_broadcast(count, rank, n, chunk, root));
         self.run_device(
             ticket,
             Call::new(Collective::Broadcast, ReduceOp::Sum, root, count),
             dev,
             buf,
-            plan,
+            || schedule::chain_broadcast(count, rank, n, chunk, root),
         )
     }
 
@@ -312,71 +314,22 @@ impl Communicator {
         call: Call,
         dev: &D,
         buf: &mut D::Buffer,
-        plan: impl FnOnce() -> Plan,
+        schedule: impl FnOnce() -> Schedule,
     ) -> Result<()> {
         let deadlines = self.inner.deadlines;
-        self.inner.run_with::<T>(
-            ticket,
-            call,
-            plan,
-            |link, sig, plan, scratch, staging| match plan {
-                Plan::InPlace(schedule) => {
-                    let mut mem = Staged::new(dev, buf, schedule.longest_transfer().max(1))?;
-                    engine::run_on(
-                        link,
-                        sig,
-                        &schedule,
-                        &mut mem,
-                        std::mem::size_of::<T>(),
-                        deadlines,
-                    )
-                }
-                small => {
-                    let count = dev.len(buf);
-                    let mut block = dev.block(count)?;
-                    dev.download(buf, 0..count, &mut block)?;
-                    if let Err(e) = settle(dev, deadlines.timeout) {
-                        // The copy may still write into the block: never reuse it.
-                        std::mem::forget(block);
-                        return Err(e);
-                    }
-                    run_on_host(
-                        link,
-                        sig,
-                        small,
-                        &mut block.as_mut()[..count],
-                        scratch,
-                        staging,
-                        deadlines,
-                    )?;
-                    let mut scratch = dev.scratch(count)?;
-                    dev.upload(&block, buf, 0..count, &mut scratch, None)?;
-                    let settled = settle(dev, deadlines.timeout);
-                    if settled.is_err() {
-                        std::mem::forget(block);
-                        std::mem::forget(scratch);
-                    }
-                    settled
-                }
-            },
-        )
+        self.inner
+            .run_with::<T>(ticket, call, schedule, |peers, sig, schedule, _| {
+                let mut mem = Staged::new(dev, buf, schedule.longest_transfer().max(1))?;
+                engine::run_on(
+                    peers,
+                    sig,
+                    &schedule,
+                    &mut mem,
+                    std::mem::size_of::<T>(),
+                    deadlines,
+                )
+            })
     }
-}
-
-/// Waits, at most `timeout`, for everything issued on `dev` (a short copy of a small buffer).
-fn settle<T: Element, D: Device<T>>(dev: &D, timeout: std::time::Duration) -> Result<()> {
-    let start = std::time::Instant::now();
-    let event = dev.record()?;
-    while !dev.complete(&event)? {
-        if start.elapsed() > timeout {
-            return Err(ringlet_core::Error::Deadline {
-                waiting_for: "the device to copy a small buffer".into(),
-                after: start.elapsed(),
-            });
-        }
-        std::thread::yield_now();
-    }
-    Ok(())
 }
 
 /// A [`Device`] made of host memory: copies are `memcpy`, reductions the host reducers. It runs
@@ -414,10 +367,15 @@ impl<T: Element> Device<T> for HostDevice {
         range: Range<usize>,
         scratch: &mut Vec<T>,
         reduce: Option<ReduceOp>,
+        reversed: bool,
     ) -> Result<()> {
         let n = range.len();
         scratch[..n].copy_from_slice(&block[..n]);
         match reduce {
+            Some(op) if reversed => {
+                T::reduce_into(op, &mut scratch[..n], &buf[range.clone()]);
+                buf[range].copy_from_slice(&scratch[..n]);
+            }
             Some(op) => T::reduce_into(op, &mut buf[range], &scratch[..n]),
             None => buf[range].copy_from_slice(&scratch[..n]),
         }
