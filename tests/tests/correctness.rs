@@ -39,6 +39,41 @@ macro_rules! every_dtype_op_and_collective {
     )*};
 }
 
+/// The same across TCP loopback: ranks of one host take shared memory unless told not to.
+#[test]
+fn every_dtype_op_and_collective_over_tcp_loopback() {
+    for n in [3, 4] {
+        run(
+            n,
+            EDGE_COUNTS,
+            "all",
+            "all",
+            "all",
+            &[("RINGLET_SHM", "0")],
+            600,
+        );
+    }
+}
+
+/// Each all-reduce algorithm forced for every size, on shared memory and on TCP.
+#[test]
+fn every_all_reduce_algorithm_forced_across_processes() {
+    for algo in ["ring", "doubling"] {
+        for shm in ["1", "0"] {
+            let env = [("RINGLET_ALGO", algo), ("RINGLET_SHM", shm)];
+            run(
+                5,
+                EDGE_COUNTS,
+                "float,int32,bfloat16",
+                "all",
+                "all_reduce",
+                &env,
+                600,
+            );
+        }
+    }
+}
+
 every_dtype_op_and_collective! {
     world_of_1: 1,
     world_of_2: 2,
@@ -96,7 +131,7 @@ fn many_small_chunks_pipeline_correctly() {
 }
 
 #[test]
-fn small_buffers_use_the_ring_when_gathering_is_disabled() {
+fn small_buffers_use_the_ring_when_doubling_is_disabled() {
     // The smallest chunk: 10007 elements are several chunks per rank for every type.
     let env = [("RINGLET_SMALL_BYTES", "0"), ("RINGLET_CHUNK_BYTES", "4K")];
     run(
@@ -120,7 +155,7 @@ fn small_buffers_use_the_ring_when_gathering_is_disabled() {
 }
 
 #[test]
-fn larger_buffers_are_gathered_when_the_threshold_allows() {
+fn larger_buffers_use_recursive_doubling_when_the_threshold_allows() {
     let env = [("RINGLET_SMALL_BYTES", "16M")];
     run(
         4,

@@ -19,7 +19,7 @@ use ringlet_core::auth::{connect_handshake, Role};
 use ringlet_core::error::PeerId;
 use ringlet_core::{msg, Error, JobToken};
 use ringlet_store::StoreClient;
-use ringlet_transport::{join, Interest, JoinOptions, Peers, Readiness, TcpPeers};
+use ringlet_transport::{join, Interest, JoinOptions, Peers, ProcessPeers, Readiness};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
@@ -497,7 +497,7 @@ enum Misbehaviour {
 /// Rank 1's only peer.
 const RANK_0: usize = 0;
 
-fn send_all(link: &mut TcpPeers, bytes: &[u8], deadline: Instant) {
+fn send_all(link: &mut ProcessPeers, bytes: &[u8], deadline: Instant) {
     let mut sent = 0;
     let room = [Interest {
         peer: RANK_0,
@@ -513,7 +513,7 @@ fn send_all(link: &mut TcpPeers, bytes: &[u8], deadline: Instant) {
     }
 }
 
-fn recv_exact(link: &mut TcpPeers, buf: &mut [u8], deadline: Instant) {
+fn recv_exact(link: &mut ProcessPeers, buf: &mut [u8], deadline: Instant) {
     let mut got = 0;
     let data = [Interest {
         peer: RANK_0,
@@ -534,7 +534,7 @@ fn recv_exact(link: &mut TcpPeers, buf: &mut [u8], deadline: Instant) {
 }
 
 /// Reads one frame from rank 0.
-fn recv_frame(link: &mut TcpPeers, deadline: Instant) -> (Header, Vec<u8>) {
+fn recv_frame(link: &mut ProcessPeers, deadline: Instant) -> (Header, Vec<u8>) {
     let mut h = [0u8; HEADER_LEN];
     recv_exact(link, &mut h, deadline);
     let h = Header::decode(&h).expect("rank 0 sends valid frames");
@@ -570,6 +570,7 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
         advertise_host: "127.0.0.1".into(),
         deadline,
         busy_poll: Duration::ZERO,
+        shm: false,
     };
     let mut link = join(&mut client, &token, &opts)
         .unwrap()
@@ -596,6 +597,8 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
             chunk_bytes: DEFAULT_CHUNK_BYTES as u64,
             small_bytes: DEFAULT_SMALL_BYTES as u64,
             algo: "auto".into(),
+            // A rank of another host: TCP stays.
+            shm: None,
         };
         send_all(&mut link, &h.encode(), deadline);
         send_all(&mut link, &card.encode().unwrap(), deadline);

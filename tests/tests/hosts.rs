@@ -18,14 +18,20 @@ const CHECKS: [&str; 5] = [
 
 /// One rank per host, torchrun-style variables, the store on host 0.
 fn start(hosts: &NetHosts, args: &[&str], env: &[(&str, &str)]) -> Job {
-    let mut job = Job::empty(hosts.count);
-    for rank in 0..hosts.count {
-        let mut cmd = hosts.command(rank, TESTRANK);
+    start_per_host(hosts, 1, args, env)
+}
+
+/// `per_host` ranks on each host (rank r on host r / per_host).
+fn start_per_host(hosts: &NetHosts, per_host: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
+    let n = hosts.count * per_host;
+    let mut job = Job::empty(n);
+    for rank in 0..n {
+        let mut cmd = hosts.command(rank / per_host, TESTRANK);
         cmd.args(args)
             .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", hosts.count.to_string())
-            .env("LOCAL_RANK", "0")
-            .env("LOCAL_WORLD_SIZE", "1")
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", (rank % per_host).to_string())
+            .env("LOCAL_WORLD_SIZE", per_host.to_string())
             .env("MASTER_ADDR", hosts.ip(0))
             .env("MASTER_PORT", job.port.to_string())
             .env("RINGLET_JOB_TOKEN", &job.token)
@@ -66,6 +72,38 @@ fn collectives_are_exact_across_4_hosts() {
 #[test]
 fn collectives_are_exact_across_8_hosts() {
     correct_on(8);
+}
+
+/// Two ranks on each of 3 hosts: each rank's partner on its host is reached by shared memory,
+/// the others by TCP over the links, in one job, on every algorithm.
+#[test]
+fn two_ranks_per_host_mix_shared_memory_and_tcp() {
+    if !netns::available() {
+        return;
+    }
+    let hosts = NetHosts::up(3, None);
+    for algo in ["auto", "ring", "doubling"] {
+        let env = [
+            ("RINGLET_ALGO", algo),
+            ("RINGLET_LOG", "info,ringlet::comm=debug"),
+        ];
+        let mut job = start_per_host(&hosts, 2, &CHECKS, &env);
+        let statuses = job.wait_all(Duration::from_secs(240));
+        let all = job.all_outputs();
+        for (rank, st) in statuses.iter().enumerate() {
+            assert!(
+                st.success(),
+                "{algo}: rank {rank} failed: {st}
+{all}"
+            );
+            let out = job.output(rank);
+            assert!(out.contains("OK checks="), "{all}");
+            assert!(
+                out.contains("shared_memory_peers=1"),
+                "{algo}: rank {rank} should reach exactly its host's other rank by shared memory: {out}"
+            );
+        }
+    }
 }
 
 /// A host's link goes down mid-collective: no reset, no FIN, its packets just vanish. Every

@@ -14,11 +14,11 @@
 //! ```
 
 use crate::error::{Error, PeerId, Result};
-use crate::io::{read_exact_by, write_all_by};
+use crate::io::{read_exact_by, write_all_by, TimedStream};
 use crate::msg::failure;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::net::TcpStream;
+
 use std::time::Instant;
 
 const MAGIC: &[u8; 4] = b"RNGL";
@@ -99,8 +99,8 @@ fn refused(peer: &PeerId, detail: impl Into<String>) -> Error {
 }
 
 /// The connecting side. Returns once both sides have proven they hold `token`.
-pub fn connect_handshake(
-    stream: &mut TcpStream,
+pub fn connect_handshake<S: TimedStream + ?Sized>(
+    stream: &mut S,
     token: &JobToken,
     role: Role,
     peer: &PeerId,
@@ -169,8 +169,8 @@ pub fn connect_handshake(
 
 /// The accepting side. Returns once both sides have proven they hold `token`; on any failure the
 /// caller should drop the connection.
-pub fn accept_handshake(
-    stream: &mut TcpStream,
+pub fn accept_handshake<S: TimedStream + ?Sized>(
+    stream: &mut S,
     token: &JobToken,
     role: Role,
     peer: &PeerId,
@@ -231,7 +231,7 @@ pub fn accept_handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
     fn pair(

@@ -1,9 +1,35 @@
-//! Blocking socket I/O bounded by a deadline, for handshakes and control messages. (The ring's
-//! data path is non-blocking and lives in `ringlet-transport`.)
+//! Blocking socket I/O bounded by a deadline, for handshakes and control messages. (The data
+//! path is non-blocking and lives in `ringlet-transport`.)
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::Instant;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// A stream whose blocking reads and writes can be bounded: TCP between hosts, Unix sockets
+/// between the ranks of one host.
+pub trait TimedStream: Read + Write {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedStream for TcpStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, d)
+    }
+}
+
+impl TimedStream for UnixStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, d)
+    }
+}
 
 /// Why a bounded read or write stopped short.
 #[derive(Debug)]
@@ -47,8 +73,8 @@ fn classify(e: io::Error) -> Option<IoFailure> {
 }
 
 /// Fills `buf` completely, or fails once `deadline` has passed.
-pub fn read_exact_by(
-    stream: &mut TcpStream,
+pub fn read_exact_by<S: TimedStream + ?Sized>(
+    stream: &mut S,
     buf: &mut [u8],
     deadline: Instant,
 ) -> Result<(), IoFailure> {
@@ -71,8 +97,8 @@ pub fn read_exact_by(
 }
 
 /// Writes all of `buf`, or fails once `deadline` has passed.
-pub fn write_all_by(
-    stream: &mut TcpStream,
+pub fn write_all_by<S: TimedStream + ?Sized>(
+    stream: &mut S,
     buf: &[u8],
     deadline: Instant,
 ) -> Result<(), IoFailure> {

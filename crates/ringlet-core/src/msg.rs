@@ -5,9 +5,9 @@
 //! cannot make us allocate what it claims.
 
 use crate::error::{Error, PeerId, Result};
-use crate::io::{read_exact_by, write_all_by, IoFailure};
+use crate::io::{read_exact_by, write_all_by, IoFailure, TimedStream};
 use serde::{de::DeserializeOwned, Serialize};
-use std::net::TcpStream;
+
 use std::time::Instant;
 
 /// Control messages larger than this are refused unless a caller sets its own cap.
@@ -43,8 +43,8 @@ pub fn decode<T: DeserializeOwned>(body: &[u8], peer: &PeerId) -> Result<T> {
     }
 }
 
-pub fn send<T: Serialize>(
-    stream: &mut TcpStream,
+pub fn send<T: Serialize, S: TimedStream + ?Sized>(
+    stream: &mut S,
     value: &T,
     peer: &PeerId,
     deadline: Instant,
@@ -54,8 +54,8 @@ pub fn send<T: Serialize>(
         .map_err(|f| failure(f, peer, "sending to", started))
 }
 
-pub fn recv<T: DeserializeOwned>(
-    stream: &mut TcpStream,
+pub fn recv<T: DeserializeOwned, S: TimedStream + ?Sized>(
+    stream: &mut S,
     max_len: usize,
     peer: &PeerId,
     deadline: Instant,

@@ -79,7 +79,7 @@ fn ways_of(run: &[Summary]) -> Vec<&'static str> {
     run.iter().map(|s| s.grad_sync).collect()
 }
 
-/// Three buckets (the first small enough to be gathered whole, the others over the ring's
+/// Three buckets (the first small enough for recursive doubling, the others over the ring's
 /// chunked schedule), an unequal split: ranks 0 and 2 copy buckets out of the gradient buffer,
 /// sum them with `all_reduce_tcp` and copy them back, rank 1 overlaps host buckets with
 /// backward; the parameters, test accuracy and loss equal an all-host run's bit for bit, on

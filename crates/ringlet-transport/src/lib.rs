@@ -3,11 +3,12 @@
 //! Collective algorithms (crate `ringlet`) are written against [`Peers`]: non-blocking byte
 //! streams to and from any other rank, named by rank, plus one bounded wait over several of them.
 //! Two implementations plug in underneath:
-//! - [`TcpPeers`]: authenticated TCP connections. [`join`] listens, publishes our address in the
-//!   rendezvous store and connects the ring (next and previous rank) at once; a link to any other
-//!   rank is made when a schedule first names it, and cached. Every connection proves the job
-//!   token and says which rank it is; strangers on our port are refused and logged. [`iface`]
-//!   picks the interface (`RINGLET_SOCKET_IFNAME`).
+//! - [`ProcessPeers`]: ranks in other processes, over authenticated TCP connections, or over
+//!   shared memory ([`shm`]) between ranks of one host. [`join`] listens, publishes our address
+//!   in the rendezvous store and connects the ring (next and previous rank) at once; a link to
+//!   any other rank is made when a schedule first names it, and cached. Every connection proves
+//!   the job token and says which rank it is; strangers on our ports are refused and logged.
+//!   [`iface`] picks the interface (`RINGLET_SOCKET_IFNAME`).
 //! - [`MemPeers`]: every rank of a job as threads of one process, over bounded in-memory pipes,
 //!   so that the engine, the schedules and failure handling are unit-tested without sockets.
 //!
@@ -15,12 +16,13 @@
 
 pub mod iface;
 mod mem;
+mod process;
 mod setup;
-mod tcp;
+pub mod shm;
 
 pub use mem::{mem_world, MemPeers};
+pub use process::{PeerInfo, ProcessPeers};
 pub use setup::{join, JoinOptions};
-pub use tcp::TcpPeers;
 
 use ringlet_core::error::PeerId;
 use ringlet_core::Result;

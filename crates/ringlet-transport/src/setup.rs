@@ -4,15 +4,17 @@
 //! is accepted; a stranger on our port (garbage, an HTTP probe, a wrong token, another job's
 //! rank, a rank already connected) is refused and logged without disturbing the job.
 
-use crate::tcp::TcpPeers;
+use crate::process::ProcessPeers;
+use crate::shm;
 use ringlet_core::auth::{accept_handshake, connect_handshake};
 use ringlet_core::error::PeerId;
 use ringlet_core::{msg, Error, JobToken, Result, Role};
 use ringlet_store::StoreClient;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -38,8 +40,10 @@ pub struct JoinOptions {
     pub advertise_host: String,
     /// Deadline for joining.
     pub deadline: Instant,
-    /// See [`TcpPeers`]: spin this long before sleeping in a wait.
+    /// See [`ProcessPeers`]: spin this long before sleeping in a wait.
     pub busy_poll: Duration,
+    /// Offer shared memory to ranks of this host (`RINGLET_SHM`).
+    pub shm: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -64,7 +68,7 @@ pub fn join(
     store: &mut StoreClient,
     token: &JobToken,
     opts: &JoinOptions,
-) -> Result<Option<TcpPeers>> {
+) -> Result<Option<ProcessPeers>> {
     let n = opts.world_size;
     if n <= 1 {
         return Ok(None);
@@ -78,7 +82,26 @@ pub fn join(
         .port();
     let ours = format!("{}:{port}", opts.advertise_host);
     let arrivals = Arc::new(Arrivals::new()?);
-    let acceptor = Acceptor::spawn(listener, token.clone(), opts.clone(), arrivals.clone())?;
+    // Shared memory is offered through a Unix socket in the abstract namespace of our network
+    // namespace, named after our TCP port there (unique while we listen) and our pid.
+    let (unix, own_shm) = match shm::host_key().filter(|_| opts.shm) {
+        Some(key) => {
+            let name = format!("ringlet-{port}-{}", std::process::id());
+            let addr = UnixAddr::from_abstract_name(name.as_bytes())
+                .map_err(|e| Error::io("naming our shared-memory socket", e))?;
+            let l = UnixListener::bind_addr(&addr)
+                .map_err(|e| Error::io(format!("listening for shared memory on @{name}"), e))?;
+            (Some(l), Some((key, name)))
+        }
+        None => (None, None),
+    };
+    let acceptor = Acceptor::spawn(
+        listener,
+        unix,
+        token.clone(),
+        opts.clone(),
+        arrivals.clone(),
+    )?;
     store.set(
         &addr_key(&opts.comm, opts.rank),
         ours.as_bytes(),
@@ -89,11 +112,12 @@ pub fn join(
     let next_addr = peer_addr(store, &opts.comm, next, opts.deadline)?;
     let prev_addr = peer_addr(store, &opts.comm, prev, opts.deadline)?;
     let local = PeerId::rank(opts.rank, ours.clone());
-    let mut peers = TcpPeers::new(
+    let mut peers = ProcessPeers::new(
         opts.clone(),
         token.clone(),
         local,
         arrivals.clone(),
+        own_shm,
         acceptor,
     );
     peers.know(next, next_addr.clone());
@@ -158,6 +182,38 @@ pub(crate) fn connect_peer(
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_millis(200));
     }
+}
+
+/// Connects to a rank of our host through its Unix socket and proves ourselves, for a
+/// shared-memory link. Its socket exists (it listened before announcing it), so a failure to
+/// connect means it is gone.
+pub(crate) fn connect_shm(
+    name: &str,
+    peer: &PeerId,
+    token: &JobToken,
+    opts: &JoinOptions,
+    deadline: Instant,
+) -> Result<UnixStream> {
+    let addr = UnixAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| Error::Config(format!("{peer} announced an unusable socket {name:?}: {e}")))?;
+    let mut sock = UnixStream::connect_addr(&addr).map_err(|e| Error::PeerLost {
+        peer: peer.clone(),
+        detail: format!("its shared-memory socket @{name} refused us ({e})"),
+    })?;
+    connect_handshake(&mut sock, token, Role::Ring, peer, deadline)?;
+    let hello = PeerHello {
+        comm: opts.comm.clone(),
+        rank: opts.rank as u64,
+        world_size: opts.world_size as u64,
+    };
+    msg::send(&mut sock, &hello, peer, deadline)?;
+    let ack: PeerAck = msg::recv(&mut sock, 4096, peer, deadline)?;
+    if let Some(why) = ack.refused {
+        return Err(Error::Config(format!(
+            "{peer} refused our connection: {why}"
+        )));
+    }
+    Ok(sock)
 }
 
 /// Why a connection attempt failed, and whether trying again can help.
@@ -225,12 +281,18 @@ fn try_connect(
     Ok(stream)
 }
 
-/// Connections the acceptor admitted and the engine has not taken yet, and the bell that wakes
-/// an engine waiting for one (a socket pair: its read end sits in the engine's `ppoll`).
+/// A link a peer opened to us.
+pub(crate) enum Inbound {
+    Tcp(TcpStream),
+    Shm(shm::Reader),
+}
+
+/// Links the acceptors admitted and the engine has not taken yet, and the bell that wakes an
+/// engine waiting for one (a socket pair: its read end sits in the engine's `ppoll`).
 pub(crate) struct Arrivals {
-    queue: Mutex<Vec<(usize, TcpStream)>>,
-    /// Ranks ever admitted: each may connect once.
-    admitted: Mutex<Vec<usize>>,
+    queue: Mutex<Vec<(usize, Inbound)>>,
+    /// Ranks ever admitted, and whether by shared memory: each may connect once each way.
+    admitted: Mutex<Vec<(usize, bool)>>,
     bell_rx: UnixStream,
     bell_tx: UnixStream,
 }
@@ -255,27 +317,27 @@ impl Arrivals {
         self.bell_rx.as_raw_fd()
     }
 
-    /// Claims `rank`'s single connection; false when it already has one.
-    fn claim(&self, rank: usize) -> bool {
+    /// Claims `rank`'s single connection of this kind; false when it already has one.
+    fn claim(&self, rank: usize, shm: bool) -> bool {
         let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
-        if admitted.contains(&rank) {
+        if admitted.contains(&(rank, shm)) {
             return false;
         }
-        admitted.push(rank);
+        admitted.push((rank, shm));
         true
     }
 
-    fn push(&self, rank: usize, stream: TcpStream) {
+    fn push(&self, rank: usize, link: Inbound) {
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((rank, stream));
+            .push((rank, link));
         // A full bell already rings; nothing is lost by a failed write.
         let _ = (&self.bell_tx).write(&[1]);
     }
 
     /// Everything that arrived, draining the bell first (an arrival after the drain rings again).
-    pub(crate) fn take(&self) -> Vec<(usize, TcpStream)> {
+    pub(crate) fn take(&self) -> Vec<(usize, Inbound)> {
         let mut sink = [0u8; 64];
         while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
         std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
@@ -311,36 +373,101 @@ impl Arrivals {
     }
 }
 
-/// The thread behind our port. It admits each other rank of the job once, hands its connection
-/// to the engine through [`Arrivals`], and refuses everything else for as long as we live.
+/// The threads behind our ports (TCP, and the Unix socket for shared memory). They admit each
+/// other rank of the job once per kind, hand its link to the engine through [`Arrivals`], and
+/// refuse everything else for as long as we live.
 pub(crate) struct Acceptor {
     stop: Arc<AtomicBool>,
-    /// The listening socket (a duplicate of the thread's): shutting it down wakes `accept`.
-    listener: TcpListener,
-    thread: Option<JoinHandle<()>>,
+    /// Duplicates of the listening sockets: shutting them down wakes `accept`.
+    handles: Vec<socket2::Socket>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A listening socket the acceptor serves.
+trait Listen: Send + 'static {
+    type Stream: ringlet_core::io::TimedStream + Send + 'static;
+    /// Whether admitted links carry shared memory.
+    const SHM: bool;
+    fn accept_one(&self) -> std::io::Result<(Self::Stream, String)>;
+    /// What the admitted stream becomes (a shared-memory link receives its ring first).
+    fn adopt(stream: Self::Stream, peer: PeerId, deadline: Instant) -> Result<Inbound>;
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+    const SHM: bool = false;
+    fn accept_one(&self) -> std::io::Result<(TcpStream, String)> {
+        self.accept().map(|(s, from)| (s, from.to_string()))
+    }
+    fn adopt(stream: TcpStream, _: PeerId, _: Instant) -> Result<Inbound> {
+        Ok(Inbound::Tcp(stream))
+    }
+}
+
+impl Listen for UnixListener {
+    type Stream = UnixStream;
+    const SHM: bool = true;
+    fn accept_one(&self) -> std::io::Result<(UnixStream, String)> {
+        self.accept()
+            .map(|(s, _)| (s, "a local process".to_string()))
+    }
+    fn adopt(stream: UnixStream, peer: PeerId, deadline: Instant) -> Result<Inbound> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|e| Error::io("configuring a shared-memory socket", e))?;
+        shm::Reader::accept(&stream, peer).map(Inbound::Shm)
+    }
 }
 
 impl Acceptor {
     fn spawn(
-        listener: TcpListener,
+        tcp: TcpListener,
+        unix: Option<UnixListener>,
         token: JobToken,
         opts: JoinOptions,
         arrivals: Arc<Arrivals>,
     ) -> Result<Acceptor> {
-        let handle = listener
-            .try_clone()
-            .map_err(|e| Error::io("duplicating our port", e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let mut acceptor = Acceptor {
+            stop: Arc::new(AtomicBool::new(false)),
+            handles: Vec::new(),
+            threads: Vec::new(),
+        };
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(socket2::Socket::from)
+                .map_err(|e| Error::io("duplicating our port", e))
+        };
+        acceptor.handles.push(dup(tcp.as_fd())?);
+        if let Some(u) = &unix {
+            acceptor.handles.push(dup(u.as_fd())?);
+        }
+        acceptor.serve(tcp, &token, &opts, &arrivals)?;
+        if let Some(u) = unix {
+            acceptor.serve(u, &token, &opts, &arrivals)?;
+        }
+        Ok(acceptor)
+    }
+
+    fn serve<L: Listen>(
+        &mut self,
+        listener: L,
+        token: &JobToken,
+        opts: &JoinOptions,
+        arrivals: &Arc<Arrivals>,
+    ) -> Result<()> {
+        let (token, opts, arrivals, stop) = (
+            token.clone(),
+            opts.clone(),
+            arrivals.clone(),
+            self.stop.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name(format!("ringlet-accept-{}", opts.rank))
-            .spawn(move || accept_loop(listener, token, opts, arrivals, stopping))
+            .spawn(move || accept_loop(listener, token, opts, arrivals, stop))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
-        Ok(Acceptor {
-            stop,
-            listener: handle,
-            thread: Some(thread),
-        })
+        self.threads.push(thread);
+        Ok(())
     }
 }
 
@@ -348,15 +475,17 @@ impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // On Linux, shutting a listening socket down makes a blocked accept() return an error.
-        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
+        for h in &self.handles {
+            let _ = h.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
+fn accept_loop<L: Listen>(
+    listener: L,
     token: JobToken,
     opts: JoinOptions,
     arrivals: Arc<Arrivals>,
@@ -365,7 +494,7 @@ fn accept_loop(
     let pending = Arc::new(AtomicUsize::new(0));
     let opts = Arc::new(opts);
     while !stop.load(Ordering::SeqCst) {
-        let (stream, from) = match listener.accept() {
+        let (stream, from) = match listener.accept_one() {
             Ok(c) => c,
             Err(_) if stop.load(Ordering::SeqCst) => break,
             Err(e) => {
@@ -391,8 +520,8 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("ringlet-handshake".into())
             .spawn(move || {
-                let peer = PeerId::addr(from.to_string());
-                if let Err(e) = admit(stream, &peer, &token, &job, &arrivals) {
+                let peer = PeerId::addr(from);
+                if let Err(e) = admit::<L>(stream, &peer, &token, &job, &arrivals) {
                     tracing::warn!(rank = job.rank, "refused a connection on our port: {e}");
                 }
                 pending.fetch_sub(1, Ordering::SeqCst);
@@ -406,8 +535,8 @@ fn accept_loop(
     }
 }
 
-fn admit(
-    mut stream: TcpStream,
+fn admit<L: Listen>(
+    mut stream: L::Stream,
     peer: &PeerId,
     token: &JobToken,
     opts: &JoinOptions,
@@ -431,7 +560,7 @@ fn admit(
             "it claims rank {}, which is not another rank of a world of {}",
             hello.rank, opts.world_size
         ))
-    } else if !arrivals.claim(hello.rank as usize) {
+    } else if !arrivals.claim(hello.rank as usize, L::SHM) {
         Some(format!("rank {} is already connected", hello.rank))
     } else {
         None
@@ -447,7 +576,9 @@ fn admit(
     match refusal {
         Some(why) => Err(Error::Config(format!("{peer}: {why}"))),
         None => {
-            arrivals.push(hello.rank as usize, stream);
+            let rank = hello.rank as usize;
+            let link = L::adopt(stream, PeerId::rank(rank, peer.addr.clone()), deadline)?;
+            arrivals.push(rank, link);
             Ok(())
         }
     }

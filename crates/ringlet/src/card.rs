@@ -1,5 +1,6 @@
-//! What every rank tells the others when it joins: the address its peers connect to, and the
-//! settings that shape schedules. They are exchanged with one all-gather over the ring (which
+//! What every rank tells the others when it joins: the address its peers connect to (and, for
+//! ranks of its host, the socket that leads to shared memory), and the settings that shape
+//! schedules. They are exchanged with one all-gather over the ring (which
 //! is also the job's first barrier), so that links to any peer can be made later without the
 //! store, and so that ranks whose settings differ fail at once with both values named, instead
 //! of in their first collective with a frame they did not expect.
@@ -23,6 +24,9 @@ pub struct RankCard {
     pub small_bytes: u64,
     /// `RINGLET_ALGO`'s name.
     pub algo: String,
+    /// The rank's host key and Unix socket name, when it takes shared memory from ranks of its
+    /// host (see `ringlet_transport::shm`).
+    pub shm: Option<(String, String)>,
 }
 
 impl RankCard {
@@ -129,6 +133,7 @@ mod tests {
             chunk_bytes: 1 << 20,
             small_bytes: 64 << 10,
             algo: "auto".into(),
+            shm: Some(("boot/net:1/ipc:2".into(), "ringlet-40123-77".into())),
         }
     }
 

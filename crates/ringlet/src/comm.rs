@@ -13,7 +13,7 @@ use crate::schedule::{self, Schedule};
 use crate::wire::{CallSig, Collective};
 use ringlet_core::{Element, Error, JobToken, ReduceOp, Result};
 use ringlet_store::{StoreClient, StoreServer};
-use ringlet_transport::{join, JoinOptions, Peers};
+use ringlet_transport::{join, JoinOptions, PeerInfo, Peers};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -50,12 +50,17 @@ struct Links {
     /// to be reduced.
     scratch: Vec<u64>,
     broken: Option<String>,
+    /// A collective is under way: if one is found so at the next call, it panicked.
+    running: bool,
 }
 
 #[derive(Default)]
 struct Order {
     issued: u64,
     running: u64,
+    /// Callers asleep until their turn: without any, finishing a call wakes nobody (a wake-up
+    /// is a system call per collective otherwise).
+    waiting: usize,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -111,7 +116,9 @@ impl Drop for Turn<'_> {
     fn drop(&mut self) {
         let mut o = self.0.order.lock().unwrap_or_else(|p| p.into_inner());
         o.running += 1;
-        self.0.turn.notify_all();
+        if o.waiting > 0 {
+            self.0.turn.notify_all();
+        }
     }
 }
 
@@ -125,7 +132,9 @@ impl Inner {
     fn wait_turn(&self, ticket: u64) -> (Turn<'_>, MutexGuard<'_, Links>) {
         let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
         while o.running != ticket {
+            o.waiting += 1;
             o = self.turn.wait(o).unwrap_or_else(|p| p.into_inner());
+            o.waiting -= 1;
         }
         drop(o);
         (
@@ -163,6 +172,12 @@ impl Inner {
         if let Some(why) = &links.broken {
             return Err(Error::Broken(why.clone()));
         }
+        if links.running {
+            return Err(Error::Broken(format!(
+                "collective #{} panicked, leaving the links out of step",
+                links.seq
+            )));
+        }
         links.seq += 1;
         let sig = CallSig {
             collective: call.collective,
@@ -178,12 +193,13 @@ impl Inner {
         let schedule = schedule();
         // Until the engine returns, the communicator counts as broken: a panic on the way
         // leaves it so.
-        links.broken = Some(format!("{sig} panicked"));
+        links.running = true;
         let Links { peers, scratch, .. } = &mut *links;
         let peers = peers.as_mut().expect("checked above");
         let result = exec(peers.as_mut(), sig, schedule, scratch);
+        links.running = false;
         match &result {
-            Ok(()) => links.broken = None,
+            Ok(()) => {}
             Err(e) => {
                 links.broken = Some(e.to_string());
                 // Close our connections: a peer still sending to us, or waiting on us, then
@@ -245,11 +261,27 @@ impl Communicator {
                 advertise_host: advertise.to_string(),
                 deadline,
                 busy_poll: config.effective_busy_poll(),
+                shm: config.shm,
             };
             let mut peers = join(&mut client, &token, &opts)?.expect("more than one rank");
-            let ours = card_of(&config, peers.local().addr.clone());
+            let ours = card_of(&config, peers.own_info());
             let cards = card::exchange(&mut peers, &ours, deadlines)?;
-            peers.learn_addresses(cards.into_iter().map(|c| c.addr).collect())?;
+            let infos = cards
+                .into_iter()
+                .map(|c| PeerInfo {
+                    addr: c.addr,
+                    shm: c.shm,
+                })
+                .collect();
+            peers.learn_peers(infos)?;
+            let local = (0..config.world_size)
+                .filter(|&r| peers.uses_shm(r))
+                .count();
+            tracing::debug!(
+                rank = config.rank,
+                shared_memory_peers = local,
+                "links decided"
+            );
             Some(Box::new(peers))
         } else {
             None
@@ -276,7 +308,11 @@ impl Communicator {
             )));
         }
         let peers = if config.world_size > 1 {
-            let ours = card_of(&config, peers.local().addr.clone());
+            let info = PeerInfo {
+                addr: peers.local().addr.clone(),
+                shm: None,
+            };
+            let ours = card_of(&config, info);
             card::exchange(peers.as_mut(), &ours, Deadlines::new(config.timeout))?;
             Some(peers)
         } else {
@@ -297,6 +333,7 @@ impl Communicator {
                     seq: 1,
                     scratch: Vec::new(),
                     broken: None,
+                    running: false,
                 }),
                 order: Mutex::new(Order::default()),
                 turn: Condvar::new(),
@@ -608,12 +645,13 @@ pub(crate) fn check_config(config: &Config) -> Result<()> {
     config.check_ranges()
 }
 
-fn card_of(config: &Config, addr: String) -> card::RankCard {
+fn card_of(config: &Config, info: PeerInfo) -> card::RankCard {
     card::RankCard {
-        addr,
+        addr: info.addr,
         chunk_bytes: config.chunk_bytes as u64,
         small_bytes: config.small_bytes as u64,
         algo: config.algo.name().into(),
+        shm: info.shm,
     }
 }
 

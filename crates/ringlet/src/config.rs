@@ -11,6 +11,7 @@
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M`/`G` suffixes), 4K to 1G | 1M |
 //! | `RINGLET_SMALL_BYTES` | all-reduces of at most this many bytes use recursive doubling (⌈log2 n⌉ hops) instead of the ring; 0 to 64M | 64K |
+//! | `RINGLET_SHM` | `1`: ranks of one host (same boot, same network and IPC namespaces) talk through shared memory; `0`: TCP between all | 1 |
 //! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring` or `doubling` (see [`algo`](crate::algo)) | auto |
 //! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping, 0 to 10000 | 50 |
@@ -43,6 +44,8 @@ pub struct Config {
     pub small_bytes: usize,
     /// `RINGLET_ALGO`.
     pub algo: AlgoSetting,
+    /// `RINGLET_SHM`: shared memory between ranks of one host.
+    pub shm: bool,
     /// `None`: [`DEFAULT_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
     /// Prefix of this communicator's store keys.
@@ -56,8 +59,7 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
-/// Chunks (and the blocks of a gathered small all-reduce) are single frames, whose length field
-/// is 32 bits.
+/// Chunks are single frames, whose length field is 32 bits.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// The smallest chunk: below a page, each frame's header and wake-up dominate (2 ranks on
 /// loopback, 1 MiB all-reduce: 0.35 ms with 1M chunks, 1.7 ms with 4K, 30 ms with 64 B, 575 ms
@@ -85,6 +87,7 @@ impl Config {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             small_bytes: DEFAULT_SMALL_BYTES,
             algo: AlgoSetting::Auto,
+            shm: true,
             busy_poll: None,
             name: "world".into(),
             socket_ifname: None,
@@ -141,6 +144,17 @@ impl Config {
         }
         if let Some(v) = get("RINGLET_SMALL_BYTES") {
             c.small_bytes = bytes_in("RINGLET_SMALL_BYTES", &v, 0, MAX_SMALL_BYTES)?;
+        }
+        if let Some(v) = get("RINGLET_SHM") {
+            c.shm = match v.trim() {
+                "1" | "" => true,
+                "0" => false,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "RINGLET_SHM={v:?} is out of range: 0 or 1"
+                    )))
+                }
+            };
         }
         if let Some(v) = get("RINGLET_ALGO") {
             c.algo = AlgoSetting::parse(&v)?;

@@ -435,13 +435,13 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
             if lane.incoming.header_len < HEADER_LEN {
                 continue;
             }
-            let from = self.peers.peer(lane.peer);
-            let h =
-                Header::decode(&lane.incoming.header).map_err(|why| Error::protocol(&from, why))?;
+            let peer = lane.peer;
+            let h = Header::decode(&lane.incoming.header)
+                .map_err(|why| Error::protocol(&self.peers.peer(peer), why))?;
             match h.kind {
                 FrameKind::Data => lane.incoming.parked = Some(h),
                 FrameKind::Stalled => {
-                    self.note_stall(li, &h, from)?;
+                    self.note_stall(li, &h, self.peers.peer(peer))?;
                     self.lanes[li].incoming = Incoming::new();
                 }
                 FrameKind::Abort => {
@@ -520,11 +520,12 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
 
     /// Checks a parked data header against the frame we expect next from its lane.
     fn check_data(&mut self, li: usize, spec: &RecvSpec, size: usize) -> Result<()> {
-        let from = self.peers.peer(self.lanes[li].peer);
+        // (The peer's name is built only for an error: this runs for every frame.)
+        let from = || self.peers.peer(self.lanes[li].peer);
         let h = self.lanes[li].incoming.parked.expect("a parked header");
         if h.sig != self.sig {
             return Err(Error::Mismatch {
-                peer: from,
+                peer: from(),
                 detail: self.sig.describe_mismatch(&h.sig),
             });
         }
@@ -534,7 +535,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
             || h.payload_len as usize != want_len
         {
             return Err(Error::protocol(
-                &from,
+                &from(),
                 format!(
                     "in {}: got step {} chunk {} with {} bytes, expected step {} chunk {} with {want_len} \
                      (do all ranks use the same RINGLET_CHUNK_BYTES, RINGLET_SMALL_BYTES and RINGLET_ALGO?)",

@@ -436,7 +436,7 @@ mod tests {
     }
 
     /// Device-to-device copies at offsets (bounds named, not a CUDA fault), the TCP ring's sum
-    /// of device buffers bit for bit the host's (gathered and ring-scheduled sizes), and NCCL's
+    /// of device buffers bit for bit the host's (recursive-doubling and ring sizes), and NCCL's
     /// sum on the backend's own GPU (one rank: two NCCL ranks cannot share a device).
     #[test]
     fn the_gradient_sum_runs_on_device_buffers() {
@@ -497,7 +497,7 @@ mod tests {
         });
     }
 
-    /// Two GPU ranks on the TCP ring: one summing device buckets (three, the first gathered),
+    /// Two GPU ranks on the TCP ring: one summing device buckets (three, the first small enough for recursive doubling),
     /// the other reading layers into host buckets, end bit for bit where two host-way ranks do.
     #[test]
     fn device_buckets_on_a_gpu_match_host_buckets() {
