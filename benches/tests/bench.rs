@@ -98,8 +98,15 @@ fn every_collective_prints_checked_rows_and_json() {
         // per-rank block of all_gather/reduce_scatter are skipped).
         assert!(table.len() >= 7, "{coll}: {out}");
         for row in &table {
-            assert_eq!(row.len(), 9, "{coll} row {row:?}");
+            assert_eq!(row.len(), 10, "{coll} row {row:?}");
             assert_eq!(row[8], "0", "{coll} #wrong in {row:?}");
+            // The all-reduce algorithm that ran; other collectives have one algorithm.
+            let algo = &row[9];
+            if coll == "all_reduce" {
+                assert!(algo == "ring" || algo == "doubling", "{row:?}");
+            } else {
+                assert_eq!(algo, "-", "{row:?}");
+            }
             let busbw: f64 = row[7].parse().unwrap();
             assert!(busbw >= 0.0);
         }

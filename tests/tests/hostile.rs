@@ -503,6 +503,7 @@ fn send_all(link: &mut ProcessPeers, bytes: &[u8], deadline: Instant) {
         peer: RANK_0,
         recv: false,
         send: true,
+        hangup: false,
     }];
     while sent < bytes.len() {
         let n = link.send(RANK_0, &[IoSlice::new(&bytes[sent..])]).unwrap();
@@ -519,6 +520,7 @@ fn recv_exact(link: &mut ProcessPeers, buf: &mut [u8], deadline: Instant) {
         peer: RANK_0,
         recv: true,
         send: false,
+        hangup: false,
     }];
     while got < buf.len() {
         let n = link.recv(RANK_0, &mut buf[got..]).unwrap();

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 pub trait TimedStream: Read + Write {
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
     fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    /// A write that never raises SIGPIPE when the peer has gone (EPIPE instead): a host
+    /// process that has not ignored the signal would die of it.
+    fn send_quiet(&mut self, buf: &[u8]) -> io::Result<usize>;
 }
 
 impl TimedStream for TcpStream {
@@ -20,6 +23,10 @@ impl TimedStream for TcpStream {
     fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, d)
     }
+    fn send_quiet(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // std sends with MSG_NOSIGNAL on TCP sockets.
+        self.write(buf)
+    }
 }
 
 impl TimedStream for UnixStream {
@@ -28,6 +35,29 @@ impl TimedStream for UnixStream {
     }
     fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         UnixStream::set_write_timeout(self, d)
+    }
+    fn send_quiet(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send_nosignal(self, buf)
+    }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL` on a Unix socket (std's `write` on one is a plain `write(2)`).
+pub fn send_nosignal(sock: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call; the fd is
+    // open (borrowed from `sock`).
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -107,7 +137,7 @@ pub fn write_all_by<S: TimedStream + ?Sized>(
         stream
             .set_write_timeout(Some(remaining(deadline)?))
             .map_err(IoFailure::Other)?;
-        match stream.write(&buf[done..]) {
+        match stream.send_quiet(&buf[done..]) {
             Ok(0) => return Err(IoFailure::Closed),
             Ok(n) => done += n,
             Err(e) => match classify(e) {

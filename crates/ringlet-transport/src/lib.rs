@@ -46,6 +46,9 @@ pub struct Interest {
     pub recv: bool,
     /// Wake when bytes to `peer` can be written.
     pub send: bool,
+    /// Wake when `peer` closes the link we send on (the wait then fails naming it), even with
+    /// nothing to send.
+    pub hangup: bool,
 }
 
 /// Non-blocking byte streams to and from the other ranks of a job. The stream to a peer and the

@@ -186,6 +186,13 @@ impl Peers for MemPeers {
             if ready {
                 return Ok(Readiness::Ready);
             }
+            // A peer watched only for its hang-up: the wait itself reports it.
+            if let Some(i) = interests.iter().find(|i| i.hangup && !w.alive[i.peer]) {
+                return Err(Error::PeerLost {
+                    peer: self.peer(i.peer),
+                    detail: "it closed the connection".into(),
+                });
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(Readiness::TimedOut);
@@ -228,6 +235,7 @@ mod tests {
             peer,
             recv: true,
             send: false,
+            hangup: false,
         }
     }
 
@@ -236,6 +244,7 @@ mod tests {
             peer,
             recv: false,
             send: true,
+            hangup: false,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct ProcessPeers {
     to: Vec<Option<Out>>,
     from: Vec<Option<In>>,
     arrivals: Arc<Arrivals>,
+    /// Links that arrived while another from the same rank was still in use.
+    later: Vec<(usize, In)>,
     /// Ours: (host key, Unix socket name), when we take shared memory.
     own_shm: Option<(String, String)>,
     // Keeps admitting peers (and refusing, and logging, strangers) for as long as we live.
@@ -70,6 +72,8 @@ enum Watch {
     /// A shared-memory link's doorbell, armed before the poll.
     ShmIn(usize),
     ShmOut(usize),
+    /// A shared-memory link we send on, watched for its peer's hang-up only.
+    ShmHangup(usize),
 }
 
 impl ProcessPeers {
@@ -93,6 +97,7 @@ impl ProcessPeers {
             to: (0..n).map(|_| None).collect(),
             from: (0..n).map(|_| None).collect(),
             arrivals,
+            later: Vec::new(),
             own_shm,
             _acceptor: acceptor,
         }
@@ -150,6 +155,14 @@ impl ProcessPeers {
                 self.from[rank] = None;
             }
         }
+        // A shared-memory link that came early takes the place of the TCP one just closed.
+        for (rank, link) in std::mem::take(&mut self.later) {
+            if self.from[rank].is_none() {
+                self.from[rank] = Some(link);
+            } else {
+                self.later.push((rank, link));
+            }
+        }
         Ok(())
     }
 
@@ -168,8 +181,10 @@ impl ProcessPeers {
         Ok(())
     }
 
-    /// Moves links the acceptors admitted into `from`.
-    fn collect_arrivals(&mut self) -> Result<()> {
+    /// Moves links the acceptors admitted into `from`. A link from a rank we still read by
+    /// another one (its shared memory, arriving before we have switched from the join's TCP
+    /// link) waits in `later` until [`learn_peers`](Self::learn_peers).
+    pub(crate) fn collect_arrivals(&mut self) -> Result<()> {
         for (rank, link) in self.arrivals.take() {
             let link = match link {
                 Inbound::Tcp(stream) => {
@@ -182,7 +197,11 @@ impl ProcessPeers {
                     In::Shm(reader)
                 }
             };
-            self.from[rank] = Some(link);
+            if self.from[rank].is_some() {
+                self.later.push((rank, link));
+            } else {
+                self.from[rank] = Some(link);
+            }
         }
         Ok(())
     }
@@ -277,6 +296,20 @@ impl ProcessPeers {
                     }
                     None => {}
                 }
+            } else if i.hangup {
+                // Only the hang-up: no POLLOUT (always writable) and, on shared memory, no
+                // doorbell bytes (none are rung for a writer that is not waiting).
+                match &self.to[i.peer] {
+                    Some(Out::Tcp(s)) => {
+                        fds.push(pollfd(s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
+                        watches.push(Watch::TcpOut(i.peer));
+                    }
+                    Some(Out::Shm(w)) => {
+                        fds.push(pollfd(w.fd(), libc::POLLRDHUP));
+                        watches.push(Watch::ShmHangup(i.peer));
+                    }
+                    None => {}
+                }
             }
         }
         if awaiting_arrival {
@@ -310,6 +343,15 @@ impl ProcessPeers {
         };
         self.disarm(&watches);
         for (fd, watch) in fds.iter().zip(&watches) {
+            if let Watch::ShmHangup(peer) = *watch {
+                if fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                    return Err(Error::PeerLost {
+                        peer: self.peer(peer),
+                        detail: "it closed the connection".into(),
+                    });
+                }
+                continue;
+            }
             let Watch::TcpOut(peer) = *watch else {
                 continue;
             };
@@ -345,7 +387,7 @@ impl ProcessPeers {
                         w.disarm();
                     }
                 }
-                Watch::Plain | Watch::TcpOut(_) => {}
+                Watch::Plain | Watch::TcpOut(_) | Watch::ShmHangup(_) => {}
             }
         }
     }

@@ -135,6 +135,8 @@ pub fn join(
             after: started.elapsed(),
         });
     }
+    // Installed now, before any later link from the same rank can arrive.
+    peers.collect_arrivals()?;
     Ok(Some(peers))
 }
 

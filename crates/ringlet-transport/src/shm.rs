@@ -14,10 +14,10 @@
 
 use ringlet_core::error::PeerId;
 use ringlet_core::{Error, Result};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// What makes two ranks "on one host" for shared memory: the same kernel boot, and the same
 /// IPC and network namespaces (abstract Unix sockets are per network namespace; containers and
@@ -39,18 +39,19 @@ const HEADER: usize = 256;
 /// The largest ring a peer may hand us (its size comes from the peer's file).
 const MAX_RING: usize = 1 << 30;
 
+/// (Atomics throughout, padding included: the peer may write any byte of it at any time.)
 #[repr(C)]
 struct Control {
     /// Bytes ever written (the writer's).
     head: AtomicU64,
-    _pad0: [u8; 56],
+    _pad0: [AtomicU8; 56],
     /// Bytes ever read (the reader's).
     tail: AtomicU64,
-    _pad1: [u8; 56],
+    _pad1: [AtomicU8; 56],
     reader_waiting: AtomicU32,
-    _pad2: [u8; 60],
+    _pad2: [AtomicU8; 60],
     writer_waiting: AtomicU32,
-    _pad3: [u8; 60],
+    _pad3: [AtomicU8; 60],
 }
 
 const _: () = assert!(std::mem::size_of::<Control>() == HEADER);
@@ -157,7 +158,7 @@ impl Channel {
         if flag.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
-        match (&self.sock).write(&[1]) {
+        match ringlet_core::io::send_nosignal(&self.sock, &[1]) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
@@ -480,21 +481,25 @@ fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
         };
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         let bad = || io::Error::new(io::ErrorKind::InvalidData, "no ring in the message");
-        let one_fd = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
         if cmsg.is_null()
             || (*cmsg).cmsg_level != libc::SOL_SOCKET
             || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-            || ((*cmsg).cmsg_len as usize) < one_fd
         {
             return Err(bad());
         }
-        // Owned at once, so it is closed whatever we decide next.
-        let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        let fd = OwnedFd::from_raw_fd(raw);
-        if n != 1 || msg.msg_flags & libc::MSG_CTRUNC != 0 || (*cmsg).cmsg_len as usize != one_fd {
+        // Every fd the message carried is owned at once (dropping it closes it), whatever we
+        // decide next: the control buffer has room for more than one.
+        let header = libc::CMSG_LEN(0) as usize;
+        let count =
+            ((*cmsg).cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        let mut fds: Vec<OwnedFd> = (0..count)
+            .map(|i| OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))))
+            .collect();
+        if n != 1 || msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() != 1 {
             return Err(bad());
         }
-        Ok(fd)
+        Ok(fds.remove(0))
     }
 }
 

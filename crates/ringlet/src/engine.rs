@@ -92,6 +92,8 @@ struct Lane<O, I> {
     owed: usize,
     /// The peer announced a stall during this collective: it is alive and waiting.
     stalled: bool,
+    /// The peer closed the link we send on after we were done with it; no longer watched.
+    gone: bool,
 }
 
 /// Executes `schedule` for the call `sig` on `buf`, with `scratch` holding `schedule.slots`
@@ -135,6 +137,7 @@ pub fn run_on<P: Peers + ?Sized, M: Memory>(
             incoming: Incoming::new(),
             owed: 0,
             stalled: false,
+            gone: false,
         })
         .collect();
     let lane_of = |peer: usize, lanes: &[Lane<M::Out, M::In>]| {
@@ -264,7 +267,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                 }
                 let interests = self.interests();
                 let soon = Instant::now() + Duration::from_micros(20);
-                self.peers.wait(&interests, soon)?;
+                self.wait_on(&interests, soon)?;
                 continue;
             }
             // Asked only once the device is idle: landing places free up as its copies finish.
@@ -291,7 +294,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                 None => last_progress + self.deadlines.timeout,
                 Some(t) => t + grace,
             };
-            if self.peers.wait(&interests, deadline)? == Readiness::TimedOut {
+            if self.wait_on(&interests, deadline)? == Readiness::TimedOut {
                 match stalled_since {
                     None => {
                         self.announce_stall();
@@ -303,13 +306,48 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
         }
     }
 
+    /// Waits on the transport. A peer that closes the link we send on is a failure if we still
+    /// have frames for it (its notice, if it sent one, is then looked for on every lane); one
+    /// we have sent everything to may simply have finished and left: it is no longer watched.
+    fn wait_on(&mut self, interests: &[Interest], deadline: Instant) -> Result<Readiness, Failure> {
+        match self.peers.wait(interests, deadline) {
+            Err(Error::PeerLost { peer, detail }) => {
+                let done_with = self
+                    .lanes
+                    .binary_search_by_key(&peer.rank.unwrap_or(usize::MAX), |l| l.peer)
+                    .ok()
+                    .filter(|&li| !self.still_sends_to(li));
+                let Some(li) = done_with else {
+                    return Err(Error::PeerLost { peer, detail }.into());
+                };
+                // Not ours to judge: frames still owed to us by others tell (or time out).
+                self.lanes[li].gone = true;
+                Ok(Readiness::Ready)
+            }
+            other => other.map_err(Failure::from),
+        }
+    }
+
+    /// Whether we still have (or will have) frames for lane `li`'s peer: then it cannot have
+    /// finished this collective. (Frames it still owes us may be in flight on its other link
+    /// when its hang-up arrives: those are read, or their absence times out.)
+    fn still_sends_to(&self, li: usize) -> bool {
+        let l = &self.lanes[li];
+        let forwards_left = self.schedule.recvs[self.applied..]
+            .iter()
+            .filter_map(|r| r.forward.as_ref())
+            .any(|f| f.peer == l.peer);
+        l.sends.iter().any(|o| !o.notice) || forwards_left
+    }
+
     /// The lane the next expected frame arrives on.
     fn current_lane(&self) -> Option<usize> {
         self.recv_lane.get(self.received).copied()
     }
 
     /// What to wait for: headers on every lane that owes us frames, the payload of the
-    /// expected frame if it can land, and room on every lane with frames to send.
+    /// expected frame if it can land, room on every lane with frames to send, and the hang-up
+    /// of every peer we send to.
     fn interests(&self) -> Vec<Interest> {
         let current = self.current_lane();
         self.lanes
@@ -321,8 +359,11 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                     && (l.incoming.header_len < HEADER_LEN
                         || (Some(li) == current && self.can_receive())),
                 send: !l.sends.is_empty(),
+                // A peer we are done sending to may fail and close: that must wake us (its
+                // notice may be waiting on a lane we no longer read).
+                hangup: l.sends_to && !l.gone,
             })
-            .filter(|i| i.recv || i.send)
+            .filter(|i| i.recv || i.send || i.hangup)
             .collect()
     }
 

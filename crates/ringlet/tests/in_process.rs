@@ -324,6 +324,38 @@ fn ranks_calling_different_things_all_fail_naming_a_peer() {
     }
 }
 
+/// Ranks whose schedules differ in shape (recursive doubling on some, the ring on one): every
+/// rank must hear of it promptly, including those already done with the rank at fault.
+#[test]
+fn ranks_on_different_algorithms_all_fail_promptly() {
+    for n in [3, 4, 5, 8] {
+        let t = Instant::now();
+        let out = world(
+            n,
+            AlgoSetting::Auto,
+            Duration::from_secs(30),
+            |rank, comm| {
+                // 4 KiB takes recursive doubling, 400 KiB the ring.
+                let count = if rank == n - 1 { 100_000 } else { 1000 };
+                let mut buf = vec![1.0f32; count];
+                (rank, comm.all_reduce(&mut buf, ReduceOp::Sum).unwrap_err())
+            },
+        );
+        for (r, e) in &out {
+            let s = e.to_string();
+            assert!(
+                s.contains("mismatch") || s.contains("count"),
+                "n={n}: rank {r}: {s}"
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "n={n}: took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
 #[test]
 fn ranks_with_different_settings_fail_at_join_naming_both_values() {
     let peers = mem_world(3, PIPE);

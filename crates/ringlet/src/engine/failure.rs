@@ -24,6 +24,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
             peer,
             recv: true,
             send: false,
+            hangup: false,
         }];
         let mut got = 0;
         while got < body.len() {
@@ -67,10 +68,14 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
         let after = last_progress.elapsed();
         let sig = self.sig;
         let receiving = self.current_lane().filter(|_| self.can_receive());
+        // A peer that said it is stalled is alive and waiting on someone else: blame one that
+        // said nothing, if there is one.
+        let blocked = |l: &&super::Lane<M::Out, M::In>| l.sends.iter().any(|o| !o.notice);
         let sending = self
             .lanes
             .iter()
-            .position(|l| l.sends.iter().any(|o| !o.notice));
+            .position(|l| blocked(&l) && !l.stalled)
+            .or_else(|| self.lanes.iter().position(|l| blocked(&l)));
         let error = match (receiving, sending) {
             (None, Some(li)) => {
                 let peer = self.peers.peer(self.lanes[li].peer);
@@ -198,6 +203,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                     peer: self.lanes[d.lane].peer,
                     recv: true,
                     send: false,
+                    hangup: false,
                 })
                 .collect();
             if wanted.is_empty() || self.peers.wait(&wanted, deadline).ok()? == Readiness::TimedOut
@@ -322,6 +328,7 @@ fn send_all<P: Peers + ?Sized>(
         peer,
         recv: false,
         send: true,
+        hangup: false,
     }];
     while sent < total {
         let mut skip = sent;
