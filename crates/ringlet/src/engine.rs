@@ -272,7 +272,8 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
             }
             // Asked only once the device is idle: landing places free up as its copies finish.
             let interests = self.interests();
-            if interests.is_empty() {
+            // (Hang-up watches alone are nothing to wait for.)
+            if !interests.iter().any(|i| i.recv || i.send) {
                 // The device may have caught up since `done` last looked.
                 if self.done()? {
                     return Ok(());
