@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# ringlet-bench across K namespace hosts whose links are shaped to RATE (tc tbf), one rank per host.
+# ringlet-bench across K namespace hosts whose links are shaped to RATE (tc tbf), one rank per host
+# (PER_HOST=m: m ranks per host, ranks i·m .. i·m + m − 1 on host i).
 #
-#   scripts/bench-hosts.sh K RATE BENCH [ARGS...]        Ringlet's ring (ranks started here with
-#                                                        the torchrun variables)
+#   scripts/bench-hosts.sh K RATE BENCH [ARGS...]        Ringlet (ranks started here with the
+#                                                        torchrun variables)
 #   MODE=mpirun scripts/bench-hosts.sh K RATE BENCH ...  the same binary started by Open MPI's
 #                                                        mpirun on the same hosts (BENCH built with
 #                                                        --features mpi; pass --backend tcp,mpi to
@@ -30,12 +31,13 @@ if [[ ${MODE:-} == mpirun ]]; then
 fi
 
 port=29500 token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') pids=()
-for ((r = 0; r < k; r++)); do
+m=${PER_HOST:-1} n=$((k * ${PER_HOST:-1}))
+for ((r = 0; r < n; r++)); do
   out=/dev/null
   ((r == 0)) && out=/dev/stdout
-  RANK=$r WORLD_SIZE=$k LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=${subnet}1 MASTER_PORT=$port \
+  RANK=$r WORLD_SIZE=$n LOCAL_RANK=$((r % m)) LOCAL_WORLD_SIZE=$m MASTER_ADDR=${subnet}1 MASTER_PORT=$port \
     RINGLET_JOB_TOKEN=$token RINGLET_TIMEOUT=${RINGLET_TIMEOUT:-120} \
-    "$here/netns-hosts.sh" exec $name "$r" "$bench" "$@" >"$out" &
+    "$here/netns-hosts.sh" exec $name "$((r / m))" "$bench" "$@" >"$out" &
   pids+=($!)
 done
 status=0

@@ -58,7 +58,7 @@ fn every_dtype_op_and_collective_over_tcp_loopback() {
 /// Each all-reduce algorithm forced for every size, on shared memory and on TCP.
 #[test]
 fn every_all_reduce_algorithm_forced_across_processes() {
-    for algo in ["ring", "doubling"] {
+    for algo in ["ring", "doubling", "halving"] {
         for shm in ["1", "0"] {
             let env = [("RINGLET_ALGO", algo), ("RINGLET_SHM", shm)];
             run(

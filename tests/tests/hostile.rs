@@ -601,6 +601,7 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
             algo: "auto".into(),
             // A rank of another host: TCP stays.
             shm: None,
+            host: "the fake rank's host".into(),
         };
         send_all(&mut link, &h.encode(), deadline);
         send_all(&mut link, &card.encode().unwrap(), deadline);

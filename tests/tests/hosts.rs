@@ -75,14 +75,15 @@ fn collectives_are_exact_across_8_hosts() {
 }
 
 /// Two ranks on each of 3 hosts: each rank's partner on its host is reached by shared memory,
-/// the others by TCP over the links, in one job, on every algorithm.
+/// the others by TCP over the links, in one job, on every algorithm (the hosts told apart by
+/// their namespaces, so `auto` and `two_level` run the two-level all-reduce).
 #[test]
 fn two_ranks_per_host_mix_shared_memory_and_tcp() {
     if !netns::available() {
         return;
     }
     let hosts = NetHosts::up(3, None);
-    for algo in ["auto", "ring", "doubling"] {
+    for algo in ["auto", "ring", "doubling", "halving", "two_level"] {
         let env = [
             ("RINGLET_ALGO", algo),
             ("RINGLET_LOG", "info,ringlet::comm=debug"),
@@ -101,6 +102,10 @@ fn two_ranks_per_host_mix_shared_memory_and_tcp() {
             assert!(
                 out.contains("shared_memory_peers=1"),
                 "{algo}: rank {rank} should reach exactly its host's other rank by shared memory: {out}"
+            );
+            assert!(
+                out.contains("hosts=3 two_level=true"),
+                "{algo}: rank {rank} should see 3 hosts of 2: {out}"
             );
         }
     }

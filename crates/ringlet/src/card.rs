@@ -27,6 +27,9 @@ pub struct RankCard {
     /// The rank's host key and Unix socket name, when it takes shared memory from ranks of its
     /// host (see `ringlet_transport::shm`).
     pub shm: Option<(String, String)>,
+    /// Which host the rank counts itself on for the two-level all-reduce (`RINGLET_HOST_ID`,
+    /// or the host key).
+    pub host: String,
 }
 
 impl RankCard {
@@ -35,8 +38,9 @@ impl RankCard {
         let mut framed = ringlet_core::msg::encode(self);
         if framed.len() > CARD_LEN {
             return Err(Error::Config(format!(
-                "our address {:?} is too long to announce ({} bytes of card, at most {CARD_LEN})",
+                "our address {:?} and host id {:?} are too long to announce ({} bytes of card, at most {CARD_LEN})",
                 self.addr,
+                self.host,
                 framed.len(),
             )));
         }
@@ -134,6 +138,7 @@ mod tests {
             small_bytes: 64 << 10,
             algo: "auto".into(),
             shm: Some(("boot/net:1/ipc:2".into(), "ringlet-40123-77".into())),
+            host: "boot/net:1/ipc:2".into(),
         }
     }
 

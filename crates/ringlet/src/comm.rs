@@ -5,7 +5,7 @@
 //! each call takes a ticket, and runs when its ticket comes up. Synchronous calls run on the
 //! caller's thread; asynchronous ones on a worker thread that owns nothing but its queue.
 
-use crate::algo::{self, Algo, AlgoSetting};
+use crate::algo::{self, Algo, AlgoSetting, HostLayout};
 use crate::card;
 use crate::config::Config;
 use crate::engine::{self, Deadlines};
@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     chunk_bytes: usize,
     pub(crate) small_bytes: usize,
     pub(crate) algo: AlgoSetting,
+    /// Which ranks share a host, from the rank cards.
+    pub(crate) layout: HostLayout,
     pub(crate) deadlines: Deadlines,
 }
 
@@ -249,6 +251,7 @@ impl Communicator {
     ) -> Result<Communicator> {
         let deadline = Instant::now() + config.timeout;
         let deadlines = Deadlines::new(config.timeout);
+        let mut layout = HostLayout::single_host(config.world_size);
         let peers: Option<PeersBox> = if config.world_size > 1 {
             // Local choices first: a bad setting fails at once, not after waiting on the store.
             let (advertise, bind_ip) = ring_address(&config, store_sock)?;
@@ -266,6 +269,7 @@ impl Communicator {
             let mut peers = join(&mut client, &token, &opts)?.expect("more than one rank");
             let ours = card_of(&config, peers.own_info());
             let cards = card::exchange(&mut peers, &ours, deadlines)?;
+            layout = layout_of(&cards);
             let infos = cards
                 .into_iter()
                 .map(|c| PeerInfo {
@@ -280,6 +284,8 @@ impl Communicator {
             tracing::debug!(
                 rank = config.rank,
                 shared_memory_peers = local,
+                hosts = layout.hosts().len(),
+                two_level = layout.two_level(),
                 "links decided"
             );
             Some(Box::new(peers))
@@ -288,7 +294,7 @@ impl Communicator {
         };
         // Every rank has its ring links and knows every address once this returns, so none needs
         // the store any more.
-        let comm = Communicator::assemble(&config, peers, store);
+        let comm = Communicator::assemble(&config, peers, store, layout);
         tracing::debug!(rank = comm.rank, world = comm.world_size, "joined");
         Ok(comm)
     }
@@ -307,21 +313,28 @@ impl Communicator {
                 config.world_size
             )));
         }
+        let mut layout = HostLayout::single_host(config.world_size);
         let peers = if config.world_size > 1 {
             let info = PeerInfo {
                 addr: peers.local().addr.clone(),
                 shm: None,
             };
             let ours = card_of(&config, info);
-            card::exchange(peers.as_mut(), &ours, Deadlines::new(config.timeout))?;
+            let cards = card::exchange(peers.as_mut(), &ours, Deadlines::new(config.timeout))?;
+            layout = layout_of(&cards);
             Some(peers)
         } else {
             None
         };
-        Ok(Communicator::assemble(&config, peers, None))
+        Ok(Communicator::assemble(&config, peers, None, layout))
     }
 
-    fn assemble(config: &Config, peers: Option<PeersBox>, store: Option<StoreServer>) -> Self {
+    fn assemble(
+        config: &Config,
+        peers: Option<PeersBox>,
+        store: Option<StoreServer>,
+        layout: HostLayout,
+    ) -> Self {
         Communicator {
             rank: config.rank,
             world_size: config.world_size,
@@ -340,6 +353,7 @@ impl Communicator {
                 chunk_bytes: config.chunk_bytes,
                 small_bytes: config.small_bytes,
                 algo: config.algo,
+                layout,
                 deadlines: Deadlines::new(config.timeout),
             }),
             worker: Mutex::new(None),
@@ -372,7 +386,7 @@ impl Communicator {
     /// The algorithm an all-reduce of `bytes` bytes runs on this communicator (the same on
     /// every rank): see [`algo`](crate::algo).
     pub fn all_reduce_algorithm(&self, bytes: usize) -> Algo {
-        self.inner.all_reduce_algo(bytes, self.world_size)
+        self.inner.all_reduce_algo(bytes)
     }
 
     /// Reduces `buf` across all ranks, in place: afterwards every rank holds the same result,
@@ -383,7 +397,6 @@ impl Communicator {
             &self.inner,
             ticket,
             self.rank,
-            self.world_size,
             self.chunk_elems::<T>(),
             buf,
             op,
@@ -398,14 +411,9 @@ impl Communicator {
         op: ReduceOp,
     ) -> AllReduceHandle<T> {
         let (tx, rx) = mpsc::channel();
-        let (inner, rank, n, chunk) = (
-            self.inner.clone(),
-            self.rank,
-            self.world_size,
-            self.chunk_elems::<T>(),
-        );
+        let (inner, rank, chunk) = (self.inner.clone(), self.rank, self.chunk_elems::<T>());
         self.submit(move |ticket| {
-            let r = all_reduce_on(&inner, ticket, rank, n, chunk, &mut buf, op).map(|()| buf);
+            let r = all_reduce_on(&inner, ticket, rank, chunk, &mut buf, op).map(|()| buf);
             let _ = tx.send(r);
         });
         AllReduceHandle { result: rx }
@@ -544,25 +552,24 @@ fn all_reduce_on<T: Element>(
     inner: &Inner,
     ticket: u64,
     rank: usize,
-    n: usize,
     chunk: usize,
     buf: &mut [T],
     op: ReduceOp,
 ) -> Result<()> {
     let count = buf.len();
-    let algo = inner.all_reduce_algo(std::mem::size_of_val(buf), n);
+    let algo = inner.all_reduce_algo(std::mem::size_of_val(buf));
     inner.run(
         ticket,
         Call::new(Collective::AllReduce, op, 0, count),
         buf,
-        || algo::all_reduce_schedule(algo, count, rank, n, chunk, op),
+        || algo::all_reduce_schedule(algo, count, rank, &inner.layout, chunk, op),
     )
 }
 
 impl Inner {
     /// The algorithm an all-reduce of `bytes` bytes runs (the same on every rank).
-    pub(crate) fn all_reduce_algo(&self, bytes: usize, n: usize) -> Algo {
-        self.algo.choose(bytes, n, self.small_bytes)
+    pub(crate) fn all_reduce_algo(&self, bytes: usize) -> Algo {
+        self.algo.choose(bytes, &self.layout, self.small_bytes)
     }
 }
 
@@ -646,13 +653,25 @@ pub(crate) fn check_config(config: &Config) -> Result<()> {
 }
 
 fn card_of(config: &Config, info: PeerInfo) -> card::RankCard {
+    // Without a host key (no /proc), each rank counts as a host of its own.
+    let host = config
+        .host_id
+        .clone()
+        .or_else(ringlet_transport::shm::host_key)
+        .unwrap_or_else(|| format!("{}/pid:{}", info.addr, std::process::id()));
     card::RankCard {
+        host,
         addr: info.addr,
         chunk_bytes: config.chunk_bytes as u64,
         small_bytes: config.small_bytes as u64,
         algo: config.algo.name().into(),
         shm: info.shm,
     }
+}
+
+fn layout_of(cards: &[card::RankCard]) -> HostLayout {
+    let labels: Vec<&str> = cards.iter().map(|c| c.host.as_str()).collect();
+    HostLayout::from_labels(&labels)
 }
 
 fn effective_token(config: &Config) -> JobToken {

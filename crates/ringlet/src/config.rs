@@ -12,7 +12,8 @@
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M`/`G` suffixes), 4K to 1G | 1M |
 //! | `RINGLET_SMALL_BYTES` | all-reduces of at most this many bytes use recursive doubling (⌈log2 n⌉ hops) instead of the ring; 0 to 64M | 64K |
 //! | `RINGLET_SHM` | `1`: ranks of one host (same boot, same network and IPC namespaces) talk through shared memory; `0`: TCP between all | 1 |
-//! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring` or `doubling` (see [`algo`](crate::algo)) | auto |
+//! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring`, `doubling`, `halving` or `two_level` (see [`algo`](crate::algo)) | auto |
+//! | `RINGLET_HOST_ID` | ranks with equal values count as one host for the two-level all-reduce; 1 to 128 printable characters | the boot id and the network and IPC namespaces |
 //! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping, 0 to 10000 | 50 |
 //!
@@ -46,6 +47,9 @@ pub struct Config {
     pub algo: AlgoSetting,
     /// `RINGLET_SHM`: shared memory between ranks of one host.
     pub shm: bool,
+    /// `RINGLET_HOST_ID`: which ranks count as one host for the two-level all-reduce; `None`:
+    /// the host key (boot id and namespaces, as for shared memory).
+    pub host_id: Option<String>,
     /// `None`: [`DEFAULT_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
     /// Prefix of this communicator's store keys.
@@ -70,6 +74,8 @@ pub const MIN_CHUNK_BYTES: usize = 4 << 10;
 pub const MAX_SMALL_BYTES: usize = 64 << 20;
 /// Polling longer than this only burns a core that another rank could use.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+/// Host ids travel in the rank cards, which are a few hundred bytes.
+pub const MAX_HOST_ID: usize = 128;
 /// A year: larger values overflow deadline arithmetic.
 pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 86400.0;
 
@@ -88,6 +94,7 @@ impl Config {
             small_bytes: DEFAULT_SMALL_BYTES,
             algo: AlgoSetting::Auto,
             shm: true,
+            host_id: None,
             busy_poll: None,
             name: "world".into(),
             socket_ifname: None,
@@ -159,6 +166,8 @@ impl Config {
         if let Some(v) = get("RINGLET_ALGO") {
             c.algo = AlgoSetting::parse(&v)?;
         }
+        c.host_id = get("RINGLET_HOST_ID").filter(|s| !s.is_empty());
+        c.check_ranges()?;
         c.socket_ifname = get("RINGLET_SOCKET_IFNAME").filter(|s| !s.trim().is_empty());
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
             let max = MAX_BUSY_POLL.as_micros();
@@ -204,6 +213,15 @@ impl Config {
                 format!("{:?}", self.timeout),
                 format!("more than 0, at most {MAX_TIMEOUT_SECS} seconds"),
             );
+        }
+        if let Some(id) = &self.host_id {
+            if id.is_empty() || id.len() > MAX_HOST_ID || id.chars().any(|c| c.is_control()) {
+                return out(
+                    "host_id (RINGLET_HOST_ID)",
+                    format!("{id:?}"),
+                    format!("1 to {MAX_HOST_ID} printable characters"),
+                );
+            }
         }
         if self.busy_poll.is_some_and(|b| b > MAX_BUSY_POLL) {
             return out(
@@ -345,8 +363,11 @@ mod tests {
         assert!(e.contains("RINGLET_TIMEOUT"), "{e}");
     }
 
+    const LONG_ID: &str = "hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh";
+
     #[test]
     fn tuning_settings_out_of_range_are_refused_naming_the_range() {
+        assert_eq!(LONG_ID.len(), MAX_HOST_ID + 1);
         let with = |k: &'static str, v: &'static str| {
             cfg(&[("RANK", "0"), ("WORLD_SIZE", "1"), (k, v)])
                 .err()
@@ -363,6 +384,17 @@ mod tests {
             ),
             ("RINGLET_SMALL_BYTES", "65M", "0 to 64M bytes"),
             ("RINGLET_BUSY_POLL_US", "10001", "0 to 10000 microseconds"),
+            ("RINGLET_HOST_ID", LONG_ID, "1 to 128 printable characters"),
+            (
+                "RINGLET_HOST_ID",
+                "rack\n1",
+                "1 to 128 printable characters",
+            ),
+            (
+                "RINGLET_ALGO",
+                "tree",
+                "auto, ring, doubling, halving or two_level",
+            ),
         ] {
             let e = with(k, v).unwrap_or_else(|| panic!("{k}={v} was accepted"));
             assert!(
@@ -377,6 +409,7 @@ mod tests {
             ("RINGLET_SMALL_BYTES", "64M"),
             ("RINGLET_BUSY_POLL_US", "0"),
             ("RINGLET_BUSY_POLL_US", "10000"),
+            ("RINGLET_HOST_ID", "rack 1/node 7"),
         ] {
             assert_eq!(with(k, v), None, "{k}={v}");
         }

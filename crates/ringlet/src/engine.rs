@@ -336,7 +336,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
         let l = &self.lanes[li];
         let forwards_left = self.schedule.recvs[self.applied..]
             .iter()
-            .filter_map(|r| r.forward.as_ref())
+            .flat_map(|r| &r.forwards)
             .any(|f| f.peer == l.peer);
         l.sends.iter().any(|o| !o.notice) || forwards_left
     }
@@ -605,7 +605,7 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
             self.mem
                 .apply(landing, self.schedule.op, spec.apply, divide)?;
             // Staged after the apply, so a device copies the chunk out once it is reduced.
-            if let Some(fwd) = &spec.forward {
+            for fwd in &spec.forwards {
                 let li = self
                     .lanes
                     .binary_search_by_key(&fwd.peer, |l| l.peer)

@@ -269,17 +269,18 @@ impl Communicator {
         op: ReduceOp,
     ) -> Result<()> {
         let ticket = self.inner.ticket();
-        let (rank, n, count) = (self.rank(), self.world_size(), dev.len(buf));
+        let (rank, count) = (self.rank(), dev.len(buf));
         let chunk = self.chunk_elems::<T>();
         let algo = self
             .inner
-            .all_reduce_algo(count.saturating_mul(std::mem::size_of::<T>()), n);
+            .all_reduce_algo(count.saturating_mul(std::mem::size_of::<T>()));
+        let layout = &self.inner.layout;
         self.run_device(
             ticket,
             Call::new(Collective::AllReduce, op, 0, count),
             dev,
             buf,
-            || algo::all_reduce_schedule(algo, count, rank, n, chunk, op),
+            || algo::all_reduce_schedule(algo, count, rank, layout, chunk, op),
         )
     }
 

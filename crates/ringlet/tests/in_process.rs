@@ -5,12 +5,18 @@
 //! one that stops answering, and ranks that call different things, each named by every survivor.
 //! (The same paths across real processes and sockets: `tests/tests/` of the workspace.)
 
-use ringlet::algo::AlgoSetting;
+use ringlet::algo::{Algo, AlgoSetting};
 use ringlet::{bf16, f16, Communicator, Config, Element, Error, ReduceOp};
 use ringlet_transport::mem_world;
 use std::time::{Duration, Instant};
 
-const ALGOS: [AlgoSetting; 3] = [AlgoSetting::Auto, AlgoSetting::Ring, AlgoSetting::Doubling];
+const ALGOS: [AlgoSetting; 5] = [
+    AlgoSetting::Auto,
+    AlgoSetting::Ring,
+    AlgoSetting::Doubling,
+    AlgoSetting::Halving,
+    AlgoSetting::TwoLevel,
+];
 /// Pipes smaller than a chunk, so frames are written and read in pieces.
 const PIPE: usize = 3000;
 
@@ -20,7 +26,23 @@ fn config(rank: usize, n: usize, algo: AlgoSetting, timeout: Duration) -> Config
     // The smallest chunk: counts below span several chunks.
     c.chunk_bytes = 4 << 10;
     c.timeout = timeout;
+    c.host_id = Some(host_of(rank, n));
+    // So that `auto` also picks other algorithms than doubling for the counts below.
+    c.small_bytes = 1 << 10;
     c
+}
+
+/// Pretend hosts, so that `auto` and `two_level` run the two-level all-reduce: 2 ranks on each
+/// of n/2 hosts where 4 divides n, else 2 hosts whose ranks interleave where n is even (n = 6:
+/// 2 hosts of 3), else hosts of unequal size (the ring).
+fn host_of(rank: usize, n: usize) -> String {
+    if n.is_multiple_of(4) {
+        format!("host{}", rank / 2)
+    } else if n.is_multiple_of(2) {
+        format!("host{}", rank % 2)
+    } else {
+        format!("host{}", rank * 2 / n)
+    }
 }
 
 /// Runs `body(rank, comm)` on `n` ranks joined over in-process links; returns their results.
@@ -190,6 +212,10 @@ fn every_collective_type_and_op_on_every_algorithm_gives_every_rank_the_same_bit
         for n in 1..=8 {
             let t = Instant::now();
             let results = world(n, algo, Duration::from_secs(60), |rank, comm| {
+                let two_level = n >= 4 && n.is_multiple_of(2);
+                if two_level && matches!(algo, AlgoSetting::Auto | AlgoSetting::TwoLevel) {
+                    assert_eq!(comm.all_reduce_algorithm(4 << 10), Algo::TwoLevel);
+                }
                 every_type(rank, &comm, n)
             });
             for (r, res) in results.iter().enumerate().skip(1) {
@@ -278,7 +304,11 @@ fn a_rank_that_dies_is_named_by_every_survivor_promptly() {
 
 #[test]
 fn a_rank_that_stops_answering_is_blamed_at_the_deadline() {
-    for algo in [AlgoSetting::Ring, AlgoSetting::Doubling] {
+    for algo in [
+        AlgoSetting::Ring,
+        AlgoSetting::Doubling,
+        AlgoSetting::Halving,
+    ] {
         for n in [3, 4, 6] {
             let stuck = n - 2;
             let t = Instant::now();
