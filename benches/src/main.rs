@@ -317,7 +317,13 @@ fn run(args: &Args) -> Result<u64, Error> {
         );
         println!("# Avg bus bandwidth    : {avg:.4}");
         if let Some(path) = &args.json {
-            let doc = serde_json::json!({ "collective": format!("{:?}", args.collective), "ranks": n, "rows": rows });
+            let hosts = tcp.as_ref().map(|c| c.host_layout().hosts().to_vec());
+            let doc = serde_json::json!({
+                "collective": format!("{:?}", args.collective),
+                "ranks": n,
+                "hosts": hosts,
+                "rows": rows,
+            });
             std::fs::write(
                 path,
                 serde_json::to_vec_pretty(&doc).expect("rows serialise"),

@@ -7,7 +7,7 @@
 //! | algorithm | exchanges | bytes sent per rank | chosen for |
 //! |---|---|---|---|
 //! | `doubling` (recursive doubling) | ⌈log2 n⌉ (+2 where n is not a power of two) | the buffer, each exchange | buffers of at most `RINGLET_SMALL_BYTES` |
-//! | `halving` (Rabenseifner: recursive halving, then doubling) | 2·log2 p (+2) | 2(p − 1)/p of the buffer | larger buffers up to [`MEDIUM_BYTES`] when n is a power of two of at least 4 |
+//! | `halving` (Rabenseifner: recursive halving, then doubling) | 2·log2 p (+2) | 2(p − 1)/p of the buffer | larger buffers when n is a power of two: up to [`MEDIUM_BYTES`] for 4 and 8 ranks, any size from 16 |
 //! | `two_level` (ring within hosts, L rings between hosts) | 2(L − 1) + 2(H − 1) | 2(L − 1)/L of the buffer within the host, 2(H − 1)/(HL) between hosts | larger buffers when at least two hosts hold L ≥ 2 ranks each |
 //! | `ring` (pipelined ring) | 2(n − 1) | 2(n − 1)/n of the buffer | everything else |
 //!
@@ -18,9 +18,11 @@
 use crate::schedule::{self, Schedule};
 use ringlet_core::{Error, ReduceOp, Result};
 
-/// Above this many bytes the ring beats halving-doubling. Measured on one host (4 ranks,
-/// shared memory and TCP loopback, 2 cores): halving took 0.3–0.6× the ring's time from 64 KiB
-/// to 1 MiB, was level with it at 4 MiB over TCP and 1.1× slower from 16 MiB.
+/// Above this many bytes the ring beats halving-doubling on up to 8 ranks. Measured on one host
+/// (4 ranks, shared memory and TCP loopback, 2 cores): halving took 0.3–0.6× the ring's time
+/// from 64 KiB to 1 MiB, was level with it at 4 MiB over TCP and 1.1× slower from 16 MiB. From
+/// 16 ranks halving runs at every size above small: both send the same bytes, and the ring's
+/// 2(n − 1) steps cost more than halving's 2·log2 n (see `ringlet-model project`).
 pub const MEDIUM_BYTES: usize = 2 << 20;
 
 /// Which ranks share a host: hosts in the order of their lowest rank, each host's ranks
@@ -139,7 +141,9 @@ impl AlgoSetting {
             AlgoSetting::TwoLevel => Algo::Ring,
             AlgoSetting::Auto if bytes <= small_bytes || n == 1 => Algo::Doubling,
             AlgoSetting::Auto if layout.two_level() => Algo::TwoLevel,
-            AlgoSetting::Auto if n >= 4 && n.is_power_of_two() && bytes <= MEDIUM_BYTES => {
+            AlgoSetting::Auto
+                if n >= 4 && n.is_power_of_two() && (bytes <= MEDIUM_BYTES || n >= 16) =>
+            {
                 Algo::Halving
             }
             AlgoSetting::Auto => Algo::Ring,
@@ -192,6 +196,8 @@ mod tests {
         assert_eq!(auto.choose(4, &two, small), Algo::Doubling);
         assert_eq!(auto.choose(1 << 20, &one, small), Algo::Halving);
         assert_eq!(auto.choose(64 << 20, &one, small), Algo::Ring);
+        let many = HostLayout::from_labels(&(0..16).map(|r| r.to_string()).collect::<Vec<_>>());
+        assert_eq!(auto.choose(64 << 20, &many, small), Algo::Halving);
         assert_eq!(auto.choose(1 << 20, &two, small), Algo::TwoLevel);
         let three = HostLayout::single_host(3);
         assert_eq!(auto.choose(1 << 20, &three, small), Algo::Ring);

@@ -6,7 +6,8 @@
 //!
 //! Layers, top down:
 //! - [`comm`]: the communicator, call ordering, the asynchronous handle;
-//! - [`algo`]: which algorithm an all-reduce runs (by size and world size, or `RINGLET_ALGO`);
+//! - [`algo`]: which algorithm an all-reduce runs (by size, world size and host layout, or
+//!   `RINGLET_ALGO`); [`cost`]: their alpha–beta model, read off the schedules, and its fit;
 //! - [`schedule`]: each algorithm as data (which chunk goes to which peer at which step);
 //! - [`engine`]: executes a schedule over [`ringlet_transport::Peers`], checks every frame,
 //!   enforces deadlines and spreads failures to every rank taking part;
@@ -32,6 +33,7 @@ pub mod bootstrap;
 pub mod card;
 pub mod comm;
 pub mod config;
+pub mod cost;
 pub mod engine;
 pub mod gpu;
 pub mod memory;
