@@ -288,7 +288,22 @@ fn looped(comm: &Communicator, iters: &str, count: &str) -> Result<u64, Failure>
     let count: usize = count.parse().expect("COUNT is a number");
     let n = comm.world_size();
     let mut wrong = 0;
-    for it in 0..iters {
+    // With a stop file, ITERS is the least: the loop goes on until some rank sees the file
+    // (agreed by an all-reduce every 100 calls), so a test can act on a running job for as long
+    // as it needs whatever the machine's speed.
+    let stop_file = std::env::var_os("RINGLET_TEST_STOP_FILE").map(std::path::PathBuf::from);
+    let mut it = 0;
+    loop {
+        if it >= iters {
+            let Some(file) = &stop_file else { break };
+            if it % 100 == 0 {
+                let mut seen = [u8::from(file.exists())];
+                comm.all_reduce(&mut seen, ReduceOp::Max)?;
+                if seen[0] == 1 {
+                    break;
+                }
+            }
+        }
         let mut buf: Vec<f32> = (0..count)
             .map(|i| f32::input(comm.rank(), i + it, ReduceOp::Max))
             .collect();
@@ -301,11 +316,12 @@ fn looped(comm: &Communicator, iters: &str, count: &str) -> Result<u64, Failure>
         if it == 0 {
             say("LOOPING".into());
         }
+        it += 1;
     }
     if wrong > 0 {
         return Err(Failure::Wrong(wrong));
     }
-    Ok(iters as u64)
+    Ok(it as u64)
 }
 
 /// Four threads issue collectives concurrently. Tickets may pair different threads' calls across

@@ -81,8 +81,16 @@ fn strangers_on_the_shared_memory_socket_are_refused_and_the_job_completes() {
     use std::os::unix::net::{SocketAddr, UnixStream};
 
     let n = 2;
-    let job_env = [("RINGLET_TIMEOUT", "30")];
-    let mut job = Job::start(n, &["loop", "200000", "1000"], &job_env);
+    // The job runs until the strangers are done (a count of calls finished first on a fast
+    // machine).
+    let stop = std::env::temp_dir().join(format!("ringlet-shm-strangers-{}", std::process::id()));
+    let _ = std::fs::remove_file(&stop);
+    let stop_var = stop.to_str().unwrap().to_string();
+    let job_env = [
+        ("RINGLET_TIMEOUT", "30"),
+        ("RINGLET_TEST_STOP_FILE", stop_var.as_str()),
+    ];
+    let mut job = Job::start(n, &["loop", "1000", "1000"], &job_env);
     for r in 0..n {
         assert!(job.wait_for(r, "LOOPING", Duration::from_secs(30)));
     }
@@ -140,7 +148,9 @@ fn strangers_on_the_shared_memory_socket_are_refused_and_the_job_completes() {
     }
     let ack: PeerAck = ringlet_core::msg::recv(&mut s, 4096, &peer, deadline).unwrap();
     assert!(ack.refused.unwrap().contains("claims rank 0"));
+    std::fs::write(&stop, b"").unwrap();
     let statuses = job.wait_all(Duration::from_secs(60));
+    let _ = std::fs::remove_file(&stop);
     let all = job.all_outputs();
     for (r, st) in statuses.iter().enumerate() {
         assert_eq!(st.code(), Some(0), "rank {r}\n{all}");

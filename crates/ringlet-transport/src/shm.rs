@@ -15,7 +15,8 @@
 use ringlet_core::error::PeerId;
 use ringlet_core::{Error, Result};
 use std::io::{self, IoSlice, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
@@ -416,91 +417,62 @@ fn sealed_len(fd: &OwnedFd) -> std::result::Result<usize, String> {
 
 /// Sends `fd` with one byte over `sock` (`SCM_RIGHTS`).
 fn send_fd(sock: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
-    let byte = [1u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_ptr() as *mut libc::c_void,
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call, and the
-    // control buffer is large enough (CMSG_SPACE) and 8-byte aligned for one cmsghdr and an fd.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
-        loop {
-            let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
-            if n == 1 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd.as_fd()];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("no room for the ring's fd"));
+    }
+    loop {
+        match sendmsg(
+            sock,
+            &[IoSlice::new(&[1])],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Ok(1) => return Ok(()),
+            Ok(_) => return Err(io::Error::other("the ring's fd went out without its byte")),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// Receives one fd sent by [`send_fd`] (blocking, bounded by the socket's read timeout).
+/// Receives one fd sent by [`send_fd`] (blocking, bounded by the socket's read timeout). Only a
+/// message of one byte and exactly one fd is accepted; every fd a message carries is owned at
+/// once, so those we refuse are closed, and `CMSG_CLOEXEC` keeps them from children.
 fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    // Room for more than one fd, so that a peer sending several cannot make us drop any unseen.
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+    let got = loop {
+        match recvmsg(
+            sock,
+            &mut [io::IoSliceMut::new(&mut byte)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(got) => break got,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    // SAFETY: as in send_fd; MSG_CMSG_CLOEXEC keeps the fd from leaking into children; only a
-    // control message of exactly one SCM_RIGHTS fd is accepted, and any fd we do not take is
-    // closed (a truncated control message is refused).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let n = loop {
-            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-            if n >= 0 {
-                break n;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        };
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, "no ring in the message");
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(bad());
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
         }
-        // Every fd the message carried is owned at once (dropping it closes it), whatever we
-        // decide next: the control buffer has room for more than one.
-        let header = libc::CMSG_LEN(0) as usize;
-        let count =
-            ((*cmsg).cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
-        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-        let mut fds: Vec<OwnedFd> = (0..count)
-            .map(|i| OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))))
-            .collect();
-        if n != 1 || msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() != 1 {
-            return Err(bad());
-        }
-        Ok(fds.remove(0))
     }
+    if got.bytes != 1 || got.flags.contains(ReturnFlags::CTRUNC) || fds.len() != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no ring in the message",
+        ));
+    }
+    Ok(fds.remove(0))
 }
 
 #[cfg(test)]
