@@ -8,6 +8,7 @@ use crate::process::ProcessPeers;
 use crate::shm;
 use ringlet_core::auth::{accept_handshake, connect_handshake};
 use ringlet_core::error::PeerId;
+use ringlet_core::io::TimedStream;
 use ringlet_core::{msg, Error, JobToken, Result, Role};
 use ringlet_store::StoreClient;
 use std::io::{Read, Write};
@@ -202,20 +203,33 @@ pub(crate) fn connect_shm(
         peer: peer.clone(),
         detail: format!("its shared-memory socket @{name} refused us ({e})"),
     })?;
-    connect_handshake(&mut sock, token, Role::Ring, peer, deadline)?;
+    introduce(&mut sock, peer, token, opts, deadline)?;
+    Ok(sock)
+}
+
+/// Our side of a new link's opening, over TCP or a Unix socket: the token handshake, then our
+/// hello (job, rank, world size), then the peer's verdict on it.
+fn introduce<S: TimedStream>(
+    stream: &mut S,
+    peer: &PeerId,
+    token: &JobToken,
+    opts: &JoinOptions,
+    deadline: Instant,
+) -> Result<()> {
+    connect_handshake(stream, token, Role::Ring, peer, deadline)?;
     let hello = PeerHello {
         comm: opts.comm.clone(),
         rank: opts.rank as u64,
         world_size: opts.world_size as u64,
     };
-    msg::send(&mut sock, &hello, peer, deadline)?;
-    let ack: PeerAck = msg::recv(&mut sock, 4096, peer, deadline)?;
-    if let Some(why) = ack.refused {
-        return Err(Error::Config(format!(
+    msg::send(stream, &hello, peer, deadline)?;
+    let ack: PeerAck = msg::recv(stream, 4096, peer, deadline)?;
+    match ack.refused {
+        Some(why) => Err(Error::Config(format!(
             "{peer} refused our connection: {why}"
-        )));
+        ))),
+        None => Ok(()),
     }
-    Ok(sock)
 }
 
 /// Why a connection attempt failed, and whether trying again can help.
@@ -267,19 +281,8 @@ fn try_connect(
             Attempt::Retry(Error::io(format!("connecting to {peer}"), e))
         }
     })?;
-    connect_handshake(&mut stream, token, Role::Ring, peer, deadline)?;
-    let hello = PeerHello {
-        comm: opts.comm.clone(),
-        rank: opts.rank as u64,
-        world_size: opts.world_size as u64,
-    };
-    msg::send(&mut stream, &hello, peer, deadline)?;
-    let ack: PeerAck = msg::recv(&mut stream, 4096, peer, deadline)?;
-    if let Some(why) = ack.refused {
-        return Err(Attempt::Final(Error::Config(format!(
-            "{peer} refused our connection: {why}"
-        ))));
-    }
+    // A refusal is a configuration error: final (see `From<Error> for Attempt`).
+    introduce(&mut stream, peer, token, opts, deadline)?;
     Ok(stream)
 }
 
