@@ -34,7 +34,7 @@ enum Command {
     },
     /// Project every algorithm to a world of `-n` ranks.
     Project {
-        /// Ranks.
+        /// Ranks, 2 to 4096 (every rank's schedule is built).
         #[arg(short = 'n', long, default_value_t = 1024)]
         ranks: usize,
         /// Ranks per host (hosts of equal size; 1: every rank on its own host).
@@ -161,7 +161,7 @@ fn fit(files: &[PathBuf]) -> Result<(), String> {
             std::fs::read_to_string(f).map_err(|e| format!("reading {}: {e}", f.display()))?;
         let run: Run =
             serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", f.display()))?;
-        if !(2..=1 << 16).contains(&run.ranks) {
+        if !(2..=4096).contains(&run.ranks) {
             return Err(format!("{}: {} ranks", f.display(), run.ranks));
         }
         let layout = layout_of(&run).map_err(|e| format!("{}: {e}", f.display()))?;
@@ -252,13 +252,14 @@ fn project(
     costs: &Costs,
     (min, max, factor): (usize, usize, usize),
 ) -> Result<(), String> {
-    if !(2..=1 << 16).contains(&n)
+    // The terms are read off every rank's schedule: n² work.
+    if !(2..=4096).contains(&n)
         || per_host == 0
         || !n.is_multiple_of(per_host)
         || factor < 2
         || min > max
     {
-        return Err("need 2 <= -n <= 65536, --per-host dividing -n, -f >= 2 and -b <= -e".into());
+        return Err("need 2 <= -n <= 4096, --per-host dividing -n, -f >= 2 and -b <= -e".into());
     }
     let labels: Vec<String> = (0..n).map(|r| (r / per_host).to_string()).collect();
     let layout = HostLayout::from_labels(&labels);

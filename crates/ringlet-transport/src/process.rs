@@ -515,10 +515,6 @@ impl Peers for ProcessPeers {
         // looked at without a system call; yield between polls: the kernel work that completes
         // a loopback delivery needs a CPU too.
         if !self.opts.busy_poll.is_zero() {
-            // Shared memory that is ready already costs no clock reading and no allocation.
-            if self.shm_ready(interests) {
-                return Ok(Readiness::Ready);
-            }
             // Shared memory is only looked at while spinning: arming its doorbells here would
             // make the other side ring them (a system call each) for every message.
             let sockets: Vec<Interest> = if interests.iter().all(|i| self.on_shm(i)) {

@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | `doubling` (recursive doubling) | ⌈log2 n⌉ (+2 where n is not a power of two) | the buffer, each exchange | buffers of at most `RINGLET_SMALL_BYTES` |
 //! | `halving` (Rabenseifner: recursive halving, then doubling) | 2·log2 p (+2) | 2(p − 1)/p of the buffer | larger buffers when n is a power of two: up to [`MEDIUM_BYTES`] for 4 and 8 ranks, any size from 16 |
-//! | `two_level` (ring within hosts, L rings between hosts) | 2(L − 1) + 2(H − 1) | 2(L − 1)/L of the buffer within the host, 2(H − 1)/(HL) between hosts | larger buffers when at least two hosts hold L ≥ 2 ranks each |
+//! | `two_level` (ring within hosts, L rings between hosts) | 2(L − 1) + 2(H − 1) | 2(L − 1)/L of the buffer within the host, 2(H − 1)/(HL) between hosts | larger buffers when at least two hosts hold L ≥ 2 ranks each (above [`MEDIUM_BYTES`] only, if more than [`MANY_HOSTS`] hosts and n is a power of two) |
 //! | `ring` (pipelined ring) | 2(n − 1) | 2(n − 1)/n of the buffer | everything else |
 //!
 //! `RINGLET_ALGO` forces one for every all-reduce (benchmarks, comparisons); `two_level` on a
@@ -24,6 +24,13 @@ use ringlet_core::{Error, ReduceOp, Result};
 /// 16 ranks halving runs at every size above small: both send the same bytes, and the ring's
 /// 2(n − 1) steps cost more than halving's 2·log2 n (see `ringlet-model project`).
 pub const MEDIUM_BYTES: usize = 2 << 20;
+
+/// Above this many hosts the two-level all-reduce's 2(H − 1) steps between hosts cost more than
+/// halving-doubling's 2·log2 n up to [`MEDIUM_BYTES`]: with α = 20 µs, 25 Gbit/s and 8 ranks per
+/// host, `ringlet-model project` gives at 1,024 ranks (128 hosts) and 256 KiB 5.3 ms against
+/// halving's 1.6 ms, and two-level ahead from 4 MiB; at 128 ranks (16 hosts) two-level is ahead
+/// from 256 KiB (0.8 ms against 1.4).
+pub const MANY_HOSTS: usize = 16;
 
 /// Which ranks share a host: hosts in the order of their lowest rank, each host's ranks
 /// ascending (the position in that list is the rank's local index).
@@ -140,7 +147,16 @@ impl AlgoSetting {
             AlgoSetting::TwoLevel if layout.two_level() => Algo::TwoLevel,
             AlgoSetting::TwoLevel => Algo::Ring,
             AlgoSetting::Auto if bytes <= small_bytes || n == 1 => Algo::Doubling,
-            AlgoSetting::Auto if layout.two_level() => Algo::TwoLevel,
+            // Its rings between hosts take 2(H − 1) steps: with many hosts and a power-of-two
+            // world, halving's 2·log2 n steps win up to a few MiB (`ringlet-model project`).
+            AlgoSetting::Auto
+                if layout.two_level()
+                    && (layout.hosts().len() <= MANY_HOSTS
+                        || bytes > MEDIUM_BYTES
+                        || !n.is_power_of_two()) =>
+            {
+                Algo::TwoLevel
+            }
             AlgoSetting::Auto
                 if n >= 4 && n.is_power_of_two() && (bytes <= MEDIUM_BYTES || n >= 16) =>
             {
@@ -199,6 +215,10 @@ mod tests {
         let many = HostLayout::from_labels(&(0..16).map(|r| r.to_string()).collect::<Vec<_>>());
         assert_eq!(auto.choose(64 << 20, &many, small), Algo::Halving);
         assert_eq!(auto.choose(1 << 20, &two, small), Algo::TwoLevel);
+        let labels: Vec<String> = (0..256).map(|r| (r / 8).to_string()).collect();
+        let many_hosts = HostLayout::from_labels(&labels);
+        assert_eq!(auto.choose(256 << 10, &many_hosts, small), Algo::Halving);
+        assert_eq!(auto.choose(64 << 20, &many_hosts, small), Algo::TwoLevel);
         let three = HostLayout::single_host(3);
         assert_eq!(auto.choose(1 << 20, &three, small), Algo::Ring);
         assert_eq!(

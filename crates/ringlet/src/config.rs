@@ -13,7 +13,7 @@
 //! | `RINGLET_SMALL_BYTES` | all-reduces of at most this many bytes use recursive doubling (⌈log2 n⌉ hops) instead of the ring; 0 to 64M | 64K |
 //! | `RINGLET_SHM` | `1`: ranks of one host (same boot, same network and IPC namespaces) talk through shared memory; `0`: TCP between all | 1 |
 //! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring`, `doubling`, `halving` or `two_level` (see [`algo`](crate::algo)) | auto |
-//! | `RINGLET_HOST_ID` | ranks with equal values count as one host for the two-level all-reduce; 1 to 128 printable characters | the boot id and the network and IPC namespaces |
+//! | `RINGLET_HOST_ID` | ranks with equal values count as one host for the two-level all-reduce; 1 to 128 bytes, no control characters | the boot id and the network and IPC namespaces (without `/proc`, each rank its own host) |
 //! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping, 0 to 10000 | 50 |
 //!
@@ -48,7 +48,8 @@ pub struct Config {
     /// `RINGLET_SHM`: shared memory between ranks of one host.
     pub shm: bool,
     /// `RINGLET_HOST_ID`: which ranks count as one host for the two-level all-reduce; `None`:
-    /// the host key (boot id and namespaces, as for shared memory).
+    /// the host key (boot id and namespaces, as for shared memory), or without `/proc` each rank
+    /// its own host.
     pub host_id: Option<String>,
     /// `None`: [`DEFAULT_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
@@ -219,7 +220,7 @@ impl Config {
                 return out(
                     "host_id (RINGLET_HOST_ID)",
                     format!("{id:?}"),
-                    format!("1 to {MAX_HOST_ID} printable characters"),
+                    format!("1 to {MAX_HOST_ID} bytes, no control characters"),
                 );
             }
         }
@@ -384,11 +385,15 @@ mod tests {
             ),
             ("RINGLET_SMALL_BYTES", "65M", "0 to 64M bytes"),
             ("RINGLET_BUSY_POLL_US", "10001", "0 to 10000 microseconds"),
-            ("RINGLET_HOST_ID", LONG_ID, "1 to 128 printable characters"),
+            (
+                "RINGLET_HOST_ID",
+                LONG_ID,
+                "1 to 128 bytes, no control characters",
+            ),
             (
                 "RINGLET_HOST_ID",
                 "rack\n1",
-                "1 to 128 printable characters",
+                "1 to 128 bytes, no control characters",
             ),
             (
                 "RINGLET_ALGO",

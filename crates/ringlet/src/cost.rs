@@ -1,8 +1,9 @@
 //! The alpha–beta cost model of the all-reduce algorithms: a message costs α (latency, per
 //! step in sequence) plus β per byte, with one (α, β) for links within a host and one for the
 //! network. The terms each algorithm pays — steps in sequence (a step counts as a network step
-//! if any rank takes it over the network) and bytes through the busiest link of each kind —
-//! are read off the schedules themselves (every rank's), so the model describes exactly what
+//! if any rank takes it over the network), the most bytes any rank sends to ranks of its own
+//! host, and the most bytes any host sends through its network link — are read off the
+//! schedules themselves (every rank's), so the model describes exactly what
 //! runs, for any layout of hosts. The terms are summed, as if nothing overlapped: the schedules
 //! pipeline by chunk, so where both kinds of link carry much, the model errs high. [`fit`] finds α and β from measured
 //! times (`ringlet-model fit`); [`Terms::time`] predicts and projects (`ringlet-model project`).
@@ -31,7 +32,8 @@ pub struct Costs {
     pub network: LinkCost,
 }
 
-/// What an all-reduce pays: steps in sequence and bytes over the busiest link, per kind.
+/// What an all-reduce pays: steps in sequence per kind of link, the most bytes a rank sends
+/// within its host, and the most bytes a host sends to others.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Terms {
     pub local_steps: f64,
@@ -90,7 +92,7 @@ pub fn terms(algo: Algo, bytes: f64, layout: &HostLayout) -> Terms {
     let mut steps = BTreeMap::new();
     let mut t = Terms::default();
     for rank in 0..n {
-        // One chunk per segment: steps, not chunks, pay α.
+        // Chunks as long as the schedule allows (a few per segment): steps, not chunks, pay α.
         let s = all_reduce_schedule(algo, count, rank, layout, count, ReduceOp::Sum);
         let forwards = s.recvs.iter().flat_map(|r| &r.forwards);
         let mut local_out = 0;

@@ -239,13 +239,13 @@ impl Communicator {
         (self.inner.chunk_bytes / std::mem::size_of::<T>()).max(1)
     }
 
-    /// The algorithm an all-reduce of `bytes` bytes runs on this communicator (the same on
-    /// every rank): see [`algo`](crate::algo).
     /// Which ranks share a host, as the rank cards said (the same on every rank).
     pub fn host_layout(&self) -> &HostLayout {
         &self.inner.layout
     }
 
+    /// The algorithm an all-reduce of `bytes` bytes runs on this communicator (the same on
+    /// every rank): see [`algo`](crate::algo).
     pub fn all_reduce_algorithm(&self, bytes: usize) -> Algo {
         self.inner.all_reduce_algo(bytes)
     }
