@@ -36,20 +36,14 @@ pub fn doubling_all_reduce(
         forwards: forward.into_iter().collect(),
     };
     let last = levels + 1;
-    let slot_len = chunk.min(count).max(1);
+    let slot_len = chunk.min(count);
     if rank < 2 * rem && rank % 2 == 1 {
         // Folded into rank − 1: hand it our buffer, take the result.
         let sends = (0..nch).map(|c| xfer(rank - 1, 0, c)).collect();
         let recvs = (0..nch)
             .map(|c| recv(xfer(rank - 1, last, c), Apply::Copy, false, None))
             .collect();
-        return Schedule {
-            sends,
-            recvs,
-            op: op.pairwise(),
-            slots: 2,
-            slot_len,
-        };
+        return Schedule::reducing(sends, recvs, op, slot_len);
     }
     let v = if rank < 2 * rem { rank / 2 } else { rank - rem };
     let real = |v: usize| if v < rem { 2 * v } else { v + rem };
@@ -84,11 +78,5 @@ pub fn doubling_all_reduce(
     } else {
         (0..nch).map(|c| xfer(partner(0), 1, c)).collect()
     };
-    Schedule {
-        sends,
-        recvs,
-        op: op.pairwise(),
-        slots: 2,
-        slot_len,
-    }
+    Schedule::reducing(sends, recvs, op, slot_len)
 }

@@ -27,13 +27,7 @@ pub fn halving_all_reduce(
 ) -> Schedule {
     if n == 1 {
         // Nothing to exchange (a communicator of one never runs a schedule).
-        return Schedule {
-            sends: Vec::new(),
-            recvs: Vec::new(),
-            op: op.pairwise(),
-            slots: 0,
-            slot_len: 0,
-        };
+        return Schedule::reducing(Vec::new(), Vec::new(), op, 0);
     }
     let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
     let rem = n - p;
@@ -41,7 +35,7 @@ pub fn halving_all_reduce(
     let blocks = segments(count, p);
     let chunk = pipeline_chunk(blocks.iter().map(|b| b.len()).max().unwrap_or(0), max_chunk);
     let nch = chunks_per_segment(&blocks, chunk);
-    let slot_len = chunk.min(blocks[0].len()).max(1);
+    let slot_len = chunk.min(blocks[0].len());
     // Chunk `c` of block `b`, as a frame of `step` to or from `peer`.
     let xfer = |peer: usize, step: usize, b: usize, c: usize| Xfer {
         peer,
@@ -68,13 +62,7 @@ pub fn halving_all_reduce(
                 forwards: Vec::new(),
             })
             .collect();
-        return Schedule {
-            sends,
-            recvs,
-            op: op.pairwise(),
-            slots: 2,
-            slot_len,
-        };
+        return Schedule::reducing(sends, recvs, op, slot_len);
     }
     let v = if rank < 2 * rem { rank / 2 } else { rank - rem };
     let extra = (rank < 2 * rem).then_some(rank + 1);
@@ -162,13 +150,7 @@ pub fn halving_all_reduce(
             .map(|(b, c)| xfer(first, 1, b, c))
             .collect()
     };
-    Schedule {
-        sends,
-        recvs,
-        op: op.pairwise(),
-        slots: 2,
-        slot_len,
-    }
+    Schedule::reducing(sends, recvs, op, slot_len)
 }
 
 /// The blocks position `v` holds before doubling level `j`, in the order it got them (the

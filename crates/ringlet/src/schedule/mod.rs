@@ -65,6 +65,19 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// A schedule of reductions with `op` (`Avg` reduces as `Sum`) and two scratch slots of
+    /// `slot_len` elements (at least one): a chunk waiting for its reduction while the next one
+    /// lands.
+    fn reducing(sends: Vec<Xfer>, recvs: Vec<RecvSpec>, op: ReduceOp, slot_len: usize) -> Schedule {
+        Schedule {
+            sends,
+            recvs,
+            op: op.pairwise(),
+            slots: 2,
+            slot_len: slot_len.max(1),
+        }
+    }
+
     pub fn scratch_len(&self) -> usize {
         self.slots * self.slot_len
     }

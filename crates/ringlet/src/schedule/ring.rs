@@ -98,15 +98,8 @@ fn ring_steps(
             });
         }
     }
-    Schedule {
-        sends,
-        recvs,
-        op: op.pairwise(),
-        slots: 2,
-        slot_len: chunk
-            .min(segs.iter().map(|s| s.len()).max().unwrap_or(0))
-            .max(1),
-    }
+    let longest = segs.iter().map(|s| s.len()).max().unwrap_or(0);
+    Schedule::reducing(sends, recvs, op, chunk.min(longest))
 }
 
 /// Pipelined chain from `root` around the ring: each rank forwards every chunk as soon as it has

@@ -99,91 +99,77 @@ fn inputs(n: usize, count: usize) -> Vec<Vec<f64>> {
         .collect()
 }
 
-#[test]
-fn all_reduce_schedules_sum_and_average_for_many_shapes() {
-    for n in 2..=5 {
-        for count in [0, 1, n - 1, n + 1, 17, 64] {
-            for chunk in [1, 3, 8, 1000] {
-                for op in [ReduceOp::Sum, ReduceOp::Avg] {
-                    let scheds: Vec<_> = (0..n)
-                        .map(|r| ring_all_reduce(count, r, n, chunk, op))
-                        .collect();
-                    let out = simulate(&scheds, inputs(n, count));
-                    for (i, v) in out[0].iter().enumerate() {
-                        let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
-                        let want = if op == ReduceOp::Avg {
-                            sum / n as f64
-                        } else {
-                            sum
-                        };
-                        for b in &out {
-                            assert_eq!(b[i], want, "n={n} count={count} chunk={chunk} {op}");
-                        }
-                        assert_eq!(*v, want);
+/// Runs `make(count, rank, chunk, op)` for every rank of `n` through the simulator on `counts`
+/// and `chunks`, summing and averaging: every rank must end with the exact result.
+fn assert_all_reduces(
+    what: &str,
+    n: usize,
+    counts: &[usize],
+    chunks: &[usize],
+    make: impl Fn(usize, usize, usize, ReduceOp) -> Schedule,
+) {
+    for &count in counts {
+        for &chunk in chunks {
+            for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                let scheds: Vec<_> = (0..n).map(|r| make(count, r, chunk, op)).collect();
+                let out = simulate(&scheds, inputs(n, count));
+                for i in 0..count {
+                    let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
+                    let want = if op == ReduceOp::Avg {
+                        sum / n as f64
+                    } else {
+                        sum
+                    };
+                    for (r, b) in out.iter().enumerate() {
+                        assert_eq!(
+                            b[i], want,
+                            "{what} n={n} count={count} chunk={chunk} {op} rank {r}"
+                        );
                     }
                 }
             }
         }
+    }
+}
+
+#[test]
+fn all_reduce_schedules_sum_and_average_for_many_shapes() {
+    for n in 2..=5 {
+        let counts = [0, 1, n - 1, n + 1, 17, 64];
+        assert_all_reduces(
+            "ring",
+            n,
+            &counts,
+            &[1, 3, 8, 1000],
+            |count, r, chunk, op| ring_all_reduce(count, r, n, chunk, op),
+        );
     }
 }
 
 #[test]
 fn doubling_sums_and_averages_for_every_world_size() {
     for n in 2..=9 {
-        for count in [0, 1, 5, 64] {
-            for chunk in [1, 3, 1000] {
-                for op in [ReduceOp::Sum, ReduceOp::Avg] {
-                    let scheds: Vec<_> = (0..n)
-                        .map(|r| doubling_all_reduce(count, r, n, chunk, op))
-                        .collect();
-                    let out = simulate(&scheds, inputs(n, count));
-                    for i in 0..count {
-                        let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
-                        let want = if op == ReduceOp::Avg {
-                            sum / n as f64
-                        } else {
-                            sum
-                        };
-                        for (r, b) in out.iter().enumerate() {
-                            assert_eq!(
-                                b[i], want,
-                                "n={n} count={count} chunk={chunk} {op} rank {r}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        assert_all_reduces(
+            "doubling",
+            n,
+            &[0, 1, 5, 64],
+            &[1, 3, 1000],
+            |count, r, chunk, op| doubling_all_reduce(count, r, n, chunk, op),
+        );
     }
 }
 
 #[test]
 fn halving_sums_and_averages_for_every_world_size() {
     for n in 2..=9 {
-        for count in [0, 1, 5, 64, 131] {
-            for chunk in [1, 3, 1000] {
-                for op in [ReduceOp::Sum, ReduceOp::Avg] {
-                    let scheds: Vec<_> = (0..n)
-                        .map(|r| halving_all_reduce(count, r, n, chunk, op))
-                        .collect();
-                    let out = simulate(&scheds, inputs(n, count));
-                    for i in 0..count {
-                        let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
-                        let want = if op == ReduceOp::Avg {
-                            sum / n as f64
-                        } else {
-                            sum
-                        };
-                        for (r, b) in out.iter().enumerate() {
-                            assert_eq!(
-                                b[i], want,
-                                "n={n} count={count} chunk={chunk} {op} rank {r}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        let counts = [0, 1, 5, 64, 131];
+        assert_all_reduces(
+            "halving",
+            n,
+            &counts,
+            &[1, 3, 1000],
+            |count, r, chunk, op| halving_all_reduce(count, r, n, chunk, op),
+        );
     }
 }
 
@@ -218,30 +204,14 @@ fn two_level_sums_and_averages_for_every_layout() {
             .map(|h| (0..nl).map(|l| l * nh + h).collect())
             .collect();
         for hosts in [contiguous, interleaved] {
-            for count in [0, 1, 5, 64, 131] {
-                for chunk in [1, 3, 1000] {
-                    for op in [ReduceOp::Sum, ReduceOp::Avg] {
-                        let scheds: Vec<_> = (0..n)
-                            .map(|r| two_level_all_reduce(count, r, &hosts, chunk, op))
-                            .collect();
-                        let out = simulate(&scheds, inputs(n, count));
-                        for i in 0..count {
-                            let sum: f64 = (0..n).map(|r| (r * 1000 + i) as f64).sum();
-                            let want = if op == ReduceOp::Avg {
-                                sum / n as f64
-                            } else {
-                                sum
-                            };
-                            for (r, b) in out.iter().enumerate() {
-                                assert_eq!(
-                                    b[i], want,
-                                    "{hosts:?} count={count} chunk={chunk} {op} rank {r}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
+            let what = format!("two-level {hosts:?}");
+            assert_all_reduces(
+                &what,
+                n,
+                &[0, 1, 5, 64, 131],
+                &[1, 3, 1000],
+                |count, r, chunk, op| two_level_all_reduce(count, r, &hosts, chunk, op),
+            );
         }
     }
 }

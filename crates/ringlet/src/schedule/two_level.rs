@@ -124,11 +124,5 @@ pub fn two_level_all_reduce(
     let sends = part(md(l as isize - 1, nl), ascending())
         .map(|(b, c)| xfer(next_local, 0, b, c))
         .collect();
-    Schedule {
-        sends,
-        recvs,
-        op: op.pairwise(),
-        slots: 2,
-        slot_len: chunk.min(blocks[0].len()).max(1),
-    }
+    Schedule::reducing(sends, recvs, op, chunk.min(blocks[0].len()))
 }
