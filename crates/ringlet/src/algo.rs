@@ -17,6 +17,7 @@
 
 use crate::schedule::{self, Schedule};
 use ringlet_core::{Error, ReduceOp, Result};
+use std::collections::HashMap;
 
 /// Above this many bytes the ring beats halving-doubling on up to 8 ranks. Measured on one host
 /// (4 ranks, shared memory and TCP loopback, 2 cores): halving took 0.3–0.6× the ring's time
@@ -37,28 +38,37 @@ pub const MANY_HOSTS: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostLayout {
     hosts: Vec<Vec<usize>>,
+    // Both derived from `hosts` once: the all-reduce's choice asks for them on every call.
+    world_size: usize,
+    two_level: bool,
 }
 
 impl HostLayout {
     /// From every rank's host label (`labels[rank]`): equal labels, one host.
     pub fn from_labels<S: AsRef<str>>(labels: &[S]) -> HostLayout {
-        let mut hosts: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut hosts: Vec<Vec<usize>> = Vec::new();
         for (rank, label) in labels.iter().enumerate() {
-            let label = label.as_ref();
-            match hosts.iter_mut().find(|(l, _)| *l == label) {
-                Some((_, ranks)) => ranks.push(rank),
-                None => hosts.push((label, vec![rank])),
-            }
+            let h = *index.entry(label.as_ref()).or_insert_with(|| {
+                hosts.push(Vec::new());
+                hosts.len() - 1
+            });
+            hosts[h].push(rank);
         }
-        HostLayout {
-            hosts: hosts.into_iter().map(|(_, ranks)| ranks).collect(),
-        }
+        HostLayout::of(hosts)
     }
 
     /// `n` ranks on one host.
     pub fn single_host(n: usize) -> HostLayout {
+        HostLayout::of(vec![(0..n).collect()])
+    }
+
+    fn of(hosts: Vec<Vec<usize>>) -> HostLayout {
+        let l = hosts.first().map_or(0, Vec::len);
         HostLayout {
-            hosts: vec![(0..n).collect()],
+            world_size: hosts.iter().map(Vec::len).sum(),
+            two_level: hosts.len() >= 2 && l >= 2 && hosts.iter().all(|h| h.len() == l),
+            hosts,
         }
     }
 
@@ -67,14 +77,13 @@ impl HostLayout {
     }
 
     pub fn world_size(&self) -> usize {
-        self.hosts.iter().map(Vec::len).sum()
+        self.world_size
     }
 
     /// At least two hosts holding the same number of ranks, at least two each: the layouts the
     /// two-level all-reduce runs on.
     pub fn two_level(&self) -> bool {
-        let l = self.hosts[0].len();
-        self.hosts.len() >= 2 && l >= 2 && self.hosts.iter().all(|h| h.len() == l)
+        self.two_level
     }
 }
 
