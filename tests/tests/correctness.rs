@@ -74,6 +74,38 @@ fn every_all_reduce_algorithm_forced_across_processes() {
     }
 }
 
+/// Over several TCP connections per peer: bytes dealt to three connections in 512 KiB blocks
+/// come out whole and in order, for the ring and for the links halving makes on demand.
+#[test]
+fn every_collective_over_three_tcp_streams_per_peer() {
+    for algo in ["ring", "halving"] {
+        let env = [
+            ("RINGLET_SHM", "0"),
+            ("RINGLET_NSOCKS", "3"),
+            ("RINGLET_ALGO", algo),
+        ];
+        run(
+            4,
+            EDGE_COUNTS,
+            "float,uint8,bfloat16",
+            "sum,max",
+            "all",
+            &env,
+            600,
+        );
+    }
+    let env = [("RINGLET_SHM", "0"), ("RINGLET_NSOCKS", "2")];
+    run(
+        3,
+        "64MiB",
+        "float",
+        "sum",
+        "all_reduce,broadcast",
+        &env,
+        600,
+    );
+}
+
 every_dtype_op_and_collective! {
     world_of_1: 1,
     world_of_2: 2,

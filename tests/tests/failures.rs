@@ -59,15 +59,13 @@ fn different_dtypes_ops_and_roots_are_reported() {
 }
 
 fn victim_job(n: usize, timeout: &str) -> Job {
-    victim_job_of(n, timeout, "50000")
+    victim_job_of(n, timeout, "50000", &[])
 }
 
-fn victim_job_of(n: usize, timeout: &str, count: &str) -> Job {
-    let job = Job::start(
-        n,
-        &["loop", "1000000", count],
-        &[("RINGLET_TIMEOUT", timeout)],
-    );
+fn victim_job_of(n: usize, timeout: &str, count: &str, env: &[(&str, &str)]) -> Job {
+    let mut env = env.to_vec();
+    env.push(("RINGLET_TIMEOUT", timeout));
+    let job = Job::start(n, &["loop", "1000000", count], &env);
     for r in 0..n {
         assert!(
             job.wait_for(r, "LOOPING", Duration::from_secs(30)),
@@ -82,15 +80,20 @@ fn victim_job_of(n: usize, timeout: &str, count: &str) -> Job {
 fn a_killed_rank_is_named_by_every_survivor_within_a_second() {
     // Large buffers too: then a survivor next to the dead rank closes its connections while its
     // predecessor is still sending, and that predecessor must still blame the dead rank.
+    // The last cases run over TCP with three connections per peer: a death is noticed on
+    // whichever of them the survivor waits on.
+    let striped: &[(&str, &str)] = &[("RINGLET_SHM", "0"), ("RINGLET_NSOCKS", "3")];
     let cases = [
-        (2, 1, "50000"),
-        (4, 2, "50000"),
-        (5, 0, "50000"),
-        (4, 2, "4000000"),
-        (4, 3, "4000000"),
+        (2, 1, "50000", &[][..]),
+        (4, 2, "50000", &[]),
+        (5, 0, "50000", &[]),
+        (4, 2, "4000000", &[]),
+        (4, 3, "4000000", &[]),
+        (3, 1, "4000000", striped),
+        (4, 0, "50000", striped),
     ];
-    for (n, victim, count) in cases {
-        let mut job = victim_job_of(n, "60", count);
+    for (n, victim, count, env) in cases {
+        let mut job = victim_job_of(n, "60", count, env);
         let t = Instant::now();
         job.signal(victim, libc::SIGKILL);
         let survivors: Vec<usize> = (0..n).filter(|&r| r != victim).collect();
@@ -172,4 +175,41 @@ fn a_rank_that_never_joins_fails_the_others_at_the_rendezvous_deadline() {
         );
         assert!(after_ms(&err) < 8000 || err.contains("after_ms=0"), "{err}");
     }
+}
+
+/// Ranks that refuse each other fail at once, not at the deadline. Each names the disagreement
+/// (the variable and both counts) or, when the rank it needed has already failed for it and
+/// taken the store with it, that rank as gone.
+#[test]
+fn ranks_that_disagree_on_tcp_streams_per_peer_all_fail_at_once() {
+    let mut job = Job::start_with(
+        3,
+        &["loop", "10", "1000"],
+        &[("RINGLET_SHM", "0"), ("RINGLET_TIMEOUT", "60")],
+        |rank| vec![("RINGLET_NSOCKS", if rank == 1 { "2" } else { "1" })],
+    );
+    let t = Instant::now();
+    let statuses = job.wait_all(Duration::from_secs(30));
+    let took = t.elapsed();
+    let all = job.all_outputs();
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?} (the deadline is 60 s)\n{all}"
+    );
+    let mut named = 0;
+    for (rank, st) in statuses.iter().enumerate() {
+        assert_eq!(st.code(), Some(3), "rank {rank}\n{all}");
+        let out = job.output(rank);
+        let err = error_line(&out).unwrap_or_else(|| panic!("rank {rank} printed no error\n{all}"));
+        if err.contains("RINGLET_NSOCKS differs") {
+            assert!(
+                err.contains("uses 2") && err.contains("uses 1"),
+                "rank {rank}: {err}"
+            );
+            named += 1;
+        } else {
+            assert!(err.contains("is gone"), "rank {rank}: {err}");
+        }
+    }
+    assert!(named >= 1, "no rank names the disagreement\n{all}");
 }

@@ -13,7 +13,7 @@ mod common;
 
 use common::{error_line, Job, TESTRANK};
 use ringlet::card::{RankCard, CARD_LEN};
-use ringlet::config::{DEFAULT_CHUNK_BYTES, DEFAULT_SMALL_BYTES};
+use ringlet::config::{DEFAULT_CHUNK_BYTES, DEFAULT_NSOCKS, DEFAULT_SMALL_BYTES};
 use ringlet::wire::{Collective, FrameKind, Header, HEADER_LEN};
 use ringlet_core::auth::{connect_handshake, Role};
 use ringlet_core::error::PeerId;
@@ -38,6 +38,8 @@ struct RingHello {
     comm: String,
     rank: u64,
     world_size: u64,
+    stream: u64,
+    streams: u64,
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -280,19 +282,50 @@ fn forged_ring_hellos(addr: SocketAddr, token: &JobToken, rank: usize, n: usize)
     let peer = PeerId::addr(addr.to_string());
     let deadline = || Instant::now() + Duration::from_secs(5);
     let prev = (rank + n - 1) % n;
+    let k = DEFAULT_NSOCKS;
     let cases = [
-        ("world", prev, n, "already connected".to_string()),
-        ("world", rank, n, format!("claims rank {rank}")),
-        ("world", n, n, format!("claims rank {n}")),
-        ("world", prev, n + 1, "world size".to_string()),
-        ("another-comm", prev, n, "communicator".to_string()),
+        ("world", prev, n, (0, k), "already connected".to_string()),
+        (
+            "world",
+            prev,
+            n,
+            (k - 1, k),
+            "already connected".to_string(),
+        ),
+        ("world", rank, n, (0, k), format!("claims rank {rank}")),
+        ("world", n, n, (0, k), format!("claims rank {n}")),
+        ("world", prev, n + 1, (0, k), "world size".to_string()),
+        ("another-comm", prev, n, (0, k), "communicator".to_string()),
+        (
+            "world",
+            prev,
+            n,
+            (0, k + 1),
+            "RINGLET_NSOCKS differs".to_string(),
+        ),
+        (
+            "world",
+            prev,
+            n,
+            (k, k),
+            format!("claims stream {k} of {k}"),
+        ),
+        (
+            "world",
+            prev,
+            n,
+            (u64::MAX as usize, k),
+            "claims stream".to_string(),
+        ),
     ];
-    for (comm, claimed, world_size, expect) in cases {
+    for (comm, claimed, world_size, (stream, streams), expect) in cases {
         let mut s = authenticated(addr, token, Role::Ring);
         let hello = RingHello {
             comm: comm.into(),
             rank: claimed as u64,
             world_size: world_size as u64,
+            stream: stream as u64,
+            streams: streams as u64,
         };
         msg::send(&mut s, &hello, &peer, deadline()).unwrap();
         let ack: RingAck = msg::recv(&mut s, 4096, &peer, deadline()).unwrap();
@@ -583,6 +616,7 @@ fn malicious_rank_1(what: Misbehaviour, timeout_s: u64, expect: &[&str]) {
         deadline,
         busy_poll: Duration::ZERO,
         shm: false,
+        streams: DEFAULT_NSOCKS,
     };
     let mut link = join(&mut client, &token, &opts)
         .unwrap()

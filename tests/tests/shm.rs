@@ -135,11 +135,15 @@ fn strangers_on_the_shared_memory_socket_are_refused_and_the_job_completes() {
         comm: String,
         rank: u64,
         world_size: u64,
+        stream: u64,
+        streams: u64,
     }
     let hello = PeerHello {
         comm: "world".into(),
         rank: 0,
         world_size: n as u64,
+        stream: 0,
+        streams: ringlet::config::DEFAULT_NSOCKS as u64,
     };
     ringlet_core::msg::send(&mut s, &hello, &peer, deadline).unwrap();
     #[derive(serde::Deserialize)]

@@ -3,7 +3,8 @@
 //! Collective algorithms (crate `ringlet`) are written against [`Peers`]: non-blocking byte
 //! streams to and from any other rank, named by rank, plus one bounded wait over several of them.
 //! Two implementations plug in underneath:
-//! - [`ProcessPeers`]: ranks in other processes, over authenticated TCP connections, or over
+//! - [`ProcessPeers`]: ranks in other processes, over authenticated TCP connections (one or
+//!   several per peer, [`stripe`]), or over
 //!   shared memory ([`shm`]) between ranks of one host. [`join`] listens, publishes our address
 //!   in the rendezvous store and connects the ring (next and previous rank) at once; a link to
 //!   any other rank is made when a schedule first names it, and cached. Every connection proves
@@ -14,11 +15,13 @@
 //!
 //! Framing, validation and what the bytes mean belong to the algorithms, not here.
 
+mod accept;
 pub mod iface;
 mod mem;
 mod process;
 mod setup;
 pub mod shm;
+pub mod stripe;
 
 pub use mem::{mem_world, MemPeers};
 pub use process::{PeerInfo, ProcessPeers};

@@ -10,8 +10,10 @@
 //! the peer ([`Peers::connect`]), and kept until the communicator closes. Links from peers arrive
 //! through our ports' acceptor threads, which wake a waiting engine through a socket pair.
 
-use crate::setup::{connect_peer, connect_shm, Acceptor, Arrivals, Inbound, JoinOptions};
+use crate::accept::{Acceptor, Arrivals, Inbound};
+use crate::setup::{connect_shm, connect_streams, JoinOptions};
 use crate::shm;
+use crate::stripe::Stripes;
 use crate::{Interest, Peers, Readiness};
 use ringlet_core::error::PeerId;
 use ringlet_core::{Error, JobToken, Result};
@@ -34,12 +36,12 @@ pub struct PeerInfo {
 }
 
 enum Out {
-    Tcp(TcpStream),
+    Tcp(Stripes),
     Shm(shm::Writer),
 }
 
 enum In {
-    Tcp(TcpStream),
+    Tcp(Stripes),
     Shm(shm::Reader),
 }
 
@@ -116,10 +118,9 @@ impl ProcessPeers {
         self.addrs[rank] = Some(addr);
     }
 
-    /// Adopts an open, authenticated TCP connection to `rank`.
-    pub(crate) fn adopt_to(&mut self, rank: usize, stream: TcpStream) -> Result<()> {
-        configure(&stream, &self.peer(rank))?;
-        self.to[rank] = Some(Out::Tcp(stream));
+    /// Adopts open, authenticated TCP connections to `rank`, in their announced order.
+    pub(crate) fn adopt_to(&mut self, rank: usize, streams: Vec<TcpStream>) -> Result<()> {
+        self.to[rank] = Some(Out::Tcp(configure(streams, &self.peer(rank))?));
         Ok(())
     }
 
@@ -187,10 +188,7 @@ impl ProcessPeers {
     pub(crate) fn collect_arrivals(&mut self) -> Result<()> {
         for (rank, link) in self.arrivals.take() {
             let link = match link {
-                Inbound::Tcp(stream) => {
-                    configure(&stream, &self.peer(rank))?;
-                    In::Tcp(stream)
-                }
+                Inbound::Tcp(streams) => In::Tcp(configure(streams, &self.peer(rank))?),
                 Inbound::Shm(mut reader) => {
                     // The acceptor knew it only as a local process.
                     reader.rename(self.peer(rank));
@@ -215,10 +213,17 @@ impl ProcessPeers {
 
     /// A peer never sends on a TCP connection we opened, so anything readable there is its
     /// hang-up (or garbage).
-    fn check_alive(&mut self, peer: usize) -> Result<()> {
-        let Some(Out::Tcp(s)) = self.to[peer].as_mut() else {
+    fn check_alive(&self, peer: usize) -> Result<()> {
+        let Some(Out::Tcp(stripes)) = self.to[peer].as_ref() else {
             return Ok(());
         };
+        stripes
+            .all()
+            .iter()
+            .try_for_each(|s| self.check_stream(peer, s))
+    }
+
+    fn check_stream(&self, peer: usize, mut s: &TcpStream) -> Result<()> {
         let mut probe = [0u8; 1];
         match s.read(&mut probe) {
             Ok(0) => Err(Error::PeerLost {
@@ -270,7 +275,7 @@ impl ProcessPeers {
             if i.recv {
                 match &self.from[i.peer] {
                     Some(In::Tcp(s)) => {
-                        fds.push(pollfd(s.as_raw_fd(), libc::POLLIN));
+                        fds.push(pollfd(s.current().as_raw_fd(), libc::POLLIN));
                         watches.push(Watch::Plain);
                     }
                     Some(In::Shm(r)) => {
@@ -285,9 +290,15 @@ impl ProcessPeers {
             if i.send {
                 match &self.to[i.peer] {
                     Some(Out::Tcp(s)) => {
-                        let events = libc::POLLOUT | libc::POLLIN | libc::POLLRDHUP;
-                        fds.push(pollfd(s.as_raw_fd(), events));
-                        watches.push(Watch::TcpOut(i.peer));
+                        let current = s.current().as_raw_fd();
+                        for fd in s.all().iter().map(AsRawFd::as_raw_fd) {
+                            let mut events = libc::POLLIN | libc::POLLRDHUP;
+                            if fd == current {
+                                events |= libc::POLLOUT;
+                            }
+                            fds.push(pollfd(fd, events));
+                            watches.push(Watch::TcpOut(i.peer));
+                        }
                     }
                     Some(Out::Shm(w)) => {
                         ready_now |= w.arm();
@@ -301,8 +312,10 @@ impl ProcessPeers {
                 // doorbell bytes (none are rung for a writer that is not waiting).
                 match &self.to[i.peer] {
                     Some(Out::Tcp(s)) => {
-                        fds.push(pollfd(s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
-                        watches.push(Watch::TcpOut(i.peer));
+                        for fd in s.all().iter().map(AsRawFd::as_raw_fd) {
+                            fds.push(pollfd(fd, libc::POLLIN | libc::POLLRDHUP));
+                            watches.push(Watch::TcpOut(i.peer));
+                        }
                     }
                     Some(Out::Shm(w)) => {
                         fds.push(pollfd(w.fd(), libc::POLLRDHUP));
@@ -401,10 +414,13 @@ fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
     }
 }
 
-fn configure(s: &TcpStream, who: &PeerId) -> Result<()> {
-    s.set_nonblocking(true)
-        .and_then(|_| s.set_nodelay(true))
-        .map_err(|e| Error::io(format!("configuring the connection to {who}"), e))
+fn configure(streams: Vec<TcpStream>, who: &PeerId) -> Result<Stripes> {
+    for s in &streams {
+        s.set_nonblocking(true)
+            .and_then(|_| s.set_nodelay(true))
+            .map_err(|e| Error::io(format!("configuring the connection to {who}"), e))?;
+    }
+    Ok(Stripes::new(streams))
 }
 
 impl Peers for ProcessPeers {
@@ -446,9 +462,9 @@ impl Peers for ProcessPeers {
                     self.opts.rank
                 )));
             };
-            let stream = connect_peer(&addr, &id, &self.token, &self.opts, deadline)?;
+            let streams = connect_streams(&addr, &id, &self.token, &self.opts, deadline)?;
             tracing::debug!(rank = self.opts.rank, peer = p, "connected (TCP)");
-            self.adopt_to(p, stream)?;
+            self.adopt_to(p, streams)?;
         }
         Ok(())
     }
@@ -462,17 +478,7 @@ impl Peers for ProcessPeers {
                 )))
             }
             Some(Out::Shm(w)) => return w.send(bufs),
-            Some(Out::Tcp(s)) => {
-                // sendmsg with MSG_NOSIGNAL: writev to a reset connection would raise SIGPIPE,
-                // which kills a host process that has not ignored it (a C++ or Python embedding).
-                let socket = socket2::SockRef::from(&*s);
-                loop {
-                    match socket.send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL) {
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        r => break r,
-                    }
-                }
-            }
+            Some(Out::Tcp(s)) => s.send(bufs),
         };
         match sent {
             Ok(n) => Ok(n),
@@ -492,12 +498,7 @@ impl Peers for ProcessPeers {
         let got = match self.from[peer].as_mut() {
             None => return Ok(0),
             Some(In::Shm(r)) => return r.recv(buf),
-            Some(In::Tcp(s)) => loop {
-                match s.read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r,
-                }
-            },
+            Some(In::Tcp(s)) => s.recv(buf),
         };
         match got {
             Ok(0) => Err(Error::PeerLost {

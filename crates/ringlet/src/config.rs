@@ -14,6 +14,7 @@
 //! | `RINGLET_SHM` | `1`: ranks of one host (same boot, same network and IPC namespaces) talk through shared memory; `0`: TCP between all | 1 |
 //! | `RINGLET_ALGO` | force one all-reduce algorithm: `auto`, `ring`, `doubling`, `halving` or `two_level` (see [`algo`](crate::algo)) | auto |
 //! | `RINGLET_HOST_ID` | ranks with equal values count as one host for the two-level all-reduce; 1 to 128 bytes, no control characters | the boot id and the network and IPC namespaces (without `/proc`, each rank its own host) |
+//! | `RINGLET_NSOCKS` | TCP connections per peer and direction, 1 to 16; bytes are dealt to them in 512 KiB blocks, for links one connection cannot fill | 2 |
 //! | `RINGLET_SOCKET_IFNAME` | interfaces for ring traffic: `eth0,ib` (prefixes), `^docker,lo` (all but), `=eth0` (exact) | the one routing to the store |
 //! | `RINGLET_BUSY_POLL_US` | poll the sockets (yielding the CPU) this long before sleeping, 0 to 10000 | 50 |
 //!
@@ -53,6 +54,8 @@ pub struct Config {
     pub host_id: Option<String>,
     /// `None`: [`DEFAULT_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
+    /// `RINGLET_NSOCKS`: TCP connections per peer and direction.
+    pub nsocks: usize,
     /// Prefix of this communicator's store keys.
     pub name: String,
     /// Interfaces to use for ring traffic, NCCL syntax (`eth0`, `^docker,lo`, `=eth0`); `None`:
@@ -64,6 +67,12 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+/// Two connections per peer: between network-namespace hosts of this project's machine (veth
+/// links, unshaped), 2 ranks' busbw is 1.2–1.9× one connection's from 1 MiB to 256 MiB, and 4
+/// are no better than 2; a 1 Gbit/s link is full with either; on loopback (only with
+/// `RINGLET_SHM=0`) and for 4-byte latency they are even (the README's measurements).
+pub const DEFAULT_NSOCKS: usize = 2;
+pub use ringlet_transport::stripe::MAX_STREAMS as MAX_NSOCKS;
 /// Chunks are single frames, whose length field is 32 bits.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// The smallest chunk: below a page, each frame's header and wake-up dominate (2 ranks on
@@ -97,6 +106,7 @@ impl Config {
             shm: true,
             host_id: None,
             busy_poll: None,
+            nsocks: DEFAULT_NSOCKS,
             name: "world".into(),
             socket_ifname: None,
         }
@@ -168,6 +178,18 @@ impl Config {
             c.algo = AlgoSetting::parse(&v)?;
         }
         c.host_id = get("RINGLET_HOST_ID").filter(|s| !s.is_empty());
+        if let Some(v) = get("RINGLET_NSOCKS") {
+            c.nsocks = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_NSOCKS).contains(n))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "RINGLET_NSOCKS={v:?} is out of range: 1 to {MAX_NSOCKS}"
+                    ))
+                })?;
+        }
         c.check_ranges()?;
         c.socket_ifname = get("RINGLET_SOCKET_IFNAME").filter(|s| !s.trim().is_empty());
         if let Some(us) = optional::<u64>(&get, "RINGLET_BUSY_POLL_US")? {
@@ -223,6 +245,13 @@ impl Config {
                     format!("1 to {MAX_HOST_ID} bytes, no control characters"),
                 );
             }
+        }
+        if !(1..=MAX_NSOCKS).contains(&self.nsocks) {
+            return out(
+                "nsocks (RINGLET_NSOCKS)",
+                self.nsocks.to_string(),
+                format!("1 to {MAX_NSOCKS}"),
+            );
         }
         if self.busy_poll.is_some_and(|b| b > MAX_BUSY_POLL) {
             return out(
@@ -400,6 +429,10 @@ mod tests {
                 "tree",
                 "auto, ring, doubling, halving or two_level",
             ),
+            ("RINGLET_NSOCKS", "0", "1 to 16"),
+            ("RINGLET_NSOCKS", "17", "1 to 16"),
+            ("RINGLET_NSOCKS", "-1", "1 to 16"),
+            ("RINGLET_NSOCKS", "99999999999999999999999", "1 to 16"),
         ] {
             let e = with(k, v).unwrap_or_else(|| panic!("{k}={v} was accepted"));
             assert!(
@@ -415,6 +448,8 @@ mod tests {
             ("RINGLET_BUSY_POLL_US", "0"),
             ("RINGLET_BUSY_POLL_US", "10000"),
             ("RINGLET_HOST_ID", "rack 1/node 7"),
+            ("RINGLET_NSOCKS", "1"),
+            ("RINGLET_NSOCKS", "16"),
         ] {
             assert_eq!(with(k, v), None, "{k}={v}");
         }
@@ -425,6 +460,10 @@ mod tests {
         let e = c.check_ranges().unwrap_err().to_string();
         assert!(e.contains("chunk_bytes") && e.contains("4K to 1G"), "{e}");
         c.chunk_bytes = DEFAULT_CHUNK_BYTES;
+        c.nsocks = 0;
+        let e = c.check_ranges().unwrap_err().to_string();
+        assert!(e.contains("RINGLET_NSOCKS") && e.contains("1 to 16"), "{e}");
+        c.nsocks = DEFAULT_NSOCKS;
         c.busy_poll = Some(Duration::from_secs(1));
         assert!(c
             .check_ranges()

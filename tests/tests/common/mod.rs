@@ -43,6 +43,16 @@ impl Job {
 
     /// Starts `n` ranks of `ringlet-testrank ARGS` with `env` added to the contract.
     pub fn start(n: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
+        Job::start_with(n, args, env, |_| Vec::new())
+    }
+
+    /// As [`start`](Self::start), with `env_of(rank)` added last: for ranks that disagree.
+    pub fn start_with(
+        n: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+        env_of: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+    ) -> Job {
         let mut job = Job::empty(n);
         let (port, token) = (job.port, job.token.clone());
         for rank in 0..n {
@@ -56,7 +66,7 @@ impl Job {
                 .env("MASTER_PORT", port.to_string())
                 .env("RINGLET_JOB_TOKEN", &token)
                 .env("RINGLET_TIMEOUT", "60");
-            for (k, v) in env {
+            for (k, v) in env.iter().copied().chain(env_of(rank)) {
                 cmd.env(k, v);
             }
             job.spawn_rank(cmd);

@@ -65,6 +65,7 @@ impl Communicator {
                 deadline,
                 busy_poll: config.effective_busy_poll(),
                 shm: config.shm,
+                streams: config.nsocks,
             };
             let mut peers = join(&mut client, &token, &opts)?.expect("more than one rank");
             let ours = card_of(&config, peers.own_info());
