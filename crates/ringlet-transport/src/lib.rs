@@ -30,7 +30,7 @@ pub use setup::{join, JoinOptions};
 use ringlet_core::error::PeerId;
 use ringlet_core::Result;
 use std::io::IoSlice;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What [`Peers::wait`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,9 +65,10 @@ pub trait Peers: Send {
     /// Rank `rank`, with the address it is known by.
     fn peer(&self, rank: usize) -> PeerId;
     /// Makes sure we can send to each of `peers` (connecting, and proving who we are, where
-    /// needed), by `deadline`. Streams *from* peers arrive when they connect to us; until then
-    /// `recv` finds nothing and `wait` wakes when one arrives.
-    fn connect(&mut self, peers: &[usize], deadline: Instant) -> Result<()>;
+    /// needed), within `timeout` (the clock is read only if a link must be made: this is called
+    /// at the start of every collective). Streams *from* peers arrive when they connect to us;
+    /// until then `recv` finds nothing and `wait` wakes when one arrives.
+    fn connect(&mut self, peers: &[usize], timeout: Duration) -> Result<()>;
     /// Writes what it can of `bufs` to `peer` without blocking; `Ok(0)` when nothing could be
     /// written now. `connect` must have been called for `peer`.
     fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> Result<usize>;

@@ -250,10 +250,16 @@ impl ProcessPeers {
             && (!i.send || matches!(self.to[i.peer], Some(Out::Shm(_))))
     }
 
-    /// Whether a shared-memory link of `interests` can make progress now, without a system call.
-    fn shm_ready(&self, interests: &[Interest]) -> bool {
+    /// Whether a link of `interests` can make progress now, as seen without a system call: a
+    /// shared-memory ring with room or bytes, or a TCP link with bytes read ahead.
+    fn ready_in_memory(&self, interests: &[Interest]) -> bool {
         interests.iter().any(|i| {
-            (i.recv && matches!(&self.from[i.peer], Some(In::Shm(r)) if r.ready()))
+            (i.recv
+                && match &self.from[i.peer] {
+                    Some(In::Shm(r)) => r.ready(),
+                    Some(In::Tcp(s)) => s.buffered(),
+                    None => false,
+                })
                 || (i.send && matches!(&self.to[i.peer], Some(Out::Shm(w)) if w.ready()))
         })
     }
@@ -275,6 +281,8 @@ impl ProcessPeers {
             if i.recv {
                 match &self.from[i.peer] {
                     Some(In::Tcp(s)) => {
+                        // Bytes read ahead wait in user space, where the poll cannot see them.
+                        ready_now |= s.buffered();
                         fds.push(pollfd(s.current().as_raw_fd(), libc::POLLIN));
                         watches.push(Watch::Plain);
                     }
@@ -443,12 +451,14 @@ impl Peers for ProcessPeers {
         }
     }
 
-    fn connect(&mut self, peers: &[usize], deadline: Instant) -> Result<()> {
+    fn connect(&mut self, peers: &[usize], timeout: Duration) -> Result<()> {
+        let mut deadline = None;
         for &p in peers {
             self.check_rank(p)?;
             if self.to[p].is_some() {
                 continue;
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             let id = self.peer(p);
             if let Some(name) = self.shm_names[p].clone() {
                 let sock = connect_shm(&name, &id, &self.token, &self.opts, deadline)?;
@@ -533,7 +543,7 @@ impl Peers for ProcessPeers {
                 // and a message landing during one waits for it); yielding still lets a peer
                 // that shares our core run.
                 for _ in 0..SHM_SPINS {
-                    if self.shm_ready(interests) {
+                    if self.ready_in_memory(interests) {
                         return Ok(Readiness::Ready);
                     }
                     std::hint::spin_loop();

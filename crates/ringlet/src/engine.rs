@@ -172,7 +172,7 @@ pub fn run_on<P: Peers + ?Sized, M: Memory>(
     };
     let result = exec
         .peers
-        .connect(&send_peers, Instant::now() + deadlines.timeout)
+        .connect(&send_peers, deadlines.timeout)
         .map_err(Failure::from)
         .and_then(|()| exec.drive());
     match result {
@@ -242,10 +242,10 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
     }
 
     fn drive(&mut self) -> Result<(), Failure> {
-        let mut last_progress = Instant::now();
-        // Progress since `last_progress` was taken: the clock is read again only before a wait
-        // (reading it at every step cost a tenth of a small all-reduce on shared memory).
-        let mut moved = false;
+        // When the last progress was made, read off the clock only before a wait (reading it at
+        // every step cost a tenth of a small all-reduce on shared memory): `None` once bytes
+        // have moved since, and at the start (a call that never waits never reads it).
+        let mut last_progress: Option<Instant> = None;
         let mut stalled_since: Option<Instant> = None;
         loop {
             let mut progressed = self.pump_sends()?;
@@ -255,13 +255,11 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                 return Ok(());
             }
             if progressed {
-                moved = true;
+                last_progress = None;
                 stalled_since = None;
                 continue;
             }
-            if std::mem::take(&mut moved) {
-                last_progress = Instant::now();
-            }
+            let last_progress = *last_progress.get_or_insert_with(Instant::now);
             if self.mem.busy()? {
                 // Copies or kernels in flight: poll them, and the sockets, without sleeping long.
                 if last_progress.elapsed() >= self.deadlines.timeout {

@@ -154,7 +154,12 @@ impl<P: Peers + ?Sized, M: Memory> Exec<'_, P, M> {
                 || Some(peer) == unreachable;
             // Peers we only receive from are told too (over a link made now if need be): one may
             // be the rank at fault, alive and waiting on us, with no other way to hear.
-            if !skip && self.peers.connect(&[peer], deadline).is_ok() {
+            if !skip
+                && self
+                    .peers
+                    .connect(&[peer], deadline.saturating_duration_since(Instant::now()))
+                    .is_ok()
+            {
                 self.send_notice(li, &notice, deadline);
             }
         }
