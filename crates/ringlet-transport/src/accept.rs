@@ -32,21 +32,24 @@ pub(crate) enum Inbound {
     Shm(shm::Reader),
 }
 
-/// How a peer reached us: which of its TCP connections, or shared memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Via {
-    Tcp(usize),
-    Shm,
+/// TCP connections of ranks whose sets are not all here yet, and the ranks whose sets were
+/// handed on whole.
+#[derive(Default)]
+struct Assembly {
+    partial: HashMap<usize, Vec<Option<TcpStream>>>,
+    delivered: HashSet<usize>,
 }
 
 /// Links the acceptors admitted and the engine has not taken yet, and the bell that wakes an
 /// engine waiting for one (a socket pair: its read end sits in the engine's `ppoll`).
 pub(crate) struct Arrivals {
     queue: Mutex<Vec<(usize, Inbound)>>,
-    /// Ranks ever admitted, and how: each connection of each kind is admitted once.
-    admitted: Mutex<HashSet<(usize, Via)>>,
-    /// TCP connections of a rank whose others have not all arrived yet.
-    assembling: Mutex<HashMap<usize, Vec<Option<TcpStream>>>>,
+    /// Ranks whose shared-memory link is admitted or being set up: one each.
+    shm_claimed: Mutex<HashSet<usize>>,
+    /// TCP connections by rank. A connection that arrives again while its set is incomplete
+    /// replaces the first (the peer retried because that one failed on its side); once the set
+    /// is handed on, the rank is connected and any further connection is refused.
+    tcp: Mutex<Assembly>,
     /// Ranks that proved the job token but were refused for a setting that differs from ours:
     /// they will never connect, and the join need not wait for them.
     disagreeing: Mutex<HashMap<usize, String>>,
@@ -65,8 +68,8 @@ impl Arrivals {
         }
         Ok(Arrivals {
             queue: Mutex::new(Vec::new()),
-            admitted: Mutex::new(HashSet::new()),
-            assembling: Mutex::new(HashMap::new()),
+            shm_claimed: Mutex::new(HashSet::new()),
+            tcp: Mutex::new(Assembly::default()),
             disagreeing: Mutex::new(HashMap::new()),
             streams,
             bell_rx,
@@ -78,25 +81,49 @@ impl Arrivals {
         self.bell_rx.as_raw_fd()
     }
 
-    /// Claims `rank`'s single connection of this kind; false when it already has one.
-    fn claim(&self, rank: usize, via: Via) -> bool {
-        self.admitted
+    /// Claims `rank`'s shared-memory link; false when it already has one.
+    fn claim_shm(&self, rank: usize) -> bool {
+        self.shm_claimed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((rank, via))
+            .insert(rank)
+    }
+
+    /// Gives a claim back when its link could not be set up, so that the peer's retry is heard.
+    fn release_shm(&self, rank: usize) {
+        self.shm_claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rank);
+    }
+
+    /// Whether `rank`'s TCP connections were all here and handed on.
+    fn tcp_delivered(&self, rank: usize) -> bool {
+        self.tcp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivered
+            .contains(&rank)
     }
 
     /// Holds connection `index` of `rank` until all of its connections are here, then queues
-    /// them as one link.
+    /// them as one link. A connection for a rank already handed on is dropped (it passed the
+    /// admission check just before its set completed).
     fn assemble(&self, rank: usize, index: usize, stream: TcpStream) {
         let complete = {
-            let mut all = self.assembling.lock().unwrap_or_else(|p| p.into_inner());
-            let slots = all
+            let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+            if tcp.delivered.contains(&rank) {
+                return;
+            }
+            let slots = tcp
+                .partial
                 .entry(rank)
                 .or_insert_with(|| (0..self.streams).map(|_| None).collect());
             slots[index] = Some(stream);
             if slots.iter().all(Option::is_some) {
-                all.remove(&rank)
+                tcp.delivered.insert(rank);
+                tcp.partial
+                    .remove(&rank)
                     .map(|s| s.into_iter().flatten().collect::<Vec<_>>())
             } else {
                 None
@@ -400,33 +427,88 @@ fn admit<L: Listen>(
             "it claims stream {} of {}",
             hello.stream, hello.streams
         ))
-    } else if !arrivals.claim(hello.rank as usize, via::<L>(hello.stream as usize)) {
+    } else if (L::SHM && !arrivals.claim_shm(hello.rank as usize))
+        || (!L::SHM && arrivals.tcp_delivered(hello.rank as usize))
+    {
         Some(format!("rank {} is already connected", hello.rank))
     } else {
         None
     };
-    msg::send(
+    let rank = hello.rank as usize;
+    let acked = msg::send(
         &mut stream,
         &PeerAck {
             refused: refusal.clone(),
         },
         peer,
         deadline,
-    )?;
-    match refusal {
-        Some(why) => Err(Error::Config(format!("{peer}: {why}"))),
-        None => {
-            let rank = hello.rank as usize;
+    );
+    let admitted = match (refusal, acked) {
+        (Some(why), _) => return Err(Error::Config(format!("{peer}: {why}"))),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => {
             let id = PeerId::rank(rank, peer.addr.clone());
             L::deliver(stream, rank, id, hello.stream as usize, arrivals, deadline)
         }
+    };
+    if admitted.is_err() && L::SHM {
+        arrivals.release_shm(rank);
     }
+    admitted
 }
 
-fn via<L: Listen>(index: usize) -> Via {
-    if L::SHM {
-        Via::Shm
-    } else {
-        Via::Tcp(index)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected loopback socket; its local port tells it apart.
+    fn socket(l: &TcpListener) -> (TcpStream, u16) {
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let port = s.local_addr().unwrap().port();
+        drop(l.accept().unwrap());
+        (s, port)
+    }
+
+    /// A peer retries a connection that failed on its side before its set is complete: the
+    /// retry replaces the first instead of being refused, so the link still forms; once the set
+    /// is handed on, the rank counts as connected.
+    #[test]
+    fn a_retried_connection_replaces_its_slot_until_the_set_is_whole() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let arrivals = Arrivals::new(2).unwrap();
+        let (first, _) = socket(&l);
+        let (retry, retry_port) = socket(&l);
+        let (second, second_port) = socket(&l);
+        arrivals.assemble(3, 0, first);
+        assert!(!arrivals.tcp_delivered(3));
+        arrivals.assemble(3, 0, retry);
+        assert!(arrivals.take().is_empty());
+        arrivals.assemble(3, 1, second);
+        assert!(arrivals.tcp_delivered(3));
+        let mut got = arrivals.take();
+        assert_eq!(got.len(), 1);
+        match got.pop() {
+            Some((3, Inbound::Tcp(streams))) => {
+                let ports: Vec<u16> = streams
+                    .iter()
+                    .map(|s| s.local_addr().unwrap().port())
+                    .collect();
+                assert_eq!(ports, [retry_port, second_port]);
+            }
+            _ => panic!("expected rank 3's two connections"),
+        }
+        let (late, _) = socket(&l);
+        arrivals.assemble(3, 1, late);
+        assert!(arrivals.take().is_empty());
+    }
+
+    /// A shared-memory claim given back after a failed setup lets the peer's retry in.
+    #[test]
+    fn a_released_shared_memory_claim_can_be_made_again() {
+        let arrivals = Arrivals::new(1).unwrap();
+        assert!(arrivals.claim_shm(2));
+        assert!(!arrivals.claim_shm(2));
+        arrivals.release_shm(2);
+        assert!(arrivals.claim_shm(2));
     }
 }

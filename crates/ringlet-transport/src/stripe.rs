@@ -94,7 +94,9 @@ impl Stripes {
                     done += n;
                     self.advance(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && done > 0 => break,
+                // Bytes already written count; an error is reported by the next call, which
+                // meets it again before writing anything.
+                Err(_) if done > 0 => break,
                 Err(e) => return Err(e),
             }
         }
@@ -157,7 +159,8 @@ impl Stripes {
                     got += n;
                     self.advance(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => break,
+                // Bytes already read count; the next call meets the error or the end.
+                Err(_) if got > 0 => break,
                 Err(e) => return Err(e),
             }
         }
@@ -301,6 +304,44 @@ mod tests {
             }
         }
         assert_eq!(got, b"abcdef");
+    }
+
+    /// Resets a connection at once (an RST instead of an orderly close).
+    fn reset(s: TcpStream) {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// Bytes that reached the first connection count when the next one fails; the following
+    /// call reports the failure (or, reading, the connection's end).
+    #[test]
+    fn an_error_after_progress_keeps_the_progress() {
+        let (tx, mut rx) = pairs(2);
+        reset(rx.remove(1));
+        let mut tx = Stripes::with_block(tx, 16);
+        assert_eq!(tx.send(&[IoSlice::new(&[7u8; 32])]).unwrap(), 16);
+        assert!(tx.send(&[IoSlice::new(&[7u8; 16])]).is_err());
+
+        let (mut tx, rx) = pairs(2);
+        use std::io::Write;
+        (&tx[0]).write_all(&[9u8; 16]).unwrap();
+        reset(tx.remove(1));
+        let mut rx = Stripes::with_block(rx, 16);
+        let mut buf = [0u8; 32];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let n = loop {
+            assert!(Instant::now() < deadline);
+            match rx.recv(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..n], &[9u8; 16]);
+        // The reset was consumed by the first call; the next finds the connection ended.
+        assert!(matches!(rx.recv(&mut buf), Ok(0) | Err(_)));
     }
 
     /// A header-sized read takes what follows too; the rest is handed out without reading the
