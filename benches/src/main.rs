@@ -121,12 +121,12 @@ fn main() {
     let args = Args::parse();
     match run(&args) {
         Ok(wrong) if wrong > 0 => {
-            eprintln!("ringlet-bench: {wrong} wrong elements");
+            ringlet_core::error_line!("ringlet-bench: {wrong} wrong elements");
             std::process::exit(1);
         }
         Ok(_) => {}
         Err(e) => {
-            eprintln!("ringlet-bench: {e}");
+            ringlet_core::error_line!("ringlet-bench: {e}");
             std::process::exit(1);
         }
     }

@@ -22,6 +22,11 @@ const SAFETY_NET: Duration = Duration::from_millis(200);
 /// How long to wait for a finished rank's last output before printing ringrun's verdict on it,
 /// so the rank's own error message comes first.
 const RANK_OUTPUT_WAIT: Duration = Duration::from_millis(200);
+/// How long the other ranks have, after the first failure, to end on their own before ringrun
+/// stops them. A rank that fails at the same moment (a disk-full error that every rank agrees
+/// to fail on, say) then prints its own cause instead of being cut off by SIGTERM; a rank that
+/// hangs is stopped this much later.
+pub const FAILURE_GRACE: Duration = Duration::from_millis(500);
 /// How long to wait at the end for output still in flight. Only a process that escaped its
 /// rank's process group (setsid) can hold a pipe open longer; ringrun does not wait for it.
 const FINAL_OUTPUT_WAIT: Duration = Duration::from_secs(2);
@@ -182,6 +187,8 @@ struct Supervisor<'a> {
     ranks: Vec<Rank>,
     done_rx: Receiver<usize>,
     shutdown: Option<Shutdown>,
+    /// When the ranks are stopped after a failure (see [`FAILURE_GRACE`]).
+    stop_at: Option<Instant>,
     /// How the first rank to fail on its own ended, for a restart's log line, and whether a
     /// signal killed it.
     first_failure: Option<(String, bool)>,
@@ -196,6 +203,7 @@ impl<'a> Supervisor<'a> {
             ranks: Vec::with_capacity(spec.world_size),
             done_rx,
             shutdown: None,
+            stop_at: None,
             first_failure: None,
             killed_outside: None,
         }
@@ -294,10 +302,19 @@ impl<'a> Supervisor<'a> {
             while let Some(sig) = signals.take() {
                 self.on_signal(sig);
             }
-            if self.ranks.iter().all(|r| r.end.is_some()) {
+            let now = Instant::now();
+            let stop_due = self.stop_at.is_some_and(|t| now >= t);
+            let all_ended = self.ranks.iter().all(|r| r.end.is_some());
+            if self.shutdown.is_none() && (stop_due || (all_ended && self.stop_at.is_some())) {
+                self.begin_shutdown(Outcome::RankFailed, libc::SIGTERM);
+            }
+            if all_ended {
                 break;
             }
             let mut nap = SAFETY_NET;
+            if let (Some(t), None) = (self.stop_at, &self.shutdown) {
+                nap = nap.min(t.saturating_duration_since(now));
+            }
             if let Some(s) = &self.shutdown {
                 if !s.killed {
                     let now = Instant::now();
@@ -343,10 +360,10 @@ impl<'a> Supervisor<'a> {
             self.ranks[i].end = Some(status);
             failed |= self.report_end(i, status);
         }
-        // Only now, so ranks that ended on their own in the same round are not counted as
-        // stopped by ringrun.
-        if failed && self.shutdown.is_none() {
-            self.begin_shutdown(Outcome::RankFailed, libc::SIGTERM);
+        // The others are stopped after a grace, so ranks that end on their own meanwhile are
+        // reported as they ended, with their own last words, not as stopped by ringrun.
+        if failed && self.shutdown.is_none() && self.stop_at.is_none() {
+            self.stop_at = Some(Instant::now() + FAILURE_GRACE);
         }
     }
 

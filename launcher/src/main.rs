@@ -54,9 +54,11 @@ Signals:
   docker rm -f $(docker ps -aq --filter label=ringlet.job)
 
 Failure:
-  When a rank exits non-zero or is killed by a signal, ringrun reports it, sends
-  SIGTERM to the other ranks (SIGKILL after --kill-grace), waits for all of them
-  and exits 1. The first failure is the one reported as the cause.
+  When a rank exits non-zero or is killed by a signal, ringrun reports it, gives
+  the other ranks 0.5 s to end on their own (a rank failing at the same time
+  prints its own error), then sends SIGTERM to those still running (SIGKILL after
+  --kill-grace), waits for all of them and exits 1. The first failure is the one
+  reported as the cause.
 
 Restarts (--max-restarts K):
   A failed attempt (as above) is followed by a new one, up to K times: every
@@ -283,6 +285,18 @@ fn run(cli: Cli) -> Outcome {
         if slots < n {
             note!("--hosts offers {slots} slots for {n} ranks");
             return Outcome::Usage;
+        }
+    }
+    // An inherited RINGLET_TIMEOUT reaches every rank, which would each refuse it: say so once.
+    if cli.timeout.is_none() {
+        if let Some(v) = std::env::var("RINGLET_TIMEOUT")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            if let Err(e) = parse_timeout(v.trim()) {
+                note!("RINGLET_TIMEOUT={v}: {e} (it is passed to every rank)");
+                return Outcome::Usage;
+            }
         }
     }
     if let Some(map) = &cli.gpus {

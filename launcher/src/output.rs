@@ -7,8 +7,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
-/// ringrun's own one-line messages on stderr, `ringrun: ...`. Unlike `eprintln!` this never
-/// panics: a closed stderr must not stop ringrun from stopping and reaping the ranks.
+/// ringrun's own one-line messages on stderr, `ringrun: ...`, each in one write. Unlike
+/// `eprintln!` this never panics: a closed stderr must not stop ringrun from stopping and reaping
+/// the ranks.
 macro_rules! note {
     ($($arg:tt)*) => {
         $crate::output::note_line(format_args!($($arg)*))
@@ -16,7 +17,7 @@ macro_rules! note {
 }
 
 pub fn note_line(args: fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr().lock(), "ringrun: {args}");
+    ringlet_core::error_line!("ringrun: {args}");
 }
 
 /// Where a pumped line goes.

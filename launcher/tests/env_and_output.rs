@@ -222,6 +222,24 @@ fn usage_errors_exit_2() {
     let mut cmd = ringrun();
     cmd.args(["-n", "2", "--timeout", "0", "--", "true"]);
     assert_eq!(run(cmd, T).code(), Some(2));
+    let mut cmd = ringrun();
+    cmd.args(["-n", "2", "--timeout=-1", "--", "true"]);
+    assert_eq!(run(cmd, T).code(), Some(2));
+    // An inherited bad timeout is refused once, by ringrun, before any rank starts.
+    for bad in ["0", "-3", "soon"] {
+        let mut cmd = ringrun();
+        cmd.env("RINGLET_TIMEOUT", bad)
+            .args(["-n", "2", "--", "sh", "-c", "echo started"]);
+        let out = run(cmd, T);
+        assert_eq!(out.code(), Some(2), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{out:?}");
+        assert!(
+            lines[0].starts_with(&format!("ringrun: RINGLET_TIMEOUT={bad}: ")),
+            "{out:?}"
+        );
+    }
 }
 
 /// The CPUs each rank may run on, from `/proc/self/status`, by rank.

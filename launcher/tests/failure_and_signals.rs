@@ -172,3 +172,44 @@ fn ranks_die_when_ringrun_is_sigkilled() {
     assert_eq!(out.status.code(), None, "{out:?}");
     assert_all_gone(&pids, Duration::from_secs(2));
 }
+
+/// A rank failing a moment after another (every rank agreeing to fail on one rank's disk-full
+/// error, say) is not cut off by SIGTERM: its own last words reach the output, and the cause is
+/// still the first failure.
+#[test]
+fn a_rank_failing_just_after_another_still_says_why() {
+    let script = r#"
+        echo "pid=$$"
+        if [ "$RANK" = 1 ]; then echo "peer failed" >&2; exit 1; fi
+        if [ "$RANK" = 0 ]; then sleep 0.25; echo "No space left on device" >&2; exit 1; fi
+        exec sleep 60"#;
+    let out = run(ringrun_sh(3, &[], script), T);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("[0] No space left on device"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.starts_with("ringrun: rank 0 (pid ") && l.ends_with("exited with status 1")),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("ringrun: stopped rank 2 (pid "),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("stopped rank 0"), "{out:?}");
+    let first = out
+        .stderr
+        .find("ringrun: rank 1 (pid ")
+        .expect("rank 1's failure");
+    assert!(
+        first < out.stderr.find("ringrun: rank 0 (pid ").unwrap(),
+        "{out:?}"
+    );
+    assert_all_gone(
+        &values_of(&out.stdout_lines(), "pid="),
+        Duration::from_secs(2),
+    );
+}

@@ -98,7 +98,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("ringlet-model: {e}");
+        ringlet_core::error_line!("ringlet-model: {e}");
         std::process::exit(1);
     }
 }

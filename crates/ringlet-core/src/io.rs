@@ -1,6 +1,7 @@
 //! Blocking socket I/O bounded by a deadline, for handshakes and control messages. (The data
 //! path is non-blocking and lives in `ringlet-transport`.)
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -148,4 +149,22 @@ pub fn write_all_by<S: TimedStream + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// Writes one line to stderr with a single `write(2)`. `eprintln!` writes each formatted piece
+/// separately, so a rank that ringrun stops right after a peer's failure could leave only its
+/// program's prefix; one write is never cut by a signal, and lines of up to `PIPE_BUF` (4 KiB)
+/// from several processes sharing a pipe never interleave.
+pub fn stderr_line(args: fmt::Arguments<'_>) {
+    let mut line = args.to_string();
+    line.push('\n');
+    let _ = io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// [`stderr_line`] with `format!`'s syntax: `error_line!("ringlet-bench: {e}")`.
+#[macro_export]
+macro_rules! error_line {
+    ($($arg:tt)*) => {
+        $crate::io::stderr_line(format_args!($($arg)*))
+    };
 }

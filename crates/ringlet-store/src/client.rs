@@ -57,8 +57,11 @@ impl StoreClient {
         let peer = PeerId::addr(addr);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(10);
+        // The cause shown at the deadline: the last attempt that got as far as an error (the
+        // final pass may find no time left to try anything).
+        let mut last: Option<String> = None;
         loop {
-            let last = match attempt(addr, token, &peer, deadline) {
+            match attempt(addr, token, &peer, deadline) {
                 Ok(stream) => {
                     return Ok(StoreClient {
                         addr: addr.to_string(),
@@ -68,18 +71,22 @@ impl StoreClient {
                     })
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Retry(why)) => why,
-            };
+                Err(Attempt::Retry(Some(why))) => last = Some(why),
+                Err(Attempt::Retry(None)) => {}
+            }
             let left = deadline.saturating_duration_since(Instant::now());
+            let why = last
+                .as_deref()
+                .unwrap_or("none was made before the deadline");
             if left.is_zero() {
                 return Err(Error::Deadline {
                     waiting_for: format!(
-                        "connecting to the rendezvous store at {addr} (last attempt: {last})"
+                        "connecting to the rendezvous store at {addr} (last attempt: {why})"
                     ),
                     after: started.elapsed(),
                 });
             }
-            tracing::debug!(addr, "rendezvous store not reachable yet: {last}");
+            tracing::debug!(addr, "rendezvous store not reachable yet: {why}");
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -287,7 +294,8 @@ impl StoreClient {
 
 enum Attempt {
     /// Worth trying again before the deadline: nothing listening yet, or the server shed us.
-    Retry(String),
+    /// `None` when the deadline left no time to try any address.
+    Retry(Option<String>),
     Fatal(Error),
 }
 
@@ -299,9 +307,10 @@ fn attempt(
 ) -> std::result::Result<TcpStream, Attempt> {
     let targets = addr
         .to_socket_addrs()
-        .map_err(|e| Attempt::Retry(format!("resolving {addr}: {e}")))?;
-    let mut last = format!("{addr} resolved to no address");
+        .map_err(|e| Attempt::Retry(Some(format!("resolving {addr}: {e}"))))?;
+    let (mut resolved, mut last) = (false, None);
     for target in targets {
+        resolved = true;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -309,7 +318,7 @@ fn attempt(
         let mut stream = match TcpStream::connect_timeout(&target, left.min(MAX_CONNECT_ATTEMPT)) {
             Ok(s) => s,
             Err(e) if retryable(&e) => {
-                last = format!("connecting to {target}: {e}");
+                last = Some(format!("connecting to {target}: {e}"));
                 continue;
             }
             Err(e) => {
@@ -324,9 +333,12 @@ fn attempt(
         {
             Ok(()) => Ok(stream),
             // A server at its connection limit, or one shutting down, closes on us.
-            Err(e @ Error::PeerLost { .. }) => Err(Attempt::Retry(e.to_string())),
+            Err(e @ Error::PeerLost { .. }) => Err(Attempt::Retry(Some(e.to_string()))),
             Err(e) => Err(Attempt::Fatal(e)),
         };
+    }
+    if !resolved {
+        last = Some(format!("{addr} resolved to no address"));
     }
     Err(Attempt::Retry(last))
 }

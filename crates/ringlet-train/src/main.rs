@@ -165,7 +165,7 @@ fn main() {
             let rank = ringlet::bootstrap::detect(&env)
                 .map_or_else(|_| "?".to_string(), |p| p.rank.to_string());
             let host = ringlet::topology::hostname();
-            eprintln!("ringlet-train: rank {rank} on {host}: {e}");
+            ringlet_core::error_line!("ringlet-train: rank {rank} on {host}: {e}");
             1
         }
     };

@@ -134,6 +134,15 @@ impl Config {
             }
         };
         let port: u16 = optional(&get, "MASTER_PORT")?.unwrap_or(DEFAULT_MASTER_PORT);
+        if port == 0 {
+            // Rank 0 would listen on a port nobody else knows, and the others dial port 0
+            // until their deadline.
+            return Err(Error::Config(
+                "MASTER_PORT=0 is out of range: 1 to 65535 (the port every rank dials to reach \
+                 the rendezvous store)"
+                    .into(),
+            ));
+        }
         let mut c = Config::new(rank, world_size, join_host_port(&store_host, port));
         c.local_rank = placement.local_rank;
         c.local_world_size = placement.local_world_size;
@@ -391,6 +400,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("RINGLET_TIMEOUT"), "{e}");
+        for secs in ["0", "-0.5", "NaN", "inf"] {
+            let e = cfg(&[
+                ("RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("RINGLET_TIMEOUT", secs),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("RINGLET_TIMEOUT") && e.contains("positive"),
+                "{e}"
+            );
+        }
+        let e = cfg(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "0"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MASTER_PORT=0") && e.contains("1 to 65535"),
+            "{e}"
+        );
     }
 
     const LONG_ID: &str = "hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh";

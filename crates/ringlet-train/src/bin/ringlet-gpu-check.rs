@@ -257,11 +257,11 @@ fn main() {
             std::process::exit(1);
         }
         Err(e @ CudaError::NoCuda { .. }) => {
-            eprintln!("ringlet-gpu-check: {e}");
+            ringlet_core::error_line!("ringlet-gpu-check: {e}");
             std::process::exit(2);
         }
         Err(e) => {
-            eprintln!("ringlet-gpu-check: {e}");
+            ringlet_core::error_line!("ringlet-gpu-check: {e}");
             std::process::exit(1);
         }
     }
