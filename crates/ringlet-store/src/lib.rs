@@ -8,6 +8,7 @@
 //! margin for the reply to travel), and every error names the store's `host:port`.
 
 mod client;
+mod limits;
 mod protocol;
 mod server;
 

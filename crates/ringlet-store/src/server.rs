@@ -3,6 +3,7 @@
 //! size and time, nothing from the wire can panic a thread, and dropping the server shuts every
 //! socket down so no thread outlives it.
 
+use crate::limits::{ByteLimits, Entries, Warnings};
 use crate::protocol::{self, FrameError, Request, Response};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -10,7 +11,7 @@ use ringlet_core::auth::{accept_handshake, JobToken, Role};
 use ringlet_core::error::PeerId;
 use ringlet_core::io::IoFailure;
 use ringlet_core::{msg, Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,8 +26,18 @@ pub struct ServerConfig {
     /// How long the rest of a request may take to arrive once its first byte has, and how long a
     /// reply may take to send.
     pub frame_timeout: Duration,
-    /// Connections served at once; more are accepted and closed at once.
+    /// Connections served at once. Past it, the oldest connection still proving itself is
+    /// closed to make room; when every one has proved itself, the new one is closed.
     pub max_connections: usize,
+    /// Connections still proving they hold the token, at most: past it the oldest is closed, so
+    /// idle or slow strangers never keep a rank's own connection waiting.
+    pub max_unauthenticated: usize,
+    /// Bytes (keys plus values) the store holds in total, and per client (what one connection
+    /// wrote and nobody has overwritten or deleted). A write past either is refused, naming it.
+    pub max_bytes: usize,
+    pub max_client_bytes: usize,
+    /// Refused connections are logged at most once per interval, then summarised.
+    pub warn_interval: Duration,
     /// Longest a single request waits for keys, whatever the client asks (clients re-ask).
     pub max_wait: Duration,
 }
@@ -37,6 +48,10 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_unauthenticated: 64,
+            max_bytes: 256 << 20,
+            max_client_bytes: 32 << 20,
+            warn_interval: Duration::from_secs(30),
             max_wait: Duration::from_secs(600),
         }
     }
@@ -57,11 +72,12 @@ struct Shared {
     store: Mutex<Store>,
     changed: Condvar,
     conns: Mutex<Conns>,
+    refusals: Mutex<Warnings>,
 }
 
 #[derive(Default)]
 struct Store {
-    map: HashMap<String, Vec<u8>>,
+    map: Entries,
     closed: bool,
 }
 
@@ -70,6 +86,8 @@ struct Store {
 struct Conns {
     next_id: u64,
     sockets: HashMap<u64, TcpStream>,
+    /// Connections still in the handshake, oldest first.
+    unauthenticated: VecDeque<u64>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -105,6 +123,7 @@ impl StoreServer {
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(bind_err)?;
         let waker = Waker::new(poll.registry(), WAKE).map_err(bind_err)?;
+        let config_warn_interval = config.warn_interval;
         let shared = Arc::new(Shared {
             token,
             config,
@@ -112,6 +131,10 @@ impl StoreServer {
             store: Mutex::default(),
             changed: Condvar::new(),
             conns: Mutex::default(),
+            refusals: Mutex::new(Warnings::new(
+                "rendezvous-store connections refused",
+                config_warn_interval,
+            )),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -157,6 +180,7 @@ impl Drop for StoreServer {
         for t in threads {
             let _ = t.join();
         }
+        lock(&self.shared.refusals).summarise(Instant::now());
         tracing::debug!(addr = %self.local_addr, "rendezvous store stopped");
     }
 }
@@ -182,6 +206,7 @@ fn accept_loop(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         retry_after = None;
+        lock(&shared.refusals).flush(Instant::now());
         loop {
             if shared.stopping.load(Ordering::SeqCst) {
                 return;
@@ -204,35 +229,71 @@ fn accept_loop(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
 fn admit(stream: TcpStream, remote: SocketAddr, shared: &Arc<Shared>) {
     let mut conns = lock(&shared.conns);
     conns.threads.retain(|t| !t.is_finished());
-    if conns.sockets.len() >= shared.config.max_connections {
-        tracing::warn!(%remote, "refused rendezvous-store connection: already serving {} connections", conns.sockets.len());
+    let config = &shared.config;
+    // Room for the newcomer: the oldest stranger still proving itself goes first.
+    while conns.unauthenticated.len() >= config.max_unauthenticated.max(1)
+        || (conns.sockets.len() >= config.max_connections && !conns.unauthenticated.is_empty())
+    {
+        let Some(oldest) = conns.unauthenticated.pop_front() else {
+            break;
+        };
+        if let Some(s) = conns.sockets.get(&oldest) {
+            let _ = s.shutdown(Shutdown::Both);
+            let from = s.peer_addr().map_or("?".to_string(), |a| a.to_string());
+            refused(
+                shared,
+                format!("closed rendezvous-store connection from {from}: it had not proved itself when more arrived"),
+            );
+        }
+    }
+    if conns.sockets.len() >= config.max_connections {
+        refused(
+            shared,
+            format!(
+                "refused rendezvous-store connection from {remote}: already serving {} connections",
+                conns.sockets.len()
+            ),
+        );
         return;
     }
     let registered = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%remote, "refused rendezvous-store connection: {e}");
+            refused(
+                shared,
+                format!("refused rendezvous-store connection from {remote}: {e}"),
+            );
             return;
         }
     };
     let id = conns.next_id;
     conns.next_id += 1;
     conns.sockets.insert(id, registered);
+    conns.unauthenticated.push_back(id);
     let thread_shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("ringlet-store-conn-{id}"))
         .stack_size(512 << 10)
         .spawn(move || {
             let _registered = Registered(id, &thread_shared);
-            serve(stream, remote, &thread_shared);
+            serve(stream, remote, id, &thread_shared);
         });
     match spawned {
         Ok(t) => conns.threads.push(t),
         Err(e) => {
             conns.sockets.remove(&id);
-            tracing::warn!(%remote, "refused rendezvous-store connection: no thread for it: {e}");
+            conns.unauthenticated.retain(|&u| u != id);
+            refused(
+                shared,
+                format!("refused rendezvous-store connection from {remote}: no thread for it: {e}"),
+            );
         }
     }
+}
+
+/// Logs a refused connection, at most one line per interval (see [`ServerConfig::warn_interval`]).
+fn refused(shared: &Shared, line: String) {
+    lock(&shared.refusals).warn(Instant::now(), line);
 }
 
 /// Takes a connection off the live list when its thread ends, however it ends.
@@ -240,11 +301,13 @@ struct Registered<'a>(u64, &'a Shared);
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        lock(&self.1.conns).sockets.remove(&self.0);
+        let mut conns = lock(&self.1.conns);
+        conns.sockets.remove(&self.0);
+        conns.unauthenticated.retain(|&u| u != self.0);
     }
 }
 
-fn serve(mut stream: TcpStream, remote: SocketAddr, shared: &Shared) {
+fn serve(mut stream: TcpStream, remote: SocketAddr, id: u64, shared: &Shared) {
     let peer = PeerId::addr(remote.to_string());
     let config = &shared.config;
     // Accepted sockets may inherit the listener's non-blocking mode; the bounded reads below need
@@ -265,9 +328,17 @@ fn serve(mut stream: TcpStream, remote: SocketAddr, shared: &Shared) {
 
     let deadline = Instant::now() + config.handshake_timeout;
     if let Err(e) = accept_handshake(&mut stream, &shared.token, Role::Store, &peer, deadline) {
-        tracing::warn!(%remote, "refused rendezvous-store connection: {e}");
+        // One closed to make room was counted when it was closed.
+        let displaced = !lock(&shared.conns).unauthenticated.contains(&id);
+        if !displaced && !shared.stopping.load(Ordering::SeqCst) {
+            refused(
+                shared,
+                format!("refused rendezvous-store connection from {remote}: {e}"),
+            );
+        }
         return;
     }
+    lock(&shared.conns).unauthenticated.retain(|&u| u != id);
     tracing::debug!(%remote, "rendezvous-store client connected");
     let idle = Duration::from_secs(365 * 24 * 3600);
     loop {
@@ -299,7 +370,7 @@ fn serve(mut stream: TcpStream, remote: SocketAddr, shared: &Shared) {
             }
         };
         let response = match protocol::decode::<Request>(&body) {
-            Ok(request) => match handle(request, shared) {
+            Ok(request) => match handle(request, id, shared) {
                 Some(r) => r,
                 None => return,
             },
@@ -323,8 +394,12 @@ fn reply(stream: &mut TcpStream, r: &Response, peer: &PeerId, config: &ServerCon
 
 /// Carries out one request. `None` means the server is shutting down and the connection should
 /// close (the client then sees the store as gone).
-fn handle(request: Request, shared: &Shared) -> Option<Response> {
+fn handle(request: Request, client: u64, shared: &Shared) -> Option<Response> {
     let refuse = |why: String| Some(Response::Refused(why));
+    let limits = ByteLimits {
+        total: shared.config.max_bytes,
+        per_client: shared.config.max_client_bytes,
+    };
     match request {
         Request::Set { key, value } => {
             if let Err(why) =
@@ -332,7 +407,9 @@ fn handle(request: Request, shared: &Shared) -> Option<Response> {
             {
                 return refuse(why);
             }
-            lock(&shared.store).map.insert(key, value);
+            if let Err(why) = lock(&shared.store).map.put(key, value, client, limits) {
+                return refuse(why);
+            }
             shared.changed.notify_all();
             Some(Response::Done)
         }
@@ -342,7 +419,7 @@ fn handle(request: Request, shared: &Shared) -> Option<Response> {
             }
             let store = wait_for(shared, std::slice::from_ref(&key), wait)?;
             Some(match store {
-                Ok(store) => Response::Value(store.map.get(&key).cloned().unwrap_or_default()),
+                Ok(store) => Response::Value(store.map.get(&key).unwrap_or_default().to_vec()),
                 Err(missing) => Response::Missing(missing),
             })
         }
@@ -379,8 +456,13 @@ fn handle(request: Request, shared: &Shared) -> Option<Response> {
                     "adding {delta} to {current} at key {key:?} overflows i64"
                 ));
             };
-            store.map.insert(key, sum.to_string().into_bytes());
+            let stored = store
+                .map
+                .put(key, sum.to_string().into_bytes(), client, limits);
             drop(store);
+            if let Err(why) = stored {
+                return refuse(why);
+            }
             shared.changed.notify_all();
             Some(Response::Count(sum))
         }
@@ -388,9 +470,7 @@ fn handle(request: Request, shared: &Shared) -> Option<Response> {
             if let Err(why) = protocol::check_key(&key) {
                 return refuse(why);
             }
-            Some(Response::Deleted(
-                lock(&shared.store).map.remove(&key).is_some(),
-            ))
+            Some(Response::Deleted(lock(&shared.store).map.remove(&key)))
         }
     }
 }
@@ -410,7 +490,7 @@ fn wait_for<'a>(
         }
         let missing: Vec<String> = keys
             .iter()
-            .filter(|k| !store.map.contains_key(*k))
+            .filter(|k| !store.map.contains_key(k))
             .cloned()
             .collect();
         if missing.is_empty() {

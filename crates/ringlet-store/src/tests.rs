@@ -463,23 +463,79 @@ fn connecting_to_nothing_fails_at_the_deadline_naming_the_store() {
     assert!(matches!(e, Error::Config(_)), "{e:?}");
 }
 
+/// At the connection cap a newcomer displaces the oldest connection still proving itself; only
+/// when every connection has proved itself is the newcomer shed.
 #[test]
-fn connections_over_the_cap_are_shed_and_the_server_recovers() {
+fn a_newcomer_displaces_the_oldest_stranger_and_is_shed_only_by_proven_clients() {
     let s = server_with(ServerConfig {
         max_connections: 2,
+        handshake_timeout: Duration::from_secs(20),
         ..config()
     });
-    let silent: Vec<_> = (0..2)
-        .map(|_| TcpStream::connect(s.local_addr()).unwrap())
-        .collect();
+    let mut first = TcpStream::connect(s.local_addr()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let mut over = TcpStream::connect(s.local_addr()).unwrap();
-    assert_closed_within(&mut over, Duration::from_millis(500));
-    // The client retries while shed, and gets in once the silent ones time out.
+    let _second = TcpStream::connect(s.local_addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let _third = TcpStream::connect(s.local_addr()).unwrap();
+    assert_closed_within(&mut first, Duration::from_millis(500));
+    // A client gets in at once, though the strangers' handshake deadline is 20 s away.
     let started = Instant::now();
     assert_serves(&s);
     assert!(started.elapsed() < Duration::from_secs(2));
-    drop(silent);
+
+    let proven: Vec<_> = (0..2).map(|_| authenticated(&s)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut over = TcpStream::connect(s.local_addr()).unwrap();
+    assert_closed_within(&mut over, Duration::from_millis(500));
+    drop(proven);
+}
+
+/// Hundreds of idle strangers hold at most `max_unauthenticated` connections, and a rank's own
+/// connection is served at once among them.
+#[test]
+fn a_flood_of_idle_strangers_does_not_delay_a_client() {
+    let s = server_with(ServerConfig {
+        max_unauthenticated: 16,
+        handshake_timeout: Duration::from_secs(20),
+        ..config()
+    });
+    let mut idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(s.local_addr()).unwrap())
+        .collect();
+    let started = Instant::now();
+    assert_serves(&s);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // All but the newest 16 (less the one the client displaced) were closed.
+    for old in &mut idle[..250] {
+        assert_closed_within(old, Duration::from_millis(500));
+    }
+}
+
+/// A write that would pass what one client may hold, or what the store may hold, is refused with
+/// the limit named; deleting makes room again.
+#[test]
+fn writes_past_the_byte_limits_are_refused_naming_them() {
+    let s = server_with(ServerConfig {
+        max_bytes: 1 << 20,
+        max_client_bytes: 600 << 10,
+        ..config()
+    });
+    let (mut a, mut b) = (client(&s), client(&s));
+    a.set("a/1", &vec![1; 500 << 10], within(5000)).unwrap();
+    let e = a.set("a/2", &vec![1; 200 << 10], within(5000)).unwrap_err();
+    assert!(e.to_string().contains("per client"), "{e}");
+    b.set("b/1", &vec![2; 400 << 10], within(5000)).unwrap();
+    let e = b.set("b/2", &vec![2; 150 << 10], within(5000)).unwrap_err();
+    assert!(e.to_string().contains("over its limit of 1048576"), "{e}");
+    // Refused writes changed nothing; a delete frees its bytes.
+    assert_eq!(a.get("a/1", within(5000)).unwrap().len(), 500 << 10);
+    assert!(a.delete("a/1", within(5000)).unwrap());
+    b.set("b/2", &vec![2; 150 << 10], within(5000)).unwrap();
+    assert_serves(&s);
 }
 
 #[test]
