@@ -25,8 +25,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How long one control call to an engine (create, start, kill, remove) may take.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// After SIGKILL, how long to wait for the engines to report the last containers' ends before
 /// giving up on them (a stalled engine, a dead link to a remote one) and force-removing them.
 const AFTER_KILL: Duration = Duration::from_secs(10);
@@ -64,19 +62,20 @@ pub fn parse_hosts(s: &str) -> Result<Hosts, String> {
                 .ok_or_else(|| format!("`{entry}`: `{slots}` is not a positive slot count"))?;
             let remote = url
                 .strip_prefix("tcp://")
-                .or_else(|| url.strip_prefix("http://"));
+                .or_else(|| url.strip_prefix("http://"))
+                .or_else(|| url.strip_prefix("https://"));
             match remote {
                 // `tcp://node:2375` without its slot count would read as 2375 slots on `tcp://node`.
                 Some(hostport) if !hostport.contains(':') => {
                     return Err(format!(
-                        "`{entry}`: a tcp:// or http:// engine needs its port and then the slot count (tcp://HOST:PORT:SLOTS)"
+                        "`{entry}`: a tcp://, http:// or https:// engine needs its port and then the slot count (tcp://HOST:PORT:SLOTS)"
                     ))
                 }
                 Some(_) => {}
-                None if url.starts_with("unix://") => {}
+                None if url.starts_with("unix://") || url.starts_with("ssh://") => {}
                 None => {
                     return Err(format!(
-                        "`{entry}`: the engine URL must start with unix://, tcp:// or http://"
+                        "`{entry}`: the engine URL must start with unix://, tcp://, http://, https:// or ssh://"
                     ))
                 }
             }
@@ -105,6 +104,8 @@ pub struct ContainerSpec {
     pub gpu_map: Vec<Vec<String>>,
     /// `--master-addr` when given: where rank 0's host is reachable across several engines.
     pub master_addr: Option<String>,
+    /// `--insecure-engines`: plaintext tcp:// to engines on other machines is allowed.
+    pub insecure_engines: bool,
 }
 
 struct Placed {
@@ -113,12 +114,22 @@ struct Placed {
     name: String,
 }
 
-/// A Docker error as one line: the engine's own message where it sent one.
-fn docker_error(e: &bollard::errors::Error) -> String {
-    match e {
-        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
+/// A Docker error as one line: the engine's own message where it sent one, else the error with
+/// its causes (the client library's own words, "client error (Connect)", name no cause).
+pub(crate) fn docker_error(e: &bollard::errors::Error) -> String {
+    if let bollard::errors::Error::DockerResponseServerError { message, .. } = e {
+        return message.clone();
     }
+    let mut line = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = c.source();
+    }
+    line
 }
 
 /// Runs one attempt of the job as containers. `signals` must have been installed before.
@@ -151,10 +162,8 @@ pub fn run(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals) -> Ended {
 
 async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals, writer: Writer) -> Ended {
     let hosts = if cs.hosts.is_empty() {
-        let url = std::env::var("DOCKER_HOST")
-            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
         vec![Endpoint {
-            url,
+            url: crate::engine::default_url(),
             slots: spec.world_size,
         }]
     } else {
@@ -163,15 +172,24 @@ async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals, writer
     // main checked that --hosts has room for every rank (a usage error).
     let mut engines = Vec::new();
     for h in &hosts {
-        match Docker::connect_with_host(&h.url) {
-            // Every request's response must start within this (bollard's default is 120 s);
-            // the wait and log streams send their headers at once and are not cut by it.
-            Ok(d) => engines.push(d.with_timeout(CONTROL_TIMEOUT)),
+        let docker = match crate::engine::open(&h.url, cs.insecure_engines) {
+            Ok(d) => d,
             Err(e) => {
-                note!("docker ({}): {}", &h.url, docker_error(&e));
+                note!("docker ({}): {e}", &h.url);
                 return Ended::new(Outcome::Error);
             }
+        };
+        // Before anything is made there: a refused certificate or an unreachable engine is one
+        // line, with nothing to clean up.
+        if let Err(e) = docker.ping().await {
+            note!(
+                "docker ({}): cannot reach the engine: {}",
+                &h.url,
+                docker_error(&e)
+            );
+            return Ended::new(Outcome::Error);
         }
+        engines.push(docker);
     }
     let job = format!(
         "ringlet-{}-{}-{}",
@@ -709,7 +727,12 @@ mod tests {
         );
         assert!(parse_hosts("unix:///x.sock").is_err());
         assert!(parse_hosts("unix:///x.sock:0").is_err());
-        assert!(parse_hosts("ssh://h:2").is_err());
+        assert_eq!(parse_hosts("ssh://me@h:2").unwrap().0[0].url, "ssh://me@h");
+        assert_eq!(
+            parse_hosts("https://h:2376:2").unwrap().0[0].url,
+            "https://h:2376"
+        );
+        assert!(parse_hosts("ftp://h:2").is_err());
         assert!(
             parse_hosts("tcp://node:2375").is_err(),
             "port taken for slots"

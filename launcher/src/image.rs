@@ -7,7 +7,6 @@
 //! context is a tar made in memory and sent to the engine (`FROM scratch`).
 
 use bollard::query_parameters::BuildImageOptions;
-use bollard::Docker;
 use futures_util::StreamExt;
 use object::elf;
 use object::read::elf::{Dyn, FileHeader, ProgramHeader};
@@ -190,14 +189,16 @@ fn append(tar: &mut tar::Builder<Vec<u8>>, from: &Path, to: &str) -> Result<(), 
 }
 
 /// Builds the image `tag` from `binaries` on the engine `DOCKER_HOST` names.
-pub fn build(tag: &str, binaries: &[PathBuf]) -> Result<(), String> {
+pub fn build(tag: &str, binaries: &[PathBuf], insecure_engines: bool) -> Result<(), String> {
     let ctx = context(binaries)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the Docker client's runtime: {e}"))?;
     rt.block_on(async {
-        let docker = Docker::connect_with_defaults().map_err(|e| format!("docker: {e}"))?;
+        let url = crate::engine::default_url();
+        let docker = crate::engine::open(&url, insecure_engines)
+            .map_err(|e| format!("docker ({url}): {e}"))?;
         let opts = BuildImageOptions {
             dockerfile: "Dockerfile".into(),
             t: Some(tag.to_string()),

@@ -12,6 +12,7 @@
 #[macro_use]
 mod output;
 mod docker;
+mod engine;
 mod image;
 mod job;
 mod local;
@@ -149,10 +150,19 @@ struct Cli {
     image: Option<String>,
 
     /// Docker engines and their slot counts, ranks placed in order:
-    /// `unix:///var/run/docker.sock:2,tcp://gpu-node-2:2375:4`. With more than one engine,
-    /// containers use host networking (the hosts must reach each other).
+    /// `unix:///var/run/docker.sock:2,tcp://gpu-node-2:2376:4,ssh://user@gpu-node-3:4`. With
+    /// more than one engine, containers use host networking (the hosts must reach each other).
+    /// A tcp:// engine is reached with TLS and our client certificate, as the docker CLI does:
+    /// when DOCKER_TLS_VERIFY is set, or when DOCKER_CERT_PATH/HOST exists (ca.pem, cert.pem,
+    /// key.pem from DOCKER_CERT_PATH/HOST, else DOCKER_CERT_PATH, else ~/.docker). ssh://
+    /// engines go through the ssh client. Plaintext tcp:// is refused except to loopback.
     #[arg(long, value_name = "ENGINES", requires = "image", value_parser = docker::parse_hosts)]
     hosts: Option<docker::Hosts>,
+
+    /// Allow plaintext tcp:// engines on other machines (unauthenticated Docker API: whoever
+    /// reaches that port is root on its machine).
+    #[arg(long)]
+    insecure_engines: bool,
 
     /// Bind mount HOST:CONTAINER[:ro] in every container (e.g. the shared checkpoint directory,
     /// at the same path everywhere); repeatable.
@@ -232,6 +242,9 @@ struct ImageBuild {
     /// The image's name (and tag).
     #[arg(long, short = 't')]
     tag: String,
+    /// Allow DOCKER_HOST to be a plaintext tcp:// engine on another machine (see ringrun --help).
+    #[arg(long)]
+    insecure_engines: bool,
     /// Binaries to put in /usr/local/bin, with the shared libraries they link.
     #[arg(required = true)]
     binaries: Vec<std::path::PathBuf>,
@@ -245,7 +258,7 @@ fn image_command(args: &[OsString]) -> ExitCode {
     let cli = ImageBuild::parse_from(
         std::iter::once(OsString::from("ringrun image build")).chain(args[1..].iter().cloned()),
     );
-    match image::build(&cli.tag, &cli.binaries) {
+    match image::build(&cli.tag, &cli.binaries, cli.insecure_engines) {
         Ok(()) => {
             note!("built image {}", cli.tag);
             ExitCode::SUCCESS
@@ -299,6 +312,21 @@ fn run(cli: Cli) -> Outcome {
             }
         }
     }
+    // How each engine is reached is decided before anything starts: plaintext to another
+    // machine without --insecure-engines, or TLS with a certificate missing, is a usage error.
+    if cli.image.is_some() {
+        let tls = engine::TlsEnv::from_env();
+        let urls: Vec<String> = match &cli.hosts {
+            Some(h) => h.0.iter().map(|e| e.url.clone()).collect(),
+            None => vec![engine::default_url()],
+        };
+        for url in urls {
+            if let Err(e) = engine::route(&url, cli.insecure_engines, &tls) {
+                note!("docker ({url}): {e}");
+                return Outcome::Usage;
+            }
+        }
+    }
     if let Some(map) = &cli.gpus {
         let entries = map.split(';').count();
         if !(entries == 1 || entries == n) || map.split(';').any(|e| e.trim().is_empty()) {
@@ -313,6 +341,7 @@ fn run(cli: Cli) -> Outcome {
         cpus: cli.cpus,
         gpus_per_rank: cli.gpus_per_rank,
         master_addr: cli.master_addr.clone(),
+        insecure_engines: cli.insecure_engines,
         gpu_map: cli
             .gpus
             .map(|m| {

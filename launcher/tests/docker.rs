@@ -81,12 +81,17 @@ struct Run {
 
 impl Run {
     fn start(args: &[String], tag: &str) -> Run {
+        Run::start_with(args, tag, &[])
+    }
+
+    fn start_with(args: &[String], tag: &str, env: &[(&str, &Path)]) -> Run {
         let log =
             std::env::temp_dir().join(format!("ringrun-docker-{tag}-{}.log", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(RINGRUN)
             .args(args)
             .env("RINGLET_TIMEOUT", "20")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .stdin(Stdio::null())
@@ -376,4 +381,172 @@ fn restart_after(action: &str, tag: &str) -> String {
     assert!(same, "the restarted run's parameters differ:\n{out}");
     assert_no_leftovers(&prefix);
     out
+}
+
+/// Runs `openssl` with `args` in `dir`, which must succeed.
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl {args}: {}", text(&out));
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, our client certificate signed by it
+/// (`good/`), and a stranger's self-signed one (`bad/`), each folder as DOCKER_CERT_PATH expects.
+fn make_certificates(dir: &Path) {
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(
+        dir,
+        &format!("req -x509 {ec} -keyout ca-key.pem -out ca.pem -days 2 -subj /CN=test-ca"),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (who, cn) in [("server", "127.0.0.1"), ("client", "ringrun")] {
+        openssl(
+            dir,
+            &format!("req -new {ec} -keyout {who}-key.pem -out {who}.csr -subj /CN={cn}"),
+        );
+        openssl(dir, &format!("x509 -req -in {who}.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out {who}-cert.pem -days 2 -extfile {who}.ext"));
+    }
+    for d in ["good", "bad"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+        std::fs::copy(dir.join("ca.pem"), dir.join(d).join("ca.pem")).unwrap();
+    }
+    std::fs::copy(dir.join("client-cert.pem"), dir.join("good/cert.pem")).unwrap();
+    std::fs::copy(dir.join("client-key.pem"), dir.join("good/key.pem")).unwrap();
+    openssl(
+        &dir.join("bad"),
+        &format!("req -x509 {ec} -keyout key.pem -out cert.pem -days 2 -subj /CN=stranger"),
+    );
+}
+
+/// A TLS terminator that demands a client certificate signed by our CA, in front of the local
+/// engine's socket. (stunnel, not socat: socat 1.7 sets no session id context, so the TLS 1.3
+/// resumption the Docker client tries on its second connection fails there.)
+struct Terminator {
+    child: Child,
+    port: u16,
+}
+
+impl Terminator {
+    fn start(dir: &Path) -> Terminator {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let conf = format!(
+            "foreground = yes\npid =\n[docker]\naccept = 127.0.0.1:{port}\nconnect = /var/run/docker.sock\n\
+             cert = {d}/server-cert.pem\nkey = {d}/server-key.pem\nCAfile = {d}/ca.pem\n\
+             verifyChain = yes\nrequireCert = yes\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("stunnel.conf"), conf).unwrap();
+        let child = Command::new("stunnel")
+            .arg(dir.join("stunnel.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run stunnel (apt-get install stunnel4)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "stunnel did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Terminator { child, port }
+    }
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An engine behind mutual TLS is used with our certificate, as the docker CLI would; a
+/// certificate it does not trust is refused with one line naming why, before anything is made;
+/// plaintext to another machine is refused without connecting.
+#[test]
+fn engines_are_reached_over_mutual_tls_and_plaintext_is_refused() {
+    if !engine() {
+        return;
+    }
+    let tools = ["stunnel", "openssl"]
+        .iter()
+        .all(|t| Command::new(t).arg("version").output().is_ok());
+    if !tools {
+        assert!(
+            std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
+            "CI: stunnel and openssl are needed (.ci/run installs stunnel4 and openssl)"
+        );
+        println!("SKIPPED: stunnel or openssl is missing here");
+        return;
+    }
+    let img = image();
+    let dir = std::env::temp_dir().join(format!("ringrun-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certificates(&dir);
+    let tls = Terminator::start(&dir);
+    let args = line(&format!(
+        "--image {img} --hosts tcp://127.0.0.1:{}:2 -n 2 -- ringlet-bench -b 1K -e 64K -f 8",
+        tls.port
+    ));
+    let verify = Path::new("1");
+
+    let good = dir.join("good");
+    let (code, out, prefix) = Run::start_with(
+        &args,
+        "tls-good",
+        &[("DOCKER_TLS_VERIFY", verify), ("DOCKER_CERT_PATH", &good)],
+    )
+    .finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("[0] # Out of bounds values : 0 OK"), "{out}");
+    assert_no_leftovers(&prefix);
+
+    let bad = dir.join("bad");
+    let (code, out, prefix) = Run::start_with(
+        &args,
+        "tls-bad",
+        &[("DOCKER_TLS_VERIFY", verify), ("DOCKER_CERT_PATH", &bad)],
+    )
+    .finish(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "ringrun: docker (tcp://127.0.0.1:{}): cannot reach the engine: ",
+            tls.port
+        )) && lines[0].contains("UnknownCA"),
+        "{out}"
+    );
+    assert_no_leftovers(&prefix);
+
+    // 198.18.0.1 is never contacted: the route is refused before any connection.
+    let (code, out, _) = Run::start(
+        &line(&format!(
+            "--image {img} --hosts tcp://198.18.0.1:2375:2 -n 2 -- ringlet-bench"
+        )),
+        "plain",
+    )
+    .finish(Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("plaintext and unauthenticated") && out.contains("--insecure-engines"),
+        "{out}"
+    );
+    drop(tls);
+    let _ = std::fs::remove_dir_all(&dir);
 }
