@@ -253,12 +253,8 @@ impl JobRun {
             format!("{}-r0", self.job)
         } else if let Some(addr) = &cs.master_addr {
             addr.clone()
-        } else if let Some(host) = self.hosts[0]
-            .url
-            .strip_prefix("tcp://")
-            .or_else(|| self.hosts[0].url.strip_prefix("http://"))
-        {
-            host.split(':').next().unwrap_or(host).to_string()
+        } else if let Some(host) = crate::engine::remote_host(&self.hosts[0].url) {
+            host.to_string()
         } else if self.hosts.iter().all(|h| h.url.starts_with("unix://")) {
             "127.0.0.1".to_string()
         } else {
@@ -506,7 +502,7 @@ impl JobRun {
                     if !matches!(outcome, Outcome::Signalled(_)) {
                         outcome = Outcome::RankFailed;
                     }
-                    term_at = Some(Instant::now() + Duration::from_millis(250));
+                    term_at = Some(Instant::now() + crate::local::FAILURE_GRACE);
                 }
             }
         }

@@ -3,9 +3,10 @@
 //! certificate (`DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`), or SSH; plaintext TCP only to this
 //! machine's loopback, unless the user says `--insecure-engines`.
 //!
-//! Certificates: `ca.pem` (the engine's CA), `cert.pem` and `key.pem` (ours), looked up per
-//! engine in `$DOCKER_CERT_PATH/HOST` (`~/.docker/HOST` without the variable) and otherwise in
-//! `$DOCKER_CERT_PATH` (`~/.docker`). TLS is used for `https://` engines, for every `tcp://`
+//! Certificates: `ca.pem` (the engine's CA), `cert.pem` and `key.pem` (ours), in
+//! `$DOCKER_CERT_PATH` (`~/.docker` without it) as the docker CLI reads them, or, for an engine
+//! with a folder of its own (docker-machine's convention, for several engines with different
+//! CAs), in `$DOCKER_CERT_PATH/HOST`. TLS is used for `https://` engines, for every `tcp://`
 //! engine when `DOCKER_TLS_VERIFY` is set (not empty, not `0`), and for a `tcp://` engine that has
 //! a certificate folder of its own.
 
@@ -67,6 +68,9 @@ pub fn route(url: &str, insecure: bool, tls: &TlsEnv) -> Result<Route, String> {
     };
     let hostport = rest.trim_end_matches('/');
     let host = host_of(hostport);
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
     let own_folder = tls.cert_root.as_ref().map(|root| root.join(host));
     let own_folder = own_folder.filter(|d| d.is_dir());
     if https || tls.verify || own_folder.is_some() {
@@ -89,8 +93,18 @@ pub fn route(url: &str, insecure: bool, tls: &TlsEnv) -> Result<Route, String> {
             certs,
         });
     }
-    if insecure || is_loopback(host) {
+    if insecure {
         return Ok(Route::Plain(format!("tcp://{hostport}")));
+    }
+    // Connect to the loopback address the check saw, not to a name that could resolve
+    // elsewhere the second time.
+    if let Some(ip) = loopback_ip(host) {
+        let port = port_of(hostport);
+        let ip = match ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        return Ok(Route::Plain(format!("tcp://{ip}{port}")));
     }
     Err(format!(
         "{url} is plaintext and unauthenticated: whoever reaches that port is root on its \
@@ -144,18 +158,35 @@ fn host_of(hostport: &str) -> &str {
     hostport.rsplit_once(':').map_or(hostport, |(h, _)| h)
 }
 
-/// Whether every address `host` names is this machine's loopback.
-fn is_loopback(host: &str) -> bool {
+/// `:2376` of `node:2376` (empty without a port).
+fn port_of(hostport: &str) -> &str {
+    match hostport.rfind(':') {
+        Some(i) if !hostport[i..].contains(']') => &hostport[i..],
+        _ => "",
+    }
+}
+
+/// The loopback address `host` names, when every address it names is this machine's loopback.
+fn loopback_ip(host: &str) -> Option<IpAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return ip.is_loopback();
+        return ip.is_loopback().then_some(ip);
     }
-    match (host, 0).to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
+    let addrs: Vec<_> = (host, 0).to_socket_addrs().ok()?.collect();
+    let all = !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback());
+    all.then(|| addrs[0].ip())
+}
+
+/// The host of a remote engine's URL (`tcp://`, `http://`, `https://`, `ssh://[user@]host`), where
+/// rank 0's host is reachable when the ranks use host networking.
+pub fn remote_host(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    let rest = rest.trim_end_matches('/');
+    let hostport = match scheme {
+        "tcp" | "http" | "https" => rest,
+        "ssh" => rest.rsplit_once('@').map_or(rest, |(_, h)| h),
+        _ => return None,
+    };
+    Some(host_of(hostport)).filter(|h| !h.is_empty())
 }
 
 #[cfg(test)]
@@ -167,8 +198,15 @@ mod tests {
         assert_eq!(host_of("node:2376"), "node");
         assert_eq!(host_of("10.0.0.2:2376"), "10.0.0.2");
         assert_eq!(host_of("[::1]:2376"), "::1");
-        assert!(is_loopback("127.0.0.1") && is_loopback("::1") && is_loopback("localhost"));
-        assert!(!is_loopback("198.18.0.1"));
+        assert_eq!(host_of("node"), "node");
+        assert!(loopback_ip("127.0.0.1").is_some() && loopback_ip("::1").is_some());
+        assert!(loopback_ip("localhost").is_some_and(|ip| ip.is_loopback()));
+        assert!(loopback_ip("198.18.0.1").is_none());
+        assert_eq!(remote_host("tcp://node:2375"), Some("node"));
+        assert_eq!(remote_host("https://[fd00::1]:2376"), Some("fd00::1"));
+        assert_eq!(remote_host("ssh://me@gpu-3"), Some("gpu-3"));
+        assert_eq!(remote_host("ssh://me@gpu-3:2222"), Some("gpu-3"));
+        assert_eq!(remote_host("unix:///var/run/docker.sock"), None);
     }
 
     #[test]
@@ -191,6 +229,12 @@ mod tests {
             route("tcp://127.0.0.1:2375", false, &env).unwrap(),
             Route::Plain("tcp://127.0.0.1:2375".into())
         );
+        // A name is connected to as the loopback address it was checked as.
+        assert!(matches!(
+            route("tcp://localhost:2375", false, &env).unwrap(),
+            Route::Plain(u) if u.ends_with(":2375") && !u.contains("localhost")
+        ));
+        assert!(route("tcp://:2375", false, &env).is_err());
         assert!(matches!(
             route("ssh://user@node", false, &env).unwrap(),
             Route::Ssh(_)

@@ -26,6 +26,10 @@ pub struct JobSpec {
     pub world_size: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// `host:port` of the rendezvous store ringrun serves for this attempt (local ranks), given
+    /// to the ranks as `RINGLET_STORE_ADDR` so that no rank serves one; `None`: rank 0 serves it
+    /// at `MASTER_ADDR:MASTER_PORT` (containers).
+    pub store_addr: Option<String>,
     pub token: JobToken,
     /// Seconds, already formatted for `RINGLET_TIMEOUT`; `None` leaves the variable as inherited.
     pub timeout: Option<String>,
@@ -57,6 +61,9 @@ impl JobSpec {
         ];
         if let Some(t) = &self.timeout {
             env.push(("RINGLET_TIMEOUT", t.clone()));
+        }
+        if let Some(a) = &self.store_addr {
+            env.push(("RINGLET_STORE_ADDR", a.clone()));
         }
         env
     }
@@ -137,6 +144,7 @@ mod tests {
             world_size: 3,
             master_addr: "10.0.0.1".into(),
             master_port: 29500,
+            store_addr: None,
             token: JobToken::new("secret"),
             timeout: Some("2.5".into()),
             kill_grace: Duration::from_secs(5),

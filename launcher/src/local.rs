@@ -421,6 +421,14 @@ impl<'a> Supervisor<'a> {
 
     fn on_signal(&mut self, sig: libc::c_int) {
         let name = signals::name(sig);
+        if self.shutdown.is_none() && self.stop_at.is_some() {
+            // A rank already failed and the others were about to be stopped: as while
+            // stopping, the signal decides the exit status and nobody waits out a grace.
+            note!("got {name} after a rank failed; killing the ranks now");
+            self.begin_shutdown(Outcome::Signalled(sig), sig);
+            self.kill_remaining(Duration::ZERO);
+            return;
+        }
         let Some(s) = self.shutdown.as_mut() else {
             note!(
                 "got {name}; forwarding it to the ranks (SIGKILL after {} s)",

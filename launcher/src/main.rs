@@ -20,6 +20,7 @@ mod signals;
 
 use clap::Parser;
 use job::{JobSpec, Outcome};
+use ringlet_store::StoreServer;
 use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,8 +31,13 @@ Environment of each rank (everything else is inherited from ringrun):
   WORLD_SIZE, LOCAL_WORLD_SIZE
                           N
   MASTER_ADDR, MASTER_PORT
-                          where rank 0 hosts the rendezvous store that the ranks
-                          find each other through (ringrun itself does not listen)
+                          the torchrun contract: a free port for the program's
+                          own use (with --image, rank 0 hosts the rendezvous
+                          store there)
+  RINGLET_STORE_ADDR      local ranks: the rendezvous store ringrun serves on
+                          127.0.0.1 for the attempt (a fresh one per restart);
+                          Ringlet's ranks find each other through it and none
+                          serves its own, so it outlives any rank
   RINGLET_JOB_TOKEN       the secret every connection of the job must prove it
                           holds: ringrun's own RINGLET_JOB_TOKEN if set and not
                           empty, else 64 random hex digits made for this job
@@ -100,15 +106,16 @@ struct Cli {
     )]
     nproc: u32,
 
-    /// Address of the rendezvous store that rank 0 hosts and the other ranks connect to
-    /// (MASTER_ADDR). Default: 127.0.0.1; with several --hosts engines, the host of the first
+    /// MASTER_ADDR: with --image, the address of the rendezvous store that rank 0 hosts and the
+    /// other ranks connect to (local ranks use the store ringrun serves, RINGLET_STORE_ADDR, and
+    /// leave MASTER_ADDR:MASTER_PORT to the program). Default: 127.0.0.1; with several --hosts engines, the host of the first
     /// tcp:// engine (127.0.0.1 when all are local). With --image on one engine it is always rank
     /// 0's container, on a network made for the job.
     #[arg(long, value_name = "ADDR")]
     master_addr: Option<String>,
 
-    /// Port of the rendezvous store (MASTER_PORT). Default: a port free on 127.0.0.1 at launch,
-    /// found by binding port 0 and releasing it.
+    /// MASTER_PORT (with --image, the port of rank 0's rendezvous store). Default: a port free on
+    /// 127.0.0.1 at launch, found by binding port 0 and releasing it.
     #[arg(
         long,
         value_name = "PORT",
@@ -152,9 +159,9 @@ struct Cli {
     /// Docker engines and their slot counts, ranks placed in order:
     /// `unix:///var/run/docker.sock:2,tcp://gpu-node-2:2376:4,ssh://user@gpu-node-3:4`. With
     /// more than one engine, containers use host networking (the hosts must reach each other).
-    /// A tcp:// engine is reached with TLS and our client certificate, as the docker CLI does:
-    /// when DOCKER_TLS_VERIFY is set, or when DOCKER_CERT_PATH/HOST exists (ca.pem, cert.pem,
-    /// key.pem from DOCKER_CERT_PATH/HOST, else DOCKER_CERT_PATH, else ~/.docker). ssh://
+    /// A tcp:// engine is reached with TLS and our client certificate (ca.pem, cert.pem, key.pem)
+    /// when DOCKER_TLS_VERIFY is set, from DOCKER_CERT_PATH (else ~/.docker) as the docker CLI
+    /// reads them, or from DOCKER_CERT_PATH/HOST when that folder exists. ssh://
     /// engines go through the ssh client. Plaintext tcp:// is refused except to loopback.
     #[arg(long, value_name = "ENGINES", requires = "image", value_parser = docker::parse_hosts)]
     hosts: Option<docker::Hosts>,
@@ -216,8 +223,11 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
     match parse_seconds(s)? {
-        v if v > 0.0 => Ok(v),
-        _ => Err("the timeout must be more than 0 seconds".into()),
+        v if v > 0.0 && v <= ringlet_core::MAX_TIMEOUT_SECS => Ok(v),
+        _ => Err(format!(
+            "the timeout must be more than 0 seconds, at most {} (a year)",
+            ringlet_core::MAX_TIMEOUT_SECS
+        )),
     }
 }
 
@@ -226,6 +236,15 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // The store ringrun serves logs through tracing (refused strangers, once per interval).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "image") {
         return image_command(&args[2..]);
@@ -357,6 +376,7 @@ fn run(cli: Cli) -> Outcome {
         world_size: cli.nproc as usize,
         master_addr: cli.master_addr.unwrap_or_else(|| "127.0.0.1".into()),
         master_port: 0,
+        store_addr: None,
         token: job::job_token(),
         // f64's Display never uses exponent notation, so any rank can parse it back.
         timeout: cli.timeout.map(|t| t.to_string()),
@@ -380,7 +400,25 @@ fn run(cli: Cli) -> Outcome {
         };
         let ended = match &containers {
             Some(cs) => docker::run(&spec, cs, &signals),
-            None => local::run(&spec, &signals),
+            None => {
+                // Local ranks find each other through a store ringrun serves for the attempt,
+                // so it outlives any rank (rank 0 included), and MASTER_PORT stays free for
+                // the program's own use.
+                let store = match StoreServer::bind(
+                    (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+                    spec.token.clone(),
+                ) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        note!("cannot serve the rendezvous store: {e}");
+                        return Outcome::Error;
+                    }
+                };
+                spec.store_addr = Some(store.local_addr().to_string());
+                let ended = local::run(&spec, &signals);
+                drop(store);
+                ended
+            }
         };
         if ended.outcome != Outcome::RankFailed || spec.restart >= cli.max_restarts {
             if spec.restart > 0 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
-const ENV_SCRIPT: &str = r#"echo "R=$RANK W=$WORLD_SIZE LR=$LOCAL_RANK LW=$LOCAL_WORLD_SIZE A=$MASTER_ADDR P=$MASTER_PORT TOK=${RINGLET_JOB_TOKEN:-none} TO=${RINGLET_TIMEOUT:-unset}""#;
+const ENV_SCRIPT: &str = r#"echo "R=$RANK W=$WORLD_SIZE LR=$LOCAL_RANK LW=$LOCAL_WORLD_SIZE A=$MASTER_ADDR P=$MASTER_PORT TOK=${RINGLET_JOB_TOKEN:-none} TO=${RINGLET_TIMEOUT:-unset} S=${RINGLET_STORE_ADDR:-unset}""#;
 
 /// rank -> (key -> value), from the `[rank] K=V ...` lines ENV_SCRIPT prints.
 fn parse_env_lines(lines: &[String]) -> BTreeMap<usize, BTreeMap<String, String>> {
@@ -52,7 +52,13 @@ fn every_rank_gets_the_torchrun_contract_and_a_generated_token() {
         assert_eq!(kv["P"], port.to_string(), "one port for all ranks");
         assert_eq!(&kv["TOK"], token, "one token for all ranks");
         assert_eq!(kv["TO"], "unset");
+        assert_eq!(kv["S"], env[&0]["S"], "one store for all ranks");
     }
+    let store = &env[&0]["S"];
+    assert!(
+        store.starts_with("127.0.0.1:") && store != &format!("127.0.0.1:{port}"),
+        "{out:?}"
+    );
     // A fresh token per job.
     let again = run(ringrun_sh(1, &[], ENV_SCRIPT), T);
     assert_ne!(&parse_env_lines(&again.stdout_lines())[&0]["TOK"], token);
@@ -312,4 +318,31 @@ fn ranks_are_not_pinned_when_outnumbering_cpus_or_asked_not_to() {
     for list in allowed_cpus(&["--bind-to", "none"], 2).values() {
         assert_eq!(list, &ours);
     }
+}
+
+/// Ringlet's ranks find each other through the store ringrun serves, not one on rank 0: the job
+/// runs though another process holds MASTER_PORT (which stays the program's to use).
+#[test]
+fn ringlet_ranks_use_ringruns_store_and_leave_master_port_alone() {
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_ringrun")).with_file_name("ringlet-bench");
+    assert!(
+        bench.exists(),
+        "{} is missing: build the workspace (cargo test --workspace --release)",
+        bench.display()
+    );
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let mut cmd = ringrun();
+    cmd.args(["-n", "3", "--master-port", &port, "--"])
+        .arg(&bench)
+        .args(["all_reduce", "-b", "1K", "-e", "4K"]);
+    let out = run(cmd, T);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout_lines()
+            .iter()
+            .any(|l| l == "[0] # Out of bounds values : 0 OK"),
+        "{out:?}"
+    );
+    drop(holder);
 }

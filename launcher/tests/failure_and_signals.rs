@@ -213,3 +213,20 @@ fn a_rank_failing_just_after_another_still_says_why() {
         Duration::from_secs(2),
     );
 }
+
+/// A signal while the others have their grace after a failure stops everything at once: the
+/// user does not wait out --kill-grace for a rank that ignores SIGTERM.
+#[test]
+fn a_signal_after_a_failure_kills_at_once() {
+    let script = r#"
+        if [ "$RANK" = 1 ]; then echo "failing"; exit 1; fi
+        trap '' TERM; echo "pid=$$"; exec sleep 60"#;
+    let mut running = Running::start(ringrun_sh(2, &["--kill-grace", "5"], script));
+    let lines = running.wait_for_lines("", 2, T);
+    let pids = values_of(&lines, "pid=");
+    running.signal(libc::SIGTERM);
+    let out = running.finish(T);
+    assert_eq!(out.code(), Some(143), "{out:?}");
+    assert!(out.elapsed < Duration::from_secs(3), "{out:?}");
+    assert_all_gone(&pids, Duration::from_secs(2));
+}

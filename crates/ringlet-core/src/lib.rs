@@ -21,3 +21,6 @@ pub use error::{Error, Result};
 /// Default deadline for connecting, rendezvous and each collective when neither config nor
 /// `RINGLET_TIMEOUT` sets one.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The longest deadline anything accepts, in seconds (a year): larger values overflow deadline
+/// arithmetic, and are typos.
+pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 86400.0;

@@ -36,6 +36,8 @@ impl Warnings {
                 self.latest = line;
             }
             _ => {
+                // What the last interval held is its own summary, not this one's.
+                self.summarise(now);
                 tracing::warn!("{line}");
                 self.logged_at = Some(now);
             }

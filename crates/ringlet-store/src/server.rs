@@ -186,7 +186,8 @@ impl Drop for StoreServer {
 }
 
 /// A poisoned lock only means another connection's thread panicked; the map itself is always
-/// left consistent (each update is a single insert or remove), so keep serving.
+/// left consistent (an update checks its limits first, then changes the map with nothing in
+/// between that can panic), so keep serving.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -237,7 +238,9 @@ fn admit(stream: TcpStream, remote: SocketAddr, shared: &Arc<Shared>) {
         let Some(oldest) = conns.unauthenticated.pop_front() else {
             break;
         };
-        if let Some(s) = conns.sockets.get(&oldest) {
+        // Off the live list at once, so it no longer counts against the cap; its thread ends
+        // on the closed socket.
+        if let Some(s) = conns.sockets.remove(&oldest) {
             let _ = s.shutdown(Shutdown::Both);
             let from = s.peer_addr().map_or("?".to_string(), |a| a.to_string());
             refused(

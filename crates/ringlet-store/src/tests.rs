@@ -476,8 +476,20 @@ fn a_newcomer_displaces_the_oldest_stranger_and_is_shed_only_by_proven_clients()
     std::thread::sleep(Duration::from_millis(50));
     let _second = TcpStream::connect(s.local_addr()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let _third = TcpStream::connect(s.local_addr()).unwrap();
+    let mut third = TcpStream::connect(s.local_addr()).unwrap();
     assert_closed_within(&mut first, Duration::from_millis(500));
+    // The newcomer itself was admitted (its handshake deadline is 20 s away).
+    third
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let e = third.read(&mut [0u8; 1]).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e:?}"
+    );
     // A client gets in at once, though the strangers' handshake deadline is 20 s away.
     let started = Instant::now();
     assert_serves(&s);

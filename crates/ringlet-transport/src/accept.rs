@@ -89,7 +89,8 @@ impl Arrivals {
             .insert(rank)
     }
 
-    /// Gives a claim back when its link could not be set up, so that the peer's retry is heard.
+    /// Gives a claim back when its link could not be set up: the rank is not connected, and a
+    /// later connection from it (a re-formed job, say) must not be refused as a duplicate.
     fn release_shm(&self, rank: usize) {
         self.shm_claimed
             .lock()

@@ -35,6 +35,10 @@ pub(crate) struct Stripes {
     ahead: Vec<u8>,
     ahead_at: usize,
     ahead_end: usize,
+    /// An error met after bytes had moved in the same call: that call reported the bytes, the
+    /// next one reports this (the kernel hands a reset out only once).
+    send_failed: Option<io::Error>,
+    recv_failed: Option<io::Error>,
 }
 
 impl Stripes {
@@ -53,6 +57,8 @@ impl Stripes {
             ahead: Vec::new(),
             ahead_at: 0,
             ahead_end: 0,
+            send_failed: None,
+            recv_failed: None,
         }
     }
 
@@ -81,6 +87,9 @@ impl Stripes {
     /// written. `MSG_NOSIGNAL`: a write to a reset connection would raise SIGPIPE, which kills a
     /// host process that has not ignored it (a C++ or Python embedding).
     pub(crate) fn send(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(e) = self.send_failed.take() {
+            return Err(e);
+        }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if self.streams.len() == 1 {
             return send_on(&self.streams[0], bufs);
@@ -94,9 +103,11 @@ impl Stripes {
                     done += n;
                     self.advance(n);
                 }
-                // Bytes already written count; an error is reported by the next call, which
-                // meets it again before writing anything.
-                Err(_) if done > 0 => break,
+                // Bytes already written count; the next call reports the error.
+                Err(e) if done > 0 => {
+                    self.send_failed = Some(e);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -113,6 +124,11 @@ impl Stripes {
     pub(crate) fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
+        }
+        if !self.buffered() {
+            if let Some(e) = self.recv_failed.take() {
+                return Err(e);
+            }
         }
         if !self.buffered() && buf.len() < LOOKAHEAD {
             if self.ahead.is_empty() {
@@ -141,7 +157,10 @@ impl Stripes {
             Ok(m) => Ok(n + m),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
             // Reported by the next call, which finds nothing buffered.
-            Err(_) => Ok(n),
+            Err(e) => {
+                self.recv_failed = Some(e);
+                Ok(n)
+            }
         }
     }
 
@@ -159,8 +178,11 @@ impl Stripes {
                     got += n;
                     self.advance(n);
                 }
-                // Bytes already read count; the next call meets the error or the end.
-                Err(_) if got > 0 => break,
+                // Bytes already read count; the next call reports the error.
+                Err(e) if got > 0 => {
+                    self.recv_failed = Some(e);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -316,7 +338,7 @@ mod tests {
     }
 
     /// Bytes that reached the first connection count when the next one fails; the following
-    /// call reports the failure (or, reading, the connection's end).
+    /// call reports that failure.
     #[test]
     fn an_error_after_progress_keeps_the_progress() {
         let (tx, mut rx) = pairs(2);
@@ -340,8 +362,9 @@ mod tests {
             }
         };
         assert_eq!(&buf[..n], &[9u8; 16]);
-        // The reset was consumed by the first call; the next finds the connection ended.
-        assert!(matches!(rx.recv(&mut buf), Ok(0) | Err(_)));
+        // The reset, consumed by the first call, is what the next one reports.
+        let e = rx.recv(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
     }
 
     /// A header-sized read takes what follows too; the rest is handed out without reading the

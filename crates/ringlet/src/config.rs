@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | `RANK`, `WORLD_SIZE` (or a launcher's own) | this process's rank and the number of ranks | required |
 //! | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (or a launcher's own) | rank and rank count on this host | the global ones |
-//! | `MASTER_ADDR`, `MASTER_PORT` | where rank 0 serves the rendezvous store | required if more than one rank, unless Slurm or Volcano names the hosts; port 29500 |
+//! | `MASTER_ADDR`, `MASTER_PORT` | where rank 0 serves the rendezvous store | required if more than one rank, unless Slurm or Volcano names the hosts, or `RINGLET_STORE_ADDR` is set; port 29500 |
+//! | `RINGLET_STORE_ADDR` | `host:port` of a rendezvous store the launcher serves (`ringrun` does, for the job's life): no rank serves one, and `MASTER_*` are left to the program | rank 0 serves it at `MASTER_ADDR:MASTER_PORT` |
 //! | `RINGLET_JOB_TOKEN` | the job's shared secret (set by `ringrun`) | none: a warning, and only job identity is checked |
 //! | `RINGLET_TIMEOUT` | seconds: rendezvous deadline, and how long a collective may make no progress | 300 |
 //! | `RINGLET_CHUNK_BYTES` | pipeline chunk of the ring (`K`/`M`/`G` suffixes), 4K to 1G | 1M |
@@ -66,6 +67,8 @@ pub struct Config {
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_SMALL_BYTES: usize = 64 << 10;
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
+/// Where a launcher that serves the rendezvous store itself says it is (see the module docs).
+pub const STORE_ADDR_ENV: &str = "RINGLET_STORE_ADDR";
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 /// Two connections per peer: between network-namespace hosts of this project's machine (veth
 /// links, unshaped), 2 ranks' busbw is 1.2–1.9× one connection's from 1 MiB to 256 MiB, and 4
@@ -86,8 +89,7 @@ pub const MAX_SMALL_BYTES: usize = 64 << 20;
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// Host ids travel in the rank cards, which are a few hundred bytes.
 pub const MAX_HOST_ID: usize = 128;
-/// A year: larger values overflow deadline arithmetic.
-pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 86400.0;
+pub use ringlet_core::MAX_TIMEOUT_SECS;
 
 impl Config {
     pub fn new(rank: usize, world_size: usize, store_addr: impl Into<String>) -> Config {
@@ -122,6 +124,23 @@ impl Config {
         let get = |k: &str| env.get(k).cloned();
         let placement = crate::bootstrap::detect(env)?;
         let (rank, world_size) = (placement.rank, placement.world_size);
+        if let Some(addr) = get(STORE_ADDR_ENV).filter(|a| !a.trim().is_empty()) {
+            let addr = addr.trim().to_string();
+            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !ok {
+                return Err(Error::Config(format!(
+                    "{STORE_ADDR_ENV}={addr:?} is not host:port with a port from 1 to 65535"
+                )));
+            }
+            let mut c = Config::new(rank, world_size, addr);
+            c.serve_store = false;
+            c.local_rank = placement.local_rank;
+            c.local_world_size = placement.local_world_size;
+            c.read_settings(env)?;
+            return Ok(c);
+        }
         let store_host = match placement.store_host {
             Some(a) => a,
             None if world_size == 1 => "127.0.0.1".into(),
@@ -134,7 +153,7 @@ impl Config {
             }
         };
         let port: u16 = optional(&get, "MASTER_PORT")?.unwrap_or(DEFAULT_MASTER_PORT);
-        if port == 0 {
+        if port == 0 && world_size > 1 {
             // Rank 0 would listen on a port nobody else knows, and the others dial port 0
             // until their deadline.
             return Err(Error::Config(
@@ -425,6 +444,28 @@ mod tests {
             e.contains("MASTER_PORT=0") && e.contains("1 to 65535"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_store_served_by_the_launcher_is_used_by_every_rank() {
+        let c = cfg(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "3"),
+            ("RINGLET_STORE_ADDR", "127.0.0.1:4100"),
+        ])
+        .unwrap();
+        assert_eq!(c.store_addr, "127.0.0.1:4100");
+        assert!(!c.serve_store, "rank 0 must not serve a second store");
+        for bad in ["127.0.0.1", "127.0.0.1:0", ":4100", "h:99999"] {
+            let e = cfg(&[
+                ("RANK", "1"),
+                ("WORLD_SIZE", "3"),
+                ("RINGLET_STORE_ADDR", bad),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("RINGLET_STORE_ADDR"), "{e}");
+        }
     }
 
     const LONG_ID: &str = "hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh";
