@@ -15,6 +15,9 @@
 //! - `mismatch KIND`: rank 0 calls something different from the others (`count`, `collective`,
 //!   `dtype`, `op`, `root`);
 //! - `loop ITERS COUNT`: all-reduces in a loop, each checked (a victim for kill/stop tests);
+//! - `shrink ITERS COUNT`: the same loop, going on without a rank that fails: the survivors
+//!   re-form the communicator (`SHRUNK epoch=E world=W rank=R original=[..] after_ms=T`) and
+//!   resume from the earliest call any of them had not completed;
 //! - `threads`: four threads issue asynchronous and synchronous all-reduces at once;
 //! - `bits`: signed zeros and NaN payloads, whose result bits depend on operand order, must
 //!   still come out identical on every rank.
@@ -55,6 +58,24 @@ fn main() {
     };
     say(format!("READY rank={}", comm.rank()));
     let started = Instant::now();
+    if args.len() == 3 && args[0] == "shrink" {
+        // The loop owns the communicator: it replaces it with each new epoch.
+        match shrinking(comm, &args[1], &args[2]) {
+            Ok(checks) => say(format!("OK checks={checks}")),
+            Err(Failure::Wrong(n)) => {
+                say(format!("WRONG total={n}"));
+                std::process::exit(1);
+            }
+            Err(Failure::Collective(e)) => {
+                say(format!(
+                    "ERROR after_ms={}: {e}",
+                    started.elapsed().as_millis()
+                ));
+                std::process::exit(3);
+            }
+        }
+        return;
+    }
     let outcome = match args.first().map(String::as_str) {
         Some("correctness") if args.len() == 5 => correctness(&comm, &args[1..]),
         Some("mismatch") if args.len() == 2 => mismatch(&comm, &args[1]),
@@ -62,7 +83,7 @@ fn main() {
         Some("threads") if args.len() == 1 => threads(&comm),
         Some("bits") if args.len() == 1 => bits(&comm),
         _ => {
-            eprintln!("usage: ringlet-testrank correctness COUNTS DTYPES OPS COLLECTIVES | mismatch KIND | loop ITERS COUNT");
+            eprintln!("usage: ringlet-testrank correctness COUNTS DTYPES OPS COLLECTIVES | mismatch KIND | loop ITERS COUNT | shrink ITERS COUNT");
             std::process::exit(2);
         }
     };
@@ -317,6 +338,69 @@ fn looped(comm: &Communicator, iters: &str, count: &str) -> Result<u64, Failure>
             say("LOOPING".into());
         }
         it += 1;
+    }
+    if wrong > 0 {
+        return Err(Failure::Wrong(wrong));
+    }
+    Ok(it as u64)
+}
+
+/// As `looped` with Sum, each rank contributing its first-epoch rank + 1; on a failure the
+/// survivors form the next epoch and go on.
+fn shrinking(first: Communicator, iters: &str, count: &str) -> Result<u64, Failure> {
+    let iters: usize = iters.parse().expect("ITERS is a number");
+    let count: usize = count.parse().expect("COUNT is a number");
+    let stop_file = std::env::var_os("RINGLET_TEST_STOP_FILE").map(std::path::PathBuf::from);
+    let mut comm = first;
+    let (mut it, mut wrong) = (0usize, 0u64);
+    loop {
+        // One call of the loop: the stop check (every 100 calls past ITERS) or a checked sum.
+        let step = |comm: &Communicator, it: usize| -> Result<(bool, u64), Error> {
+            if it >= iters && it.is_multiple_of(100) {
+                let Some(file) = &stop_file else {
+                    return Ok((true, 0));
+                };
+                let mut seen = [u8::from(file.exists())];
+                comm.all_reduce(&mut seen, ReduceOp::Max)?;
+                if seen[0] == 1 {
+                    return Ok((true, 0));
+                }
+            }
+            let original = comm.original_ranks();
+            let mine = (original[comm.rank()] + 1) as f32;
+            let want: f32 = original.iter().map(|&r| (r + 1) as f32).sum();
+            let mut buf = vec![mine; count];
+            comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+            Ok((false, buf.iter().filter(|&&v| v != want).count() as u64))
+        };
+        match step(&comm, it) {
+            Ok((true, _)) => break,
+            Ok((false, w)) => {
+                wrong += w;
+                if it == 0 {
+                    say("LOOPING".into());
+                }
+                it += 1;
+            }
+            Err(e) => {
+                let started = Instant::now();
+                let next = comm.shrink(&e, 2)?;
+                // Ranks may be a call apart when one dies: resume where the earliest stopped.
+                let mut at = [it as i64];
+                next.all_reduce(&mut at, ReduceOp::Min)?;
+                say(format!(
+                    "SHRUNK epoch={} world={} rank={} original={:?} after_ms={} resume={} cause: {e}",
+                    next.epoch(),
+                    next.world_size(),
+                    next.rank(),
+                    next.original_ranks(),
+                    started.elapsed().as_millis(),
+                    at[0]
+                ));
+                it = at[0] as usize;
+                comm = next;
+            }
+        }
     }
     if wrong > 0 {
         return Err(Failure::Wrong(wrong));

@@ -25,7 +25,7 @@ pub mod stripe;
 
 pub use mem::{mem_world, MemPeers};
 pub use process::{PeerInfo, ProcessPeers};
-pub use setup::{join, JoinOptions};
+pub use setup::{addr_key, join, JoinOptions};
 
 use ringlet_core::error::PeerId;
 use ringlet_core::Result;

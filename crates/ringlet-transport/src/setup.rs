@@ -59,7 +59,8 @@ pub(crate) struct PeerAck {
     pub(crate) refused: Option<String>,
 }
 
-fn addr_key(comm: &str, rank: usize) -> String {
+/// The store key under which rank `rank` of communicator `comm` publishes its address.
+pub fn addr_key(comm: &str, rank: usize) -> String {
     format!("{comm}/ring/{rank}")
 }
 

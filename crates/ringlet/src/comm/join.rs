@@ -95,7 +95,9 @@ impl Communicator {
         };
         // Every rank has its ring links and knows every address once this returns, so none needs
         // the store any more.
-        let comm = Communicator::assemble(&config, peers, store, layout);
+        let rejoin = super::reform::Rejoin::first(&config, &token, store_sock);
+        let mut comm = Communicator::assemble(&config, peers, store, layout);
+        comm.rejoin = Some(rejoin);
         tracing::debug!(rank = comm.rank, world = comm.world_size, "joined");
         Ok(comm)
     }
@@ -158,8 +160,15 @@ impl Communicator {
                 deadlines: Deadlines::new(config.timeout),
             }),
             worker: Mutex::new(None),
+            rejoin: None,
             _store: store,
         }
+    }
+
+    /// This communicator, as epoch `rejoin.epoch` of its job.
+    pub(crate) fn with_rejoin(mut self, rejoin: super::reform::Rejoin) -> Self {
+        self.rejoin = Some(rejoin);
+        self
     }
 }
 

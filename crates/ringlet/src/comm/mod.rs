@@ -4,9 +4,11 @@
 //! Collectives run one at a time, in the order they were issued, whichever thread issued them:
 //! each call takes a ticket, and runs when its ticket comes up. Synchronous calls run on the
 //! caller's thread; asynchronous ones on a worker thread that owns nothing but its queue.
-//! Joining (the store, the links, the rank cards) is in [`join`].
+//! Joining (the store, the links, the rank cards) is in [`join`]; going on without a failed rank
+//! (a new epoch of the communicator) in [`reform`].
 
 mod join;
+mod reform;
 
 #[cfg(feature = "mpi")]
 pub(crate) use join::{check_config, resolve, unspecified_like};
@@ -29,6 +31,8 @@ pub struct Communicator {
     local_rank: usize,
     pub(crate) inner: Arc<Inner>,
     worker: Mutex<Option<Worker>>,
+    /// How to form the next epoch without a failed rank (joined through the store only).
+    rejoin: Option<reform::Rejoin>,
     // Dropped last: other ranks may still be finishing their rendezvous.
     _store: Option<StoreServer>,
 }

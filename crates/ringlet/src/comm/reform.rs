@@ -1,0 +1,223 @@
+//! Going on without a rank: after a collective failed because a rank died or hung, the survivors
+//! agree through the rendezvous store on who is left and form a new communicator among
+//! themselves (an *epoch*), with new links and ranks numbered by their old order.
+//!
+//! Agreement: each survivor announces itself under the next epoch, waits until every member it
+//! does not suspect has done so (or the timeout passes), and then the first to seal the epoch
+//! (an atomic add) writes the member list as it stands; the others read it. A rank that arrives
+//! after the seal is not a member and is told so. The new epoch's links carry its own
+//! communicator name, so a frame or a connection from an older epoch is refused. The store must
+//! outlive the rank that failed: `ringrun` serves it (`RINGLET_STORE_ADDR`); a store served by a
+//! rank that died is reported as such.
+
+use super::Communicator;
+use crate::config::Config;
+use ringlet_core::{Error, JobToken, Result};
+use ringlet_store::StoreClient;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// What a communicator joined through the store needs to form the next epoch.
+#[derive(Clone)]
+pub(crate) struct Rejoin {
+    /// The configuration this epoch joined with (its rank, world size and name).
+    pub(crate) config: Config,
+    pub(crate) token: JobToken,
+    pub(crate) store_sock: SocketAddr,
+    /// The job's first communicator name; epochs are numbered under it.
+    pub(crate) base: String,
+    pub(crate) epoch: u64,
+    /// The first epoch's rank of each member, by rank in this epoch.
+    pub(crate) original: Vec<usize>,
+}
+
+impl Rejoin {
+    pub(crate) fn first(config: &Config, token: &JobToken, store_sock: SocketAddr) -> Rejoin {
+        Rejoin {
+            config: config.clone(),
+            token: token.clone(),
+            store_sock,
+            base: config.name.clone(),
+            epoch: 0,
+            original: (0..config.world_size).collect(),
+        }
+    }
+
+    fn key(&self, epoch: u64, what: &str) -> String {
+        format!("{}/epoch/{epoch}/{what}", self.base)
+    }
+}
+
+/// The name of epoch `epoch`'s communicator under `base`.
+fn epoch_name(base: &str, epoch: u64) -> String {
+    if epoch == 0 {
+        base.to_string()
+    } else {
+        format!("{base}@{epoch}")
+    }
+}
+
+impl Communicator {
+    /// The epoch of this communicator: 0 for the one a job starts with, one more for each
+    /// [`shrink`](Self::shrink).
+    pub fn epoch(&self) -> u64 {
+        self.rejoin.as_ref().map_or(0, |r| r.epoch)
+    }
+
+    /// The rank each member had in the job's first communicator, by rank in this one.
+    pub fn original_ranks(&self) -> Vec<usize> {
+        self.rejoin
+            .as_ref()
+            .map_or_else(|| (0..self.world_size).collect(), |r| r.original.clone())
+    }
+
+    /// After `failure` (the error a collective returned), forms a communicator of the ranks that
+    /// are still alive, agreed with them through the rendezvous store; every survivor must call
+    /// it. Ranks are renumbered in their old order. Returns an error naming the cause when the
+    /// store is gone, when this rank was too late to be counted among the survivors, or when
+    /// nobody else is left and `min_ranks` is not met.
+    pub fn shrink(&self, failure: &Error, min_ranks: usize) -> Result<Communicator> {
+        let Some(rejoin) = &self.rejoin else {
+            return Err(Error::InvalidArgument(
+                "only a communicator joined through the rendezvous store can be re-formed".into(),
+            ));
+        };
+        let timeout = rejoin.config.timeout;
+        let deadline = Instant::now() + timeout;
+        let epoch = rejoin.epoch + 1;
+        let me = rejoin.original[self.rank];
+        let mut store = StoreClient::connect(&rejoin.config.store_addr, &rejoin.token, deadline)
+            .map_err(|e| store_gone(e, &rejoin.config))?;
+        let alive = |r: usize| rejoin.key(epoch, &format!("alive/{r}"));
+        store.set(&alive(me), b"1", deadline)?;
+
+        // Wait for everyone not blamed for the failure; the blamed rank is not awaited.
+        let suspect = failure
+            .blamed_peer()
+            .and_then(|p| p.rank)
+            .and_then(|r| rejoin.original.get(r).copied());
+        let expected: Vec<String> = rejoin
+            .original
+            .iter()
+            .filter(|&&r| Some(r) != suspect)
+            .map(|&r| alive(r))
+            .collect();
+        let keys: Vec<&str> = expected.iter().map(String::as_str).collect();
+        match store.wait(&keys, deadline) {
+            Ok(()) | Err(Error::Deadline { .. }) => {}
+            Err(e) => return Err(e),
+        }
+
+        // The first to seal writes the members as they stand; the others read them.
+        let members_key = rejoin.key(epoch, "members");
+        let members: Vec<usize> = if store.add(&rejoin.key(epoch, "seal"), 1, deadline)? == 1 {
+            let mut members = Vec::new();
+            for &r in &rejoin.original {
+                if store.try_get(&alive(r), Instant::now())?.is_some() {
+                    members.push(r);
+                }
+            }
+            let list = members
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            store.set(&members_key, list.as_bytes(), deadline)?;
+            members
+        } else {
+            let raw = store.get(&members_key, deadline)?;
+            parse_members(&raw, &rejoin.original)?
+        };
+        let Some(new_rank) = members.iter().position(|&r| r == me) else {
+            return Err(Error::Broken(format!(
+                "rank {} (first rank {me}) was not counted among the survivors of epoch {epoch} \
+                 ({members:?}): it arrived after they had agreed",
+                self.rank
+            )));
+        };
+        if members.len() < min_ranks.max(1) {
+            return Err(Error::Broken(format!(
+                "only {} rank(s) are left after {failure}; at least {min_ranks} are needed",
+                members.len()
+            )));
+        }
+        let mut config = rejoin.config.clone();
+        config.rank = new_rank;
+        config.world_size = members.len();
+        config.name = epoch_name(&rejoin.base, epoch);
+        config.serve_store = false;
+        let next = Rejoin {
+            config: config.clone(),
+            token: rejoin.token.clone(),
+            store_sock: rejoin.store_sock,
+            base: rejoin.base.clone(),
+            epoch,
+            original: members.clone(),
+        };
+        let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)?;
+        let comm = comm.with_rejoin(next);
+        if new_rank == 0 {
+            // Every member has joined: what the last epoch and this agreement left in the store
+            // is no longer read by anyone.
+            let mut forget: Vec<String> = (0..rejoin.original.len())
+                .map(|r| ringlet_transport::addr_key(&rejoin.config.name, r))
+                .collect();
+            forget.extend(rejoin.original.iter().map(|&r| alive(r)));
+            forget.push(rejoin.key(epoch, "seal"));
+            forget.push(members_key);
+            for key in forget {
+                if let Err(e) = store.delete(&key, deadline) {
+                    tracing::warn!("could not drop {key:?} from the rendezvous store: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            epoch,
+            old_world = rejoin.original.len(),
+            world = members.len(),
+            rank = new_rank,
+            "formed a new communicator without the failed rank(s)"
+        );
+        Ok(comm)
+    }
+}
+
+/// The store could not be reached to agree: most likely it was served by the rank that failed.
+fn store_gone(e: Error, config: &Config) -> Error {
+    Error::Broken(format!(
+        "cannot re-form the job without the failed rank: the rendezvous store at {} is gone ({e}); \
+         a store served by a rank dies with it: run under ringrun, which serves it for the job \
+         (RINGLET_STORE_ADDR)",
+        config.store_addr
+    ))
+}
+
+/// `0,1,3`: first-epoch ranks, each a member of the epoch before.
+fn parse_members(raw: &[u8], previous: &[usize]) -> Result<Vec<usize>> {
+    let bad = || Error::Broken(format!("the agreed member list {raw:?} is malformed"));
+    let text = std::str::from_utf8(raw).map_err(|_| bad())?;
+    let members = text
+        .split(',')
+        .map(|s| s.parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<Vec<_>>>()?;
+    if members.is_empty() || members.iter().any(|r| !previous.contains(r)) {
+        return Err(bad());
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_lists_are_checked() {
+        assert_eq!(parse_members(b"0,2,3", &[0, 1, 2, 3]).unwrap(), [0, 2, 3]);
+        assert!(parse_members(b"0,9", &[0, 1, 2, 3]).is_err());
+        assert!(parse_members(b"", &[0, 1]).is_err());
+        assert!(parse_members(b"0,x", &[0, 1]).is_err());
+        assert_eq!(epoch_name("world", 0), "world");
+        assert_eq!(epoch_name("world", 2), "world@2");
+    }
+}

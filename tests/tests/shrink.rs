@@ -1,0 +1,156 @@
+//! Going on without a rank: real rank processes whose rendezvous store outlives them (served here,
+//! as `ringrun` serves it, through `RINGLET_STORE_ADDR`). One is SIGKILLed or SIGSTOPped mid-loop;
+//! the survivors agree on who is left, form the next epoch and finish the loop with correct sums.
+
+mod common;
+
+use common::Job;
+use ringlet_core::JobToken;
+use ringlet_store::StoreServer;
+use std::time::{Duration, Instant};
+
+/// `key=value` of a `SHRUNK ...` line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+/// `original=[0, 2, 3]` holds spaces: the bracketed list after `original=`.
+fn original(line: &str) -> &str {
+    let start = line.find("original=[").expect("original=") + "original=".len();
+    let end = start + line[start..].find(']').expect("]") + 1;
+    &line[start..end]
+}
+
+/// Runs 4 ranks of the shrink loop, does `harm` to rank `victim` once all loop, and checks that
+/// the 3 others re-form (same epoch, same members, none of them the victim) and end with every
+/// sum right. Returns the survivors' `after_ms` (failure noticed to new epoch formed).
+fn survive(victim: usize, harm: i32, timeout: &str) -> Vec<u64> {
+    let store = StoreServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        JobToken::new("shrink-test-token"),
+    )
+    .unwrap();
+    let addr = store.local_addr().to_string();
+    let stop = std::env::temp_dir().join(format!(
+        "ringlet-shrink-stop-{}-{victim}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&stop);
+    let stop_s = stop.to_string_lossy().into_owned();
+    let mut job = Job::start(
+        4,
+        &["shrink", "300", "1000"],
+        &[
+            ("RINGLET_STORE_ADDR", &addr),
+            ("RINGLET_JOB_TOKEN", "shrink-test-token"),
+            ("RINGLET_TEST_STOP_FILE", &stop_s),
+            ("RINGLET_TIMEOUT", timeout),
+        ],
+    );
+    for r in 0..4 {
+        assert!(
+            job.wait_for(r, "LOOPING", Duration::from_secs(60)),
+            "{}",
+            job.all_outputs()
+        );
+    }
+    let harmed = Instant::now();
+    job.signal(victim, harm);
+    let survivors: Vec<usize> = (0..4).filter(|&r| r != victim).collect();
+    for &r in &survivors {
+        assert!(
+            job.wait_for(r, "SHRUNK", Duration::from_secs(60)),
+            "{}",
+            job.all_outputs()
+        );
+    }
+    let noticed = harmed.elapsed();
+    std::fs::write(&stop, b"stop").unwrap();
+    let statuses = job.wait_ranks(&survivors, Duration::from_secs(60));
+    let _ = std::fs::remove_file(&stop);
+    let lines: Vec<String> = survivors
+        .iter()
+        .map(|&r| {
+            job.output(r)
+                .lines()
+                .find(|l| l.starts_with("SHRUNK"))
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let want: Vec<usize> = survivors.clone();
+    for (i, (&r, st)) in survivors.iter().zip(&statuses).enumerate() {
+        let out = job.output(r);
+        assert!(st.success(), "rank {r}: {}", job.all_outputs());
+        assert!(out.contains("\nOK checks="), "rank {r}: {out}");
+        assert_eq!(field(&lines[i], "epoch"), "1", "{}", lines[i]);
+        assert_eq!(field(&lines[i], "world"), "3", "{}", lines[i]);
+        assert_eq!(field(&lines[i], "rank"), i.to_string(), "{}", lines[i]);
+        assert_eq!(original(&lines[i]), format!("{want:?}"), "{}", lines[i]);
+    }
+    println!(
+        "victim {victim} (signal {harm}): all survivors in epoch 1 after {noticed:?}; {}",
+        lines
+            .iter()
+            .map(|l| format!("after_ms={}", field(l, "after_ms")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    drop(job);
+    drop(store);
+    lines
+        .iter()
+        .map(|l| field(l, "after_ms").parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn survivors_of_a_killed_rank_go_on_in_a_new_epoch() {
+    // Rank 0 included: the store is not its to take down.
+    for victim in [2, 0] {
+        survive(victim, libc::SIGKILL, "60");
+    }
+}
+
+#[test]
+fn survivors_of_a_stopped_rank_go_on_after_the_deadline() {
+    // A stopped rank is excluded when its peers' deadline passes; it is then killed with the job.
+    survive(1, libc::SIGSTOP, "3");
+}
+
+/// Without a store that outlives the ranks, losing rank 0 (which served it) cannot be survived:
+/// the survivors say why, in one line, at their deadline.
+#[test]
+fn losing_the_rank_that_served_the_store_is_explained() {
+    let stop = std::env::temp_dir().join(format!("ringlet-shrink-stop-{}-own", std::process::id()));
+    let stop_s = stop.to_string_lossy().into_owned();
+    let mut job = Job::start(
+        3,
+        &["shrink", "300", "1000"],
+        &[
+            ("RINGLET_TEST_STOP_FILE", &stop_s),
+            ("RINGLET_TIMEOUT", "3"),
+        ],
+    );
+    for r in 0..3 {
+        assert!(
+            job.wait_for(r, "LOOPING", Duration::from_secs(60)),
+            "{}",
+            job.all_outputs()
+        );
+    }
+    job.signal(0, libc::SIGKILL);
+    let statuses = job.wait_ranks(&[1, 2], Duration::from_secs(30));
+    for (r, st) in [1, 2].into_iter().zip(statuses) {
+        assert_eq!(st.code(), Some(3), "{}", job.all_outputs());
+        let line = common::error_line(&job.output(r)).unwrap().to_string();
+        assert!(
+            line.contains("the rendezvous store at 127.0.0.1:")
+                && line.contains("is gone")
+                && line.contains("run under ringrun"),
+            "{line}"
+        );
+    }
+}
