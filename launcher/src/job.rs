@@ -42,6 +42,8 @@ pub struct JobSpec {
     pub args: Vec<OsString>,
     /// How many times the job has been restarted after a failure (`--max-restarts`).
     pub restart: u32,
+    /// `--min-ranks`: a failed rank does not stop the others while this many still run.
+    pub min_ranks: Option<usize>,
 }
 
 impl JobSpec {
@@ -152,6 +154,7 @@ mod tests {
             program: "prog".into(),
             args: vec![],
             restart: 1,
+            min_ranks: None,
         }
     }
 

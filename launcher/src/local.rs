@@ -6,6 +6,7 @@
 use crate::job::{BindTo, Ended, JobSpec, Outcome};
 use crate::output::{self, Target};
 use crate::signals::{self, Signals};
+use ringlet_store::StoreServer;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -54,7 +55,9 @@ impl LaunchError {
 }
 
 /// Runs the job to completion. `signals` must have been installed before this is called.
-pub fn run(spec: &JobSpec, signals: &Signals) -> Ended {
+/// `store`: the rendezvous store ringrun serves for the attempt, watched (with `--min-ranks`) for
+/// the survivors' member lists.
+pub fn run(spec: &JobSpec, signals: &Signals, store: Option<&StoreServer>) -> Ended {
     let program = match resolve_program(&spec.program) {
         Ok(p) => p,
         Err(e) => {
@@ -64,6 +67,7 @@ pub fn run(spec: &JobSpec, signals: &Signals) -> Ended {
     };
     let (done_tx, done_rx) = mpsc::channel();
     let mut sup = Supervisor::new(spec, done_rx);
+    sup.store = store;
     for rank in 0..spec.world_size {
         if let Err(e) = sup.spawn(rank, &program, &done_tx) {
             note!("{e}");
@@ -172,6 +176,8 @@ struct Rank {
     asked_with: Option<libc::c_int>,
     /// Set when it was SIGKILLed for outliving the grace period: how long it had had.
     killed_after: Option<Duration>,
+    /// The survivors of a failure formed an epoch without it (`--min-ranks`): it was stopped.
+    left_out: bool,
     pumps_done: usize,
 }
 
@@ -194,6 +200,11 @@ struct Supervisor<'a> {
     first_failure: Option<(String, bool)>,
     /// A rank killed by a signal nobody here sent, seen while stopping the others.
     killed_outside: Option<String>,
+    /// With `--min-ranks`: the store to watch for member lists, the newest epoch seen, and
+    /// whether the job went on without a rank.
+    store: Option<&'a StoreServer>,
+    epoch_seen: u64,
+    went_on: bool,
 }
 
 impl<'a> Supervisor<'a> {
@@ -206,6 +217,9 @@ impl<'a> Supervisor<'a> {
             stop_at: None,
             first_failure: None,
             killed_outside: None,
+            store: None,
+            epoch_seen: 0,
+            went_on: false,
         }
     }
 
@@ -275,6 +289,7 @@ impl<'a> Supervisor<'a> {
             end: None,
             asked_with: None,
             killed_after: None,
+            left_out: false,
             pumps_done: 0,
         });
         let pump_err = |source| LaunchError::Io {
@@ -299,6 +314,9 @@ impl<'a> Supervisor<'a> {
     fn supervise(&mut self, signals: &Signals) -> Outcome {
         loop {
             self.reap_exited();
+            if self.spec.min_ranks.is_some() && self.shutdown.is_none() {
+                self.stop_left_out();
+            }
             while let Some(sig) = signals.take() {
                 self.on_signal(sig);
             }
@@ -327,9 +345,62 @@ impl<'a> Supervisor<'a> {
             }
             signals.wait(nap);
         }
-        self.shutdown
+        let outcome = self
+            .shutdown
             .as_ref()
-            .map_or(Outcome::Success, |s| s.outcome)
+            .map_or(Outcome::Success, |s| s.outcome);
+        if self.went_on && outcome == Outcome::Success {
+            let finished = self
+                .ranks
+                .iter()
+                .filter(|r| r.end.is_some_and(|s| s.success()))
+                .count();
+            note!(
+                "the job finished with {finished} of {} ranks (--min-ranks)",
+                self.spec.world_size
+            );
+        }
+        outcome
+    }
+
+    /// Stops the ranks the survivors of a failure left out of their newest epoch (hung ones,
+    /// or ones too late to be counted): nobody will talk to them again.
+    fn stop_left_out(&mut self) {
+        let Some(store) = self.store else { return };
+        let mut newest = None;
+        // The store keeps the newest epoch's list (the one before is dropped as it forms).
+        for epoch in self.epoch_seen + 1..=self.epoch_seen + 8 {
+            if let Some(raw) = store.get(&ringlet_store::epoch_members_key("world", epoch)) {
+                newest = Some((epoch, raw));
+            }
+        }
+        let Some((epoch, raw)) = newest else { return };
+        self.epoch_seen = epoch;
+        let Some(members) = std::str::from_utf8(&raw).ok().and_then(|t| {
+            t.split(',')
+                .map(|r| r.parse::<usize>().ok())
+                .collect::<Option<Vec<_>>>()
+        }) else {
+            return;
+        };
+        note!(
+            "the survivors formed epoch {epoch} with ranks {members:?} ({} of {})",
+            members.len(),
+            self.spec.world_size
+        );
+        for r in self.ranks.iter_mut() {
+            if r.end.is_none() && !r.left_out && !members.contains(&r.rank) {
+                note!(
+                    "rank {} (pid {}) was left out of epoch {epoch}; stopping it",
+                    r.rank,
+                    r.pid
+                );
+                signals::signal_group(r.pid, libc::SIGKILL);
+                r.asked_with = Some(libc::SIGKILL);
+                r.left_out = true;
+                self.went_on = true;
+            }
+        }
     }
 
     fn reap_exited(&mut self) {
@@ -363,6 +434,22 @@ impl<'a> Supervisor<'a> {
         // The others are stopped after a grace, so ranks that end on their own meanwhile are
         // reported as they ended, with their own last words, not as stopped by ringrun.
         if failed && self.shutdown.is_none() && self.stop_at.is_none() {
+            if let Some(k) = self.spec.min_ranks {
+                let running = self
+                    .ranks
+                    .iter()
+                    .filter(|r| r.end.is_none() && !r.left_out)
+                    .count();
+                if running >= k {
+                    note!(
+                        "going on with {running} of {} ranks (--min-ranks {k}): the survivors re-form without it",
+                        self.spec.world_size
+                    );
+                    self.went_on = true;
+                    return;
+                }
+                note!("{running} ranks left, fewer than --min-ranks {k}: stopping the job");
+            }
             self.stop_at = Some(Instant::now() + FAILURE_GRACE);
         }
     }

@@ -149,6 +149,17 @@ struct Cli {
     #[arg(long, value_name = "K", default_value_t = 0)]
     max_restarts: u32,
 
+    /// Keep going when a rank fails while at least K ranks still run (local ranks): the others
+    /// are not stopped, so a program that re-forms its communicator without the failed rank
+    /// (ringlet's Communicator::shrink) finishes without a restart. Ranks the survivors leave
+    /// out (a hung one) are stopped. Below K, the job stops as without it.
+    #[arg(
+        long,
+        value_name = "K",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    min_ranks: Option<u32>,
+
     /// Run each rank as a container of IMAGE through the Docker engine API (DOCKER_HOST
     /// honoured) instead of a local process; PROGRAM is resolved inside the image. Containers
     /// share a network made for the job; every container and the network are removed at the
@@ -312,6 +323,16 @@ fn run(cli: Cli) -> Outcome {
         );
         return Outcome::Usage;
     }
+    if let Some(k) = cli.min_ranks {
+        if k as usize > n {
+            note!("--min-ranks {k} is more than the {n} ranks of the job");
+            return Outcome::Usage;
+        }
+        if cli.image.is_some() {
+            note!("--min-ranks is for local ranks; containers still stop together on a failure");
+            return Outcome::Usage;
+        }
+    }
     if let Some(hosts) = &cli.hosts {
         let slots: usize = hosts.0.iter().map(|h| h.slots).sum();
         if slots < n {
@@ -385,6 +406,7 @@ fn run(cli: Cli) -> Outcome {
         program,
         args: command.collect(),
         restart: 0,
+        min_ranks: cli.min_ranks.map(|k| k as usize),
     };
     let started = std::time::Instant::now();
     loop {
@@ -415,7 +437,7 @@ fn run(cli: Cli) -> Outcome {
                     }
                 };
                 spec.store_addr = Some(store.local_addr().to_string());
-                let ended = local::run(&spec, &signals);
+                let ended = local::run(&spec, &signals, Some(&store));
                 drop(store);
                 ended
             }

@@ -1,7 +1,7 @@
 //! `ringlet-testrank`: one rank of a test job. The integration tests start N of these (with the
 //! torchrun environment) and read what they print:
 //!
-//! - `READY rank=R` once the communicator is up;
+//! - `READY rank=R pid=P` once the communicator is up;
 //! - `OK checks=N` when every check passed (exit 0); `WRONG ...` lines and exit 1 otherwise;
 //! - `ERROR after_ms=T: MESSAGE` when a collective failed (exit 3), followed by
 //!   `BROKEN: MESSAGE` from one more call, which must fail at once.
@@ -56,7 +56,11 @@ fn main() {
             std::process::exit(3);
         }
     };
-    say(format!("READY rank={}", comm.rank()));
+    say(format!(
+        "READY rank={} pid={}",
+        comm.rank(),
+        std::process::id()
+    ));
     let started = Instant::now();
     if args.len() == 3 && args[0] == "shrink" {
         // The loop owns the communicator: it replaces it with each new epoch.

@@ -154,3 +154,70 @@ fn losing_the_rank_that_served_the_store_is_explained() {
         );
     }
 }
+
+/// Under `ringrun --min-ranks`, a killed rank does not stop the others: they re-form and finish,
+/// and ringrun exits 0 saying so; a hung rank the survivors leave out is stopped by ringrun.
+#[test]
+fn ringrun_min_ranks_lets_the_survivors_finish() {
+    let ringrun = std::path::Path::new(common::TESTRANK).with_file_name("ringrun");
+    for (victim, harm) in [(2, libc::SIGKILL), (1, libc::SIGSTOP)] {
+        let stop = std::env::temp_dir().join(format!(
+            "ringlet-shrink-ringrun-{}-{victim}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&stop);
+        let log = stop.with_extension("log");
+        let mut child = std::process::Command::new(&ringrun)
+            .args(["-n", "4", "--min-ranks", "2", "--"])
+            .arg(common::TESTRANK)
+            .args(["shrink", "300", "1000"])
+            .env("RINGLET_TEST_STOP_FILE", &stop)
+            .env("RINGLET_TIMEOUT", "3")
+            .env_remove("RINGLET_JOB_TOKEN")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while read().matches("LOOPING").count() < 4 {
+            assert!(Instant::now() < deadline, "{}", read());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid: i32 = read()
+            .lines()
+            .find(|l| l.starts_with(&format!("[{victim}] READY")))
+            .and_then(|l| l.split("pid=").nth(1))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("the victim's pid");
+        // SAFETY: kill(2) on a rank of the job we started, which is still running.
+        unsafe { libc::kill(pid, harm) };
+        while read().matches("SHRUNK").count() < 3 {
+            assert!(Instant::now() < deadline, "{}", read());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(&stop, b"stop").unwrap();
+        let status = common::wait_bounded(&mut child, Duration::from_secs(60));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let out = read();
+        let _ = std::fs::remove_file(&stop);
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}\n{err}");
+        assert!(
+            err.contains("ringrun: the job finished with 3 of 4 ranks (--min-ranks)"),
+            "{err}"
+        );
+        if harm == libc::SIGKILL {
+            assert!(err.contains("going on with 3 of 4 ranks"), "{err}");
+        } else {
+            assert!(
+                err.contains(&format!(
+                    "rank {victim} (pid {pid}) was left out of epoch 1"
+                )),
+                "{err}"
+            );
+        }
+        assert_eq!(out.matches("OK checks=").count(), 3, "{out}");
+    }
+}

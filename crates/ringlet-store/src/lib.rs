@@ -16,5 +16,12 @@ pub use client::StoreClient;
 pub use protocol::{MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use server::{ServerConfig, StoreServer};
 
+/// The key under which the survivors of a failure publish epoch `epoch`'s members (first-epoch
+/// ranks, `0,2,3`), under the job's first communicator name `base` (`world` by default): written
+/// by `ringlet`'s `Communicator::shrink`, read by `ringrun` to stop the ranks left out.
+pub fn epoch_members_key(base: &str, epoch: u64) -> String {
+    format!("{base}/epoch/{epoch}/members")
+}
+
 #[cfg(test)]
 mod tests;

@@ -155,6 +155,12 @@ impl StoreServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+
+    /// The value at `key`, read in this process (the launcher that serves the store watches
+    /// what the ranks agree on, e.g. who is left after a failure).
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        lock(&self.shared.store).map.get(key).map(<[u8]>::to_vec)
+    }
 }
 
 impl Drop for StoreServer {

@@ -44,6 +44,9 @@ impl Rejoin {
     }
 
     fn key(&self, epoch: u64, what: &str) -> String {
+        if what == "members" {
+            return ringlet_store::epoch_members_key(&self.base, epoch);
+        }
         format!("{}/epoch/{epoch}/{what}", self.base)
     }
 }
@@ -164,7 +167,11 @@ impl Communicator {
                 .collect();
             forget.extend(rejoin.original.iter().map(|&r| alive(r)));
             forget.push(rejoin.key(epoch, "seal"));
-            forget.push(members_key);
+            // This epoch's member list stays (the launcher reads it to stop ranks left out);
+            // the one before goes.
+            if rejoin.epoch > 0 {
+                forget.push(rejoin.key(rejoin.epoch, "members"));
+            }
             for key in forget {
                 if let Err(e) = store.delete(&key, deadline) {
                     tracing::warn!("could not drop {key:?} from the rendezvous store: {e}");
