@@ -64,20 +64,7 @@ fn main() {
     let started = Instant::now();
     if args.len() == 3 && args[0] == "shrink" {
         // The loop owns the communicator: it replaces it with each new epoch.
-        match shrinking(comm, &args[1], &args[2]) {
-            Ok(checks) => say(format!("OK checks={checks}")),
-            Err(Failure::Wrong(n)) => {
-                say(format!("WRONG total={n}"));
-                std::process::exit(1);
-            }
-            Err(Failure::Collective(e)) => {
-                say(format!(
-                    "ERROR after_ms={}: {e}",
-                    started.elapsed().as_millis()
-                ));
-                std::process::exit(3);
-            }
-        }
+        report(shrinking(comm, &args[1], &args[2]), started, None);
         return;
     }
     let outcome = match args.first().map(String::as_str) {
@@ -91,6 +78,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    report(outcome, started, Some(&comm));
+}
+
+/// Prints how the scenario ended and exits accordingly; after a failed collective, one more
+/// call on `probe` (when given) must fail at once.
+fn report(outcome: Result<u64, Failure>, started: Instant, probe: Option<&Communicator>) {
     match outcome {
         Ok(0) => say("OK".into()),
         Ok(checks) => say(format!("OK checks={checks}")),
@@ -103,10 +96,12 @@ fn main() {
                 "ERROR after_ms={}: {e}",
                 started.elapsed().as_millis()
             ));
-            let mut probe = [0u8; 1];
-            match comm.all_reduce(&mut probe, ReduceOp::Sum) {
-                Err(e) => say(format!("BROKEN: {e}")),
-                Ok(()) => say("BROKEN: no (a call after the failure succeeded)".into()),
+            if let Some(comm) = probe {
+                let mut byte = [0u8; 1];
+                match comm.all_reduce(&mut byte, ReduceOp::Sum) {
+                    Err(e) => say(format!("BROKEN: {e}")),
+                    Ok(()) => say("BROKEN: no (a call after the failure succeeded)".into()),
+                }
             }
             std::process::exit(3);
         }
