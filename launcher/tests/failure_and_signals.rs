@@ -224,6 +224,9 @@ fn a_signal_after_a_failure_kills_at_once() {
     let mut running = Running::start(ringrun_sh(2, &["--kill-grace", "5"], script));
     let lines = running.wait_for_lines("", 2, T);
     let pids = values_of(&lines, "pid=");
+    // After ringrun has reaped the failure (at once, on SIGCHLD) and inside its 0.5 s grace; a
+    // signal before the reap is an ordinary first signal, with the full --kill-grace.
+    std::thread::sleep(Duration::from_millis(250));
     running.signal(libc::SIGTERM);
     let out = running.finish(T);
     assert_eq!(out.code(), Some(143), "{out:?}");
