@@ -1,30 +1,30 @@
 //! `ringlet-bench` end to end: real rank processes on loopback, the table, the JSON file, and
 //! the exit status when an element is wrong.
 
+use ringlet_core::JobToken;
+use ringlet_store::StoreServer;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_ringlet-bench");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A rendezvous store held by the test, as ringrun holds one: bound to a port the kernel picks,
+/// so no other test can take it between choosing and binding.
+fn store(token: &str) -> StoreServer {
+    StoreServer::bind("127.0.0.1:0".parse().unwrap(), JobToken::new(token)).unwrap()
 }
 
 /// Runs `n` ranks of ringlet-bench with `args`; returns each rank's output.
 fn bench(n: usize, args: &[&str], env: &[(&str, &str)]) -> Vec<Output> {
-    let port = free_port().to_string();
+    let store = store("bench-test");
+    let addr = store.local_addr().to_string();
     let children: Vec<_> = (0..n)
         .map(|r| {
             let mut c = Command::new(BENCH);
             c.args(args)
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
+                .env("RINGLET_STORE_ADDR", &addr)
                 .env("RINGLET_JOB_TOKEN", "bench-test")
                 .env("RINGLET_TIMEOUT", "30")
                 .stdout(Stdio::piped())

@@ -1,6 +1,8 @@
 //! `ringlet-model` end to end: fitted to the JSON of real `ringlet-bench` runs (4 ranks on
 //! loopback, every algorithm forced), and projected to 1,024 ranks.
 
+use ringlet_core::JobToken;
+use ringlet_store::StoreServer;
 use std::process::{Command, Output, Stdio};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_ringlet-bench");
@@ -16,12 +18,11 @@ fn text(o: &Output) -> String {
 
 /// 4 ranks of `ringlet-bench all_reduce` with `algo` forced, 4 B to 1 MiB, rows to `json`.
 fn bench_json(algo: &str, json: &std::path::Path) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    // Held by the test, as ringrun holds one: a port the kernel picked, which no other test
+    // can take between choosing and binding.
+    let store =
+        StoreServer::bind("127.0.0.1:0".parse().unwrap(), JobToken::new("model-test")).unwrap();
+    let addr = store.local_addr().to_string();
     let children: Vec<_> = (0..4)
         .map(|r| {
             Command::new(BENCH)
@@ -29,8 +30,7 @@ fn bench_json(algo: &str, json: &std::path::Path) {
                 .args(["--json", json.to_str().unwrap()])
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", "4")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
+                .env("RINGLET_STORE_ADDR", &addr)
                 .env("RINGLET_JOB_TOKEN", "model-test")
                 .env("RINGLET_TIMEOUT", "30")
                 .env("RINGLET_ALGO", algo)

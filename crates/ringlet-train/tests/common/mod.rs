@@ -75,6 +75,9 @@ pub fn free_port() -> u16 {
 pub struct Job {
     children: Vec<Child>,
     logs: Vec<PathBuf>,
+    /// The job's rendezvous store, held here as ringrun holds one (a port the kernel picked,
+    /// which no other test can take between choosing and binding).
+    _store: ringlet_store::StoreServer,
 }
 
 impl Job {
@@ -90,7 +93,12 @@ impl Job {
         tag: &str,
         env: impl Fn(usize) -> Vec<(&'static str, String)>,
     ) -> Job {
-        let port = free_port().to_string();
+        let store = ringlet_store::StoreServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            ringlet_core::JobToken::new(format!("train-test-{tag}-{}", std::process::id())),
+        )
+        .unwrap();
+        let addr = store.local_addr().to_string();
         let mut children = Vec::new();
         let mut logs = Vec::new();
         for r in 0..n {
@@ -102,9 +110,11 @@ impl Job {
                 .env("WORLD_SIZE", n.to_string())
                 .env("LOCAL_RANK", r.to_string())
                 .env("LOCAL_WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("RINGLET_JOB_TOKEN", format!("train-test-{port}"))
+                .env("RINGLET_STORE_ADDR", &addr)
+                .env(
+                    "RINGLET_JOB_TOKEN",
+                    format!("train-test-{tag}-{}", std::process::id()),
+                )
                 .env("RINGLET_TIMEOUT", "30")
                 // The tolerances below are those of the CPU's GEMM; a GPU machine would
                 // otherwise pick its own (scripts/gpu-check.sh compares the two).
@@ -118,7 +128,11 @@ impl Job {
             children.push(c);
             logs.push(log);
         }
-        Job { children, logs }
+        Job {
+            children,
+            logs,
+            _store: store,
+        }
     }
 
     /// Waits (bounded) for every rank; panics with the logs if one fails or time runs out.
