@@ -92,7 +92,11 @@ fn strangers_on_the_shared_memory_socket_are_refused_and_the_job_completes() {
     ];
     let mut job = Job::start(n, &["loop", "1000", "1000"], &job_env);
     for r in 0..n {
-        assert!(job.wait_for(r, "LOOPING", Duration::from_secs(30)));
+        assert!(
+            job.wait_for(r, "LOOPING", Duration::from_secs(30)),
+            "{}",
+            job.all_outputs()
+        );
     }
     let token = JobToken::new(&job.token);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -13,11 +13,21 @@ use std::time::{Duration, Instant};
 
 pub const TESTRANK: &str = env!("CARGO_BIN_EXE_ringlet-testrank");
 
+/// A loopback port free now, below the kernel's ephemeral range (32768 and up by default):
+/// rank 0 binds it a moment later, and a port the kernel hands out for "any port" (every rank's
+/// own listener, another test's) could take it in between if it came from that range.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..10_000 {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(k.wrapping_mul(104_729)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000")
 }
 
 pub struct Job {
