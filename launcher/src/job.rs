@@ -67,6 +67,10 @@ impl JobSpec {
         if let Some(a) = &self.store_addr {
             env.push(("RINGLET_STORE_ADDR", a.clone()));
         }
+        // The ranks go on without a lost one (`ringlet_ddp::membership`) only when told to.
+        if let Some(k) = self.min_ranks {
+            env.push(("RINGLET_MIN_RANKS", k.to_string()));
+        }
         env
     }
 }
@@ -171,6 +175,11 @@ mod tests {
         assert_eq!(get("RINGLET_JOB_TOKEN"), Some("secret"));
         assert_eq!(get("RINGLET_TIMEOUT"), Some("2.5"));
         assert_eq!(get("RINGLET_RESTART"), Some("1"));
+        assert_eq!(get("RINGLET_MIN_RANKS"), None);
+        let mut s = spec();
+        s.min_ranks = Some(2);
+        let env = s.rank_env(0);
+        assert!(env.contains(&("RINGLET_MIN_RANKS", "2".to_string())));
     }
 
     #[test]

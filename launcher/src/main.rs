@@ -150,9 +150,10 @@ struct Cli {
     max_restarts: u32,
 
     /// Keep going when a rank fails while at least K ranks still run (local ranks): the others
-    /// are not stopped, so a program that re-forms its communicator without the failed rank
-    /// (ringlet's Communicator::shrink) finishes without a restart. Ranks the survivors leave
-    /// out (a hung one) are stopped. Below K, the job stops as without it.
+    /// are not stopped, and RINGLET_MIN_RANKS=K tells them to re-form without the failed rank
+    /// (ringlet-train and ringlet-burn's fit redo the interrupted step over the survivors; a
+    /// program of its own calls Communicator::shrink). Ranks the survivors leave out (a hung
+    /// one) are stopped. Below K, the job stops as without it.
     #[arg(
         long,
         value_name = "K",

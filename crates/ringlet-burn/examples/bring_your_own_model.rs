@@ -84,7 +84,8 @@ impl Objective<(Tensor<2>, Tensor<1, Int>)> for SpiralNet {
 }
 
 fn main() -> Result<(), ringlet::Error> {
-    let comm = Communicator::from_env()?;
+    // `fit` replaces it with the survivors' communicator if a rank is lost (ringrun --min-ranks).
+    let mut comm = Communicator::from_env()?;
     let device = Device::flex().autodiff();
     device.seed(1);
     let data = Spirals::new();
@@ -92,7 +93,7 @@ fn main() -> Result<(), ringlet::Error> {
     opts.lr = 0.01;
     let optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let (model, summary) = fit(
-        &comm,
+        &mut comm,
         SpiralNet::new(&device),
         optim,
         &data,

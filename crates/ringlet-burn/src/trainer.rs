@@ -14,9 +14,11 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ringlet::{Communicator, Error};
 use ringlet_ddp::checkpoint::{Snapshot, State};
+use ringlet_ddp::membership::{self, Agreed, Change, Position};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, SyncOptions, Timing,
+    balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
+    SyncOptions, Timing,
 };
 use std::time::{Duration, Instant};
 
@@ -105,8 +107,12 @@ pub struct TrainSummary {
 /// Trains `model` (built identically on every rank, on `device` with autodiff) with `optim` on
 /// `data`; `report` sees every step on every rank. Parameters come from the checkpoint to
 /// resume from, else from rank 0. Returns the trained model (the same on every rank).
+///
+/// With [`ringlet_ddp::membership::MIN_RANKS_ENV`] set (`ringrun --min-ranks`), a lost rank
+/// does not end the run: the survivors re-form, catch up and redo the interrupted step, and
+/// `comm` becomes their communicator (see [`ringlet_ddp::membership`]).
 pub fn fit<M, D>(
-    comm: &Communicator,
+    comm: &mut Communicator,
     model: M,
     optim: ModuleOptimizer,
     data: &D,
@@ -118,15 +124,12 @@ where
     D: Samples,
     M: Objective<D::Batch>,
 {
+    let survival = Survival::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let global = opts.global_batch;
     let mut sampler = Sampler::new(opts.seed, data.len(), global)?;
-    let sync = SyncOptions {
-        scalars: 1,
-        ..opts.sync.clone()
-    };
-    let mut dp = DataParallel::new(comm, &model, sync)?;
-    let mut saver = match &opts.checkpoint {
+    let infos = params::list(&model);
+    let saver = match &opts.checkpoint {
         Some(c) => Some(JobCheckpoints::open(comm, c.clone())?),
         None => None,
     };
@@ -147,38 +150,118 @@ where
                 keys: &keys,
             };
             resume::check_resumable(&snap, &expect, &path)?;
-            let what = path.display().to_string();
-            model = params::load_named(model, dp.params(), &snap.model, &what)?;
-            optim = optim_state::load(optim, dp.params(), &snap.optimizer, &snap.state.extra)
-                .map_err(|e| Error::Config(format!("{what}: {e}")))?;
+            (model, optim) = load(model, optim, &infos, &snap, &path.display().to_string())?;
             (step, resumed_split) = resume::resume_loop(&snap.state, &path, &mut sampler, rank, n)?;
             resumed_from = Some(step);
         }
-        None => model = dp.broadcast(model, 0)?,
+        None => {
+            let sync = SyncOptions {
+                scalars: 1,
+                ..opts.sync.clone()
+            };
+            model = DataParallel::new(comm, &model, sync)?.broadcast(model, 0)?;
+        }
     }
     JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+    let mut run = Run {
+        done: Position::new(step, &sampler, &[], comm),
+        model,
+        optim,
+        step,
+        sampler,
+        balance: opts.balance.clone(),
+        split: resumed_split,
+        saver,
+        timing: Timing::new(opts.calibration_steps),
+        resumed_from,
+        changed: None,
+    };
+    let job = Job {
+        data,
+        device,
+        opts,
+        infos,
+    };
+    loop {
+        match steps(comm, &job, &mut run, &mut report) {
+            Ok(summary) => return Ok((run.model, summary)),
+            Err(failure) => {
+                let change = survival.survive(comm, failure, |c| catch_up(c, &job, &mut run))?;
+                run.changed = Some(change);
+            }
+        }
+    }
+}
+
+/// What a run keeps across communicators: all a membership change must not lose.
+struct Run<M> {
+    model: M,
+    optim: ModuleOptimizer,
+    /// Steps completed.
+    step: u64,
+    sampler: Sampler,
+    /// Where the last completed step left the loop (what survivors agree on after a lost rank).
+    done: Position,
+    /// The balance of the current members, and the split to start their balancer from.
+    balance: Balance,
+    split: Option<Vec<usize>>,
+    saver: Option<JobCheckpoints>,
+    timing: Timing,
+    resumed_from: Option<u64>,
+    /// The last membership change, until the first step after it completes.
+    changed: Option<Change>,
+}
+
+/// What does not change during a run.
+struct Job<'a, D> {
+    data: &'a D,
+    device: &'a Device,
+    opts: &'a TrainOptions,
+    infos: Vec<ParamInfo>,
+}
+
+/// The steps left and the last checkpoint, on one communicator.
+fn steps<M, D>(
+    comm: &Communicator,
+    job: &Job<D>,
+    run: &mut Run<M>,
+    report: &mut impl FnMut(&StepReport),
+) -> Result<TrainSummary, Error>
+where
+    D: Samples,
+    M: Objective<D::Batch>,
+{
+    let (opts, data, device) = (job.opts, job.data, job.device);
+    let (rank, global) = (comm.rank(), opts.global_batch);
+    let sync = SyncOptions {
+        scalars: 1,
+        ..opts.sync.clone()
+    };
+    let mut dp = DataParallel::new(comm, &run.model, sync)?;
     let mut balancer = Balancer::new(
         comm,
-        &opts.balance,
+        &run.balance,
         global,
         opts.rebalance_every,
-        resumed_split,
-        |share| calibrate(&model, data, share, device),
+        run.split.clone(),
+        |share| calibrate(&run.model, data, share, device),
     )?;
+    run.done.batches = balancer.batches().to_vec();
+    run.done.members = comm.original_ranks();
     if rank == 0 {
         tracing::info!(
-            "{} parameters in {} tensors, {} buckets; local batches {:?} (global {global})",
+            "{} parameters in {} tensors, {} buckets; local batches {:?} (global {global}, {} ranks)",
             dp.numel(),
             dp.params().len(),
             dp.buckets(),
-            balancer.batches()
+            balancer.batches(),
+            comm.world_size()
         );
     }
-    let mut timing = Timing::new(opts.calibration_steps);
 
-    while step < opts.steps {
+    while run.step < opts.steps {
         let t0 = Instant::now();
-        let mine = sampler.next_step(balancer.batches(), rank)?.to_vec();
+        let mine = run.sampler.next_step(balancer.batches(), rank)?.to_vec();
         if mine.is_empty() {
             dp.set_scalar(0, 0.0)?;
             dp.push_zeros()?;
@@ -189,30 +272,41 @@ where
             } else {
                 Stages::whole()
             };
-            let loss = model.loss_sum(&batch, &mut stages);
+            let loss = run.model.loss_sum(&batch, &mut stages);
             let value = params::to_host(loss.clone().detach())?;
             dp.set_scalar(0, value.first().copied().unwrap_or(f32::NAN))?;
-            dp.backward(&model, loss, stages)?;
+            dp.backward(&run.model, loss, stages)?;
         }
         let compute = t0.elapsed();
-        let (grads, synced) = dp.finish(&model, global)?;
+        let (grads, synced) = dp.finish(&run.model, global)?;
         let loss = dp.scalar(0) as f64 / global as f64;
-        let lr = opts.lr * ((step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
-        model = optim.step(lr, model, grads);
-        step += 1;
+        let lr = opts.lr * ((run.step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
+        // A Burn module's clone shares its tensors; the optimizer hands back the updated one.
+        run.model = run.optim.step(lr, run.model.clone(), grads);
+        run.step += 1;
+        let step = run.step;
+        run.done = Position::new(step, &run.sampler, balancer.batches(), comm);
 
         let rebalanced = balancer.after_step(comm, step, compute.as_secs_f64(), mine.len())?;
+        run.done.batches = balancer.batches().to_vec();
         let mut stall = Duration::ZERO;
         // After any re-balance, so that a resumed run goes on with the split this one uses next.
-        if let Some(saver) = saver.as_mut().filter(|s| s.due(step, opts.steps)) {
-            let state =
-                resume::loop_state(step, &sampler, &balancer, opts.seed, opts.config.clone());
-            stall = saver.save(comm, || snapshot(&model, &optim, dp.params(), state))?;
+        if let Some(saver) = run.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
+            let state = resume::loop_state(
+                step,
+                &run.sampler,
+                &balancer,
+                opts.seed,
+                opts.config.clone(),
+            );
+            let (model, optim) = (&run.model, &run.optim);
+            stall = saver.save(comm, || snapshot(model, optim, dp.params(), state))?;
         }
         let r = StepReport {
             rank,
+            world_size: comm.world_size(),
             step,
-            epoch: sampler.epoch(),
+            epoch: run.sampler.epoch(),
             loss,
             local_batch: mine.len(),
             global_batch: global,
@@ -224,24 +318,101 @@ where
             lr: lr as f32,
             rebalanced,
         };
-        timing.add(&r);
+        run.timing.add(&r);
         report(&r);
+        if let Some(change) = run.changed.take().filter(|_| rank == 0) {
+            tracing::info!(
+                "step {step} completed on {} ranks {} ms after the failure",
+                comm.world_size(),
+                change.at.elapsed().as_millis()
+            );
+        }
     }
-    if let Some(saver) = saver.as_mut() {
+    if let Some(saver) = run.saver.as_mut() {
         saver.finish(comm)?;
     }
-    Ok((
-        model,
-        TrainSummary {
-            steps: step,
-            resumed_from,
-            final_batches: balancer.batches().to_vec(),
-            samples_per_s: timing.samples_per_s(),
-            mean_step_s: timing.mean_step_s(),
-            comm_wait_fraction: timing.comm_wait_fraction(),
-            checkpoint_stall_fraction: timing.checkpoint_stall_fraction(),
-        },
-    ))
+    Ok(TrainSummary {
+        steps: run.step,
+        resumed_from: run.resumed_from,
+        final_batches: balancer.batches().to_vec(),
+        samples_per_s: run.timing.samples_per_s(),
+        mean_step_s: run.timing.mean_step_s(),
+        comm_wait_fraction: run.timing.comm_wait_fraction(),
+        checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
+    })
+}
+
+/// After a lost rank, on the survivors' communicator: agree on the newest completed step; the
+/// ranks a step behind take the model and optimizer state of the rank ahead; every rank goes
+/// back to that step's sampler position, with the split for the members left.
+fn catch_up<M: Module, D>(
+    comm: &Communicator,
+    job: &Job<D>,
+    run: &mut Run<M>,
+) -> Result<Agreed, Error> {
+    let agreed = membership::catch_up(comm, &run.done)?;
+    if agreed.anyone_behind() {
+        let mine = match comm.rank() == agreed.source {
+            true => {
+                let p = &agreed.position;
+                let state = State {
+                    step: p.step,
+                    epoch: p.epoch,
+                    cursor: p.cursor,
+                    seed: job.opts.seed,
+                    rng: Vec::new(),
+                    batches: p.batches.clone(),
+                    world_size: p.batches.len(),
+                    model: job.opts.config.clone(),
+                    extra: serde_json::Value::Null,
+                };
+                Some(snapshot(&run.model, &run.optim, &job.infos, state)?)
+            }
+            false => None,
+        };
+        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref())?;
+        if agreed.is_behind(comm.rank()) {
+            let from = format!("the state rank {} sent", agreed.source);
+            (run.model, run.optim) = load(
+                run.model.clone(),
+                run.optim.clone(),
+                &job.infos,
+                &snap,
+                &from,
+            )?;
+        }
+    }
+    run.step = membership::seek(&agreed, &mut run.sampler)?;
+    let p = &agreed.position;
+    (run.balance, run.split) = balance::for_members(
+        &job.opts.balance,
+        &comm.original_ranks(),
+        &p.batches,
+        &p.members,
+        job.opts.global_batch,
+    );
+    run.done = p.clone();
+    // The new rank 0 writes the checkpoints from here on.
+    run.saver = None;
+    if let Some(c) = &job.opts.checkpoint {
+        run.saver = Some(JobCheckpoints::open(comm, c.clone())?);
+    }
+    Ok(agreed)
+}
+
+/// The model and optimizer state of a snapshot (a checkpoint, or a peer's state); `what` names
+/// where it came from in errors.
+fn load<M: Module>(
+    model: M,
+    optim: ModuleOptimizer,
+    infos: &[ParamInfo],
+    snap: &Snapshot,
+    what: &str,
+) -> Result<(M, ModuleOptimizer), Error> {
+    let model = params::load_named(model, infos, &snap.model, what)?;
+    let optim = optim_state::load(optim, infos, &snap.optimizer, &snap.state.extra)
+        .map_err(|e| Error::Config(format!("{what}: {e}")))?;
+    Ok((model, optim))
 }
 
 /// The host copy a checkpoint writes: parameters by name, the optimizer's state by parameter

@@ -79,6 +79,44 @@ pub fn split(global: usize, weights: &[f64]) -> Vec<usize> {
     out
 }
 
+/// The balance and the split to start from for a job's members after a membership change
+/// (`members`: their first-epoch ranks, in rank order), given the job's `balance` (static weights
+/// are per first-epoch rank) and the split it had (`previous`: the local batch of each of
+/// `previous_members`). Static weights keep each member's own weight; `auto` keeps the members'
+/// proportions of the split it had (a measured split follows measured speed), a member new to it
+/// getting the mean; `off` splits evenly. Returns the split to hand [`Balancer::new`] as resumed.
+pub fn for_members(
+    balance: &Balance,
+    members: &[usize],
+    previous: &[usize],
+    previous_members: &[usize],
+    global: usize,
+) -> (Balance, Option<Vec<usize>>) {
+    match balance {
+        Balance::Static(w) if members.iter().all(|&m| m < w.len()) => (
+            Balance::Static(members.iter().map(|&m| w[m]).collect()),
+            None,
+        ),
+        Balance::Auto if previous.len() == previous_members.len() && !previous.is_empty() => {
+            let known: Vec<Option<f64>> = members
+                .iter()
+                .map(|m| {
+                    let i = previous_members.iter().position(|p| p == m)?;
+                    Some(previous[i].max(1) as f64)
+                })
+                .collect();
+            let found: Vec<f64> = known.iter().flatten().copied().collect();
+            if found.is_empty() {
+                return (Balance::Auto, None);
+            }
+            let mean = found.iter().sum::<f64>() / found.len() as f64;
+            let weights: Vec<f64> = known.iter().map(|k| k.unwrap_or(mean)).collect();
+            (Balance::Auto, Some(split(global, &weights)))
+        }
+        other => (other.clone(), None),
+    }
+}
+
 /// Where rank `rank`'s samples start within the step's global window.
 pub fn offset(batches: &[usize], rank: usize) -> usize {
     batches[..rank].iter().sum()
@@ -338,6 +376,35 @@ mod tests {
         r.observe(0.4, 10);
         let (cost, time) = r.averages();
         assert!((cost - 0.024).abs() < 1e-12 && (time - 0.24).abs() < 1e-12);
+    }
+
+    /// After ranks 1 and 3 of four leave: static weights follow their ranks, `auto` keeps the
+    /// survivors' proportions of the measured split, `off` splits evenly.
+    #[test]
+    fn the_members_left_keep_their_share() {
+        let (members, prev, prev_members) = ([0, 2], [10, 20, 30, 40], [0, 1, 2, 3]);
+        let weights = Balance::Static(vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            for_members(&weights, &members, &prev, &prev_members, 100),
+            (Balance::Static(vec![1.0, 3.0]), None)
+        );
+        assert_eq!(
+            for_members(&Balance::Auto, &members, &prev, &prev_members, 100),
+            (Balance::Auto, Some(vec![25, 75]))
+        );
+        assert_eq!(
+            for_members(&Balance::Off, &members, &prev, &prev_members, 100),
+            (Balance::Off, None)
+        );
+        // A member the split did not know gets the mean share; no split at all: measure again.
+        assert_eq!(
+            for_members(&Balance::Auto, &[0, 2, 7], &prev, &prev_members, 100),
+            (Balance::Auto, Some(vec![17, 50, 33]))
+        );
+        assert_eq!(
+            for_members(&Balance::Auto, &members, &[], &[], 100),
+            (Balance::Auto, None)
+        );
     }
 
     /// `auto` splits by the speeds the ranks measured (the same split on every rank); a resumed

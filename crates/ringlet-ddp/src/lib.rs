@@ -16,6 +16,9 @@
 //!   writes, every rank resumes from the same one, numbers from the file checked).
 //! - [`agree`](mod@agree): a failure on one rank fails every rank at once, naming it; the
 //!   launcher's restart count.
+//! - [`membership`]: going on without a lost rank — the survivors re-form, agree on the newest
+//!   completed step, the ranks behind take the state of one ahead, and the interrupted step is
+//!   redone over the survivors (`ringrun --min-ranks`).
 //! - [`report`]: per-step metrics as JSON lines, the progress bar, throughput figures.
 //! - [`local_world`]: several ranks as threads of one process, over real loopback sockets (for
 //!   tests of code built on these pieces).
@@ -78,6 +81,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod grad_sync;
 pub mod local_world;
+pub mod membership;
 pub mod report;
 pub mod resume;
 pub mod sampler;
@@ -85,6 +89,7 @@ pub mod sampler;
 pub use agree::agree;
 pub use balance::{Balance, Balancer};
 pub use grad_sync::{GradSync, ParamSpec, SyncOptions};
+pub use membership::Survival;
 pub use report::{Progress, StepReport, Timing};
 pub use resume::{CheckpointOptions, JobCheckpoints, Resume};
 pub use sampler::Sampler;

@@ -10,6 +10,8 @@ use std::time::Instant;
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepReport {
     pub rank: usize,
+    /// Ranks in the job at this step (fewer after a rank was lost, see `crate::membership`).
+    pub world_size: usize,
     pub step: u64,
     pub epoch: u64,
     /// Mean loss over the global batch.
@@ -78,9 +80,9 @@ pub fn metrics_path(p: &Path, rank: usize) -> PathBuf {
 
 /// Rank 0's view of the run: a progress bar on a terminal, else a log line every `log_every`
 /// steps; every rank's reports go to the metrics file if there is one. Other ranks show
-/// nothing.
+/// nothing. Rank 0 is the current one: after a lost rank (`crate::membership`) another process
+/// may take over the log lines (the bar stays with the process that drew it).
 pub struct Progress {
-    rank: usize,
     steps: u64,
     log_every: u64,
     bar: Option<ProgressBar>,
@@ -109,7 +111,6 @@ impl Progress {
             log_every
         };
         Progress {
-            rank,
             steps,
             log_every: log_every.max(1),
             bar,
@@ -131,7 +132,8 @@ impl Progress {
                 self.metrics_error.get_or_insert(e);
             }
         }
-        if self.rank != 0 {
+        // The current rank 0: after a membership change it may be another process.
+        if r.rank != 0 {
             return;
         }
         if let Some(rb) = &r.rebalanced {
@@ -153,13 +155,14 @@ impl Progress {
                 }
             }
             None if r.step.is_multiple_of(self.log_every) || r.step == self.steps => tracing::info!(
-                "step {}/{} epoch {} loss {:.4} lr {:.4} {:.0} samples/s, step {:.2} ms (comm wait {:.2} ms)",
+                "step {}/{} epoch {} loss {:.4} lr {:.4} {:.0} samples/s on {} ranks, step {:.2} ms (comm wait {:.2} ms)",
                 r.step,
                 self.steps,
                 r.epoch,
                 r.loss,
                 r.lr,
                 rate.unwrap_or(0.0),
+                r.world_size,
                 r.step_time_s * 1e3,
                 r.comm_wait_s * 1e3
             ),

@@ -13,7 +13,7 @@ use burn::optim::{AdamWConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Device;
 use ringlet::{Communicator, Error, ReduceOp};
 use ringlet_burn::{fit, params, Samples, Stages, TrainOptions, TrainSummary};
-use ringlet_ddp::StepReport;
+use ringlet_ddp::{membership, StepReport, Survival};
 
 /// Burn's optimizer and its settings.
 #[derive(Clone, Debug)]
@@ -137,7 +137,7 @@ fn check_fits(
 
 /// Trains the CNN on `data`'s images.
 pub fn train_cnn(
-    comm: &Communicator,
+    comm: &mut Communicator,
     data: &Dataset,
     shape: CnnShape,
     device: &Device,
@@ -179,7 +179,7 @@ pub fn train_cnn(
         test: true,
     };
     let model = model.valid();
-    let [loss, correct, count] = evaluate(comm, test.len(), |idx| {
+    let [loss, correct, count] = evaluate(comm, test.len(), &mut |idx| {
         let batch = test.batch(idx, device);
         let logits = model.forward(batch.images, &mut Stages::whole());
         let predicted = logits.clone().argmax(1).reshape([idx.len()]);
@@ -201,7 +201,7 @@ pub fn train_cnn(
 
 /// Trains the character transformer on `text`.
 pub fn train_transformer(
-    comm: &Communicator,
+    comm: &mut Communicator,
     text: &CharText,
     shape: LmShape,
     device: &Device,
@@ -251,7 +251,7 @@ pub fn train_transformer(
         disjoint: true,
     };
     let model = model.valid();
-    let [loss, _, count] = evaluate(comm, test.len(), |idx| {
+    let [loss, _, count] = evaluate(comm, test.len(), &mut |idx| {
         let (x, y) = test.batch(idx, device);
         let logits = model.forward(x, &mut Stages::whole());
         Ok([
@@ -276,13 +276,26 @@ fn scalar(t: burn::tensor::Tensor<1>) -> Result<f64, Error> {
     Ok(params::to_host(t)?.first().copied().unwrap_or(f32::NAN) as f64)
 }
 
+/// Scores a chunk of held-out samples: two sums (a loss, a count).
+type Eval<'a> = dyn FnMut(&[usize]) -> Result<[f64; 2], Error> + 'a;
+
 /// Sums `[a, b]` of `eval` over the held-out samples, each rank taking every n-th, in chunks;
-/// returns `[a, b, samples]` summed over all ranks (NaNs when there are none).
-fn evaluate(
-    comm: &Communicator,
-    len: usize,
-    mut eval: impl FnMut(&[usize]) -> Result<[f64; 2], Error>,
-) -> Result<[f64; 3], Error> {
+/// returns `[a, b, samples]` summed over all ranks (NaNs when there are none). A rank lost
+/// meanwhile (`ringrun --min-ranks`): the survivors re-form and evaluate again.
+fn evaluate(comm: &mut Communicator, len: usize, eval: &mut Eval) -> Result<[f64; 3], Error> {
+    loop {
+        match evaluate_once(comm, len, eval) {
+            Ok(totals) => return Ok(totals),
+            Err(e) => {
+                // Every rank has finished training: there is no step to agree on.
+                let done = membership::Position::default();
+                Survival::from_env()?.survive(comm, e, |c| membership::catch_up(c, &done))?;
+            }
+        }
+    }
+}
+
+fn evaluate_once(comm: &Communicator, len: usize, eval: &mut Eval) -> Result<[f64; 3], Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mine: Vec<usize> = (rank..len).step_by(n).collect();
     let mut totals = [0.0f64, 0.0, mine.len() as f64];

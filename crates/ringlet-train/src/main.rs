@@ -218,7 +218,8 @@ fn read_text(path: &std::path::Path) -> Result<String, String> {
 }
 
 fn run(args: &Args) -> Result<(), Error> {
-    let comm = Communicator::from_env()?;
+    // Replaced by the survivors' communicator when a rank is lost (`ringrun --min-ranks`).
+    let mut comm = Communicator::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
     let data = agree(&comm, load(args), "loading the dataset")?;
@@ -317,7 +318,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 rebalance_every: args.rebalance_every,
                 calibration_steps: args.calibration_steps,
             };
-            let s = train::train(&comm, d, &opts, report)?;
+            let s = train::train(&mut comm, d, &opts, report)?;
             Outcome {
                 evaluation: format!(
                     "test accuracy {:.2}% (loss {:.4}) on {} held-out samples",
@@ -381,7 +382,15 @@ fn run(args: &Args) -> Result<(), Error> {
                     opts.config_keys = ["model", "channels", "hidden", "optimizer"]
                         .map(String::from)
                         .to_vec();
-                    burn_models::train_cnn(&comm, d, shape, &burn_device, &optim, &opts, report)?
+                    burn_models::train_cnn(
+                        &mut comm,
+                        d,
+                        shape,
+                        &burn_device,
+                        &optim,
+                        &opts,
+                        report,
+                    )?
                 }
                 Data::Text(t) => {
                     let shape = LmShape {
@@ -413,7 +422,7 @@ fn run(args: &Args) -> Result<(), Error> {
                     .map(String::from)
                     .to_vec();
                     burn_models::train_transformer(
-                        &comm,
+                        &mut comm,
                         t,
                         shape,
                         &burn_device,
@@ -427,10 +436,16 @@ fn run(args: &Args) -> Result<(), Error> {
     };
     let elapsed = progress.elapsed_s();
     progress.finish()?;
-    if rank == 0 {
+    // The rank 0 of the ranks that finished: after a lost rank, perhaps another process.
+    if comm.rank() == 0 {
         let s = &outcome.summary;
+        let left = comm.world_size();
+        let ranks = match left == n {
+            true => format!("{n} ranks"),
+            false => format!("{left} ranks (of {n}: {} lost)", n - left),
+        };
         println!(
-            "ringlet-train: {} steps on {n} ranks in {elapsed:.1} s{}: {}; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
+            "ringlet-train: {} steps on {ranks} in {elapsed:.1} s{}: {}; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
             s.steps,
             s.resumed_from
                 .map(|s| format!(" (resumed at step {s})"))

@@ -24,10 +24,11 @@ use ringlet::{Communicator, Error, ReduceOp};
 
 use crate::optim::{AdamW, Sgd};
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
+use ringlet_ddp::membership::{self, Agreed, Change, Position};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    agree, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, SyncOptions,
-    Timing,
+    agree, balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport,
+    Survival, SyncOptions, Timing,
 };
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,7 @@ enum OptimState<Buf> {
 /// in the TCP ring's all-reduces, and `--balance auto` gives faster devices larger shares).
 /// `RINGLET_GRAD_PATH` may force this rank's way of summing gradients (see `crate::grad_path`).
 pub fn train(
-    comm: &Communicator,
+    comm: &mut Communicator,
     data: &Dataset,
     opts: &Options,
     report: impl FnMut(&StepReport),
@@ -132,7 +133,7 @@ pub fn train(
 /// As [`train`], with this rank's way of summing gradients given instead of read from
 /// `RINGLET_GRAD_PATH` (ranks may differ; [`grad_path::Choice::Auto`] for the default).
 pub fn train_with(
-    comm: &Communicator,
+    comm: &mut Communicator,
     data: &Dataset,
     opts: &Options,
     path: grad_path::Choice,
@@ -169,14 +170,47 @@ fn open_gpu(local_rank: usize) -> Result<GpuBackend, String> {
     GpuBackend::new(local_rank % count).map_err(|e| e.to_string())
 }
 
+/// What a run keeps across communicators: all a membership change must not lose.
+struct Run<B: Backend> {
+    params: B::Buf,
+    optim: OptimState<B::Buf>,
+    /// Steps completed.
+    step: u64,
+    sampler: Sampler,
+    /// Where the last completed step left the loop (what survivors agree on after a lost rank).
+    done: Position,
+    /// The balance of the current members, and the split to start their balancer from (a
+    /// checkpoint's, or the one the survivors of a lost rank take over).
+    balance: Balance,
+    split: Option<Vec<usize>>,
+    saver: Option<JobCheckpoints>,
+    timing: Timing,
+    resumed_from: Option<u64>,
+    /// The last membership change, until the first step after it completes.
+    changed: Option<Change>,
+    ws: Workspace<B>,
+}
+
+/// What does not change during a run.
+struct Job<'a, B: Backend> {
+    data: &'a Dataset,
+    opts: &'a Options,
+    be: &'a B,
+    path: grad_path::Choice,
+    mlp: Mlp,
+    layers: Vec<Layer>,
+    model_config: serde_json::Value,
+}
+
 fn run<B: Backend>(
-    comm: &Communicator,
+    comm: &mut Communicator,
     data: &Dataset,
     opts: &Options,
     be: &B,
     path: grad_path::Choice,
     mut report: impl FnMut(&StepReport),
 ) -> Result<Summary, Error> {
+    let survival = Survival::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let global = opts.global_batch;
     let mut sampler = Sampler::new(opts.seed, data.train_len(), global).map_err(|e| match e {
@@ -210,7 +244,7 @@ fn run<B: Backend>(
     let mut resumed_from = None;
 
     // Only rank 0 writes checkpoints; every rank resumes from the one rank 0 picks.
-    let mut saver = match &opts.checkpoint {
+    let saver = match &opts.checkpoint {
         Some(c) => Some(JobCheckpoints::open(comm, c.clone())?),
         None => None,
     };
@@ -223,16 +257,8 @@ fn run<B: Backend>(
                 keys: &["sizes", "optimizer"],
             };
             resume::check_resumable(&snap, &expect, &path)?;
-            let s = &snap.state;
-            restore(&layers, &snap.model, "", &mut params, &path)?;
-            match &mut optim {
-                OptimState::Sgd { v } => restore(&layers, &snap.optimizer, "momentum.", v, &path)?,
-                OptimState::AdamW { m, v } => {
-                    restore(&layers, &snap.optimizer, "exp_avg.", m, &path)?;
-                    restore(&layers, &snap.optimizer, "exp_avg_sq.", v, &path)?;
-                }
-            }
-            (step, resumed_split) = resume::resume_loop(s, &path, &mut sampler, rank, n)?;
+            restore_all(&layers, &snap, &mut params, &mut optim, &path)?;
+            (step, resumed_split) = resume::resume_loop(&snap.state, &path, &mut sampler, rank, n)?;
             resumed_from = Some(step);
         }
     }
@@ -240,15 +266,51 @@ fn run<B: Backend>(
     JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
 
     // From here on the parameters and the optimizer's state live where the backend keeps them.
-    let mut params = be.upload(&params)?;
-    let mut optim = match optim {
-        OptimState::Sgd { v } => OptimState::Sgd { v: be.upload(&v)? },
-        OptimState::AdamW { m, v } => OptimState::AdamW {
-            m: be.upload(&m)?,
-            v: be.upload(&v)?,
-        },
+    let mut run = Run {
+        params: be.upload(&params)?,
+        optim: upload_optim(be, optim)?,
+        step,
+        done: Position::new(step, &sampler, &[], comm),
+        sampler,
+        balance: opts.balance.clone(),
+        split: resumed_split,
+        saver,
+        timing: Timing::new(opts.calibration_steps),
+        resumed_from,
+        changed: None,
+        ws: Workspace::default(),
     };
-    let mut ws = Workspace::default();
+    let job = Job {
+        data,
+        opts,
+        be,
+        path,
+        mlp,
+        layers,
+        model_config,
+    };
+    // A lost rank (with `ringrun --min-ranks`): the survivors re-form, catch up, and the
+    // interrupted step is done again over them.
+    loop {
+        match steps(comm, &job, &mut run, &mut report) {
+            Ok(summary) => return Ok(summary),
+            Err(failure) => {
+                let change = survival.survive(comm, failure, |c| catch_up(c, &job, &mut run))?;
+                run.changed = Some(change);
+            }
+        }
+    }
+}
+
+/// The steps left, the last checkpoint and the evaluation, on one communicator.
+fn steps<B: Backend>(
+    comm: &Communicator,
+    job: &Job<B>,
+    run: &mut Run<B>,
+    report: &mut impl FnMut(&StepReport),
+) -> Result<Summary, Error> {
+    let (opts, be, data) = (job.opts, job.be, job.data);
+    let (rank, global) = (comm.rank(), opts.global_batch);
     let (mut x, mut y) = (Vec::new(), Vec::new());
     // Buckets hold whole layers (weight and bias together); this rank's loss sum rides along.
     let sync_opts = SyncOptions {
@@ -257,58 +319,81 @@ fn run<B: Backend>(
         overlap: opts.overlap,
         scalars: 1,
     };
-    let mut sync = GradPath::new(comm, be, &layers, sync_opts, path)?;
+    let mut sync = GradPath::new(comm, be, &job.layers, sync_opts, job.path)?;
     let mut grads = sync.gradient_buffer(be)?;
     let mut balancer = Balancer::new(
         comm,
-        &opts.balance,
+        &run.balance,
         global,
         opts.rebalance_every,
-        resumed_split,
-        |share| calibrate(data, &mlp, be, &params, share, &mut ws),
+        run.split.clone(),
+        |share| calibrate(data, &job.mlp, be, &run.params, share, &mut run.ws),
     )?;
+    run.done.batches = balancer.batches().to_vec();
+    run.done.members = comm.original_ranks();
     if rank == 0 {
-        tracing::info!("local batches {:?} (global {global})", balancer.batches());
+        tracing::info!(
+            "local batches {:?} (global {global}, {} ranks)",
+            balancer.batches(),
+            comm.world_size()
+        );
     }
-    let mut timing = Timing::new(opts.calibration_steps);
 
-    while step < opts.steps {
+    while run.step < opts.steps {
         let t0 = Instant::now();
-        let mine = sampler.next_step(balancer.batches(), rank)?;
+        let mine = run.sampler.next_step(balancer.batches(), rank)?;
         data.gather(mine, &mut x, &mut y);
-        let (loss, _) = mlp.forward(be, &params, &x, &y, &mut ws)?;
-        sync.backward(be, &mlp, &params, &mut ws, &mut grads, loss as f32)?;
+        let (loss, _) = job.mlp.forward(be, &run.params, &x, &y, &mut run.ws)?;
+        sync.backward(
+            be,
+            &job.mlp,
+            &run.params,
+            &mut run.ws,
+            &mut grads,
+            loss as f32,
+        )?;
         let compute = t0.elapsed();
         let (loss_sum, synced) = sync.finish(be, &mut grads)?;
         let global_loss = loss_sum as f64 / global as f64;
 
+        let step = run.step;
         let lr = opts.optimizer.lr() * ((step + 1) as f32 / opts.warmup.max(1) as f32).min(1.0);
         let scale = 1.0 / global as f32;
-        match (&opts.optimizer, &mut optim) {
+        match (&opts.optimizer, &mut run.optim) {
             (OptimizerKind::Sgd(o), OptimState::Sgd { v }) => {
-                be.sgd(&Sgd { lr, ..*o }, &mut params, &grads, v, scale)?
+                be.sgd(&Sgd { lr, ..*o }, &mut run.params, &grads, v, scale)?
             }
             (OptimizerKind::AdamW(o), OptimState::AdamW { m, v }) => {
                 let t = u32::try_from(step + 1).unwrap_or(u32::MAX);
-                be.adamw(&AdamW { lr, ..*o }, &mut params, &grads, m, v, scale, t)?
+                be.adamw(&AdamW { lr, ..*o }, &mut run.params, &grads, m, v, scale, t)?
             }
             _ => unreachable!("the state is made for the optimizer"),
         }
-        step += 1;
+        run.step += 1;
+        let step = run.step;
+        run.done = Position::new(step, &run.sampler, balancer.batches(), comm);
 
         let rebalanced = balancer.after_step(comm, step, compute.as_secs_f64(), y.len())?;
+        run.done.batches = balancer.batches().to_vec();
         let mut stall = Duration::ZERO;
         // After any re-balance, so that a resumed run goes on with the split this one uses next.
-        if let Some(saver) = saver.as_mut().filter(|s| s.due(step, opts.steps)) {
-            let state =
-                resume::loop_state(step, &sampler, &balancer, opts.seed, model_config.clone());
-            stall = saver.save(comm, || snapshot(be, &layers, &params, &optim, state))?;
+        if let Some(saver) = run.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
+            let state = resume::loop_state(
+                step,
+                &run.sampler,
+                &balancer,
+                opts.seed,
+                job.model_config.clone(),
+            );
+            let (params, optim) = (&run.params, &run.optim);
+            stall = saver.save(comm, || snapshot(be, &job.layers, params, optim, state))?;
         }
 
         let r = StepReport {
             rank,
+            world_size: comm.world_size(),
             step,
-            epoch: sampler.epoch(),
+            epoch: run.sampler.epoch(),
             loss: global_loss,
             local_batch: y.len(),
             global_batch: global,
@@ -320,27 +405,140 @@ fn run<B: Backend>(
             lr,
             rebalanced,
         };
-        timing.add(&r);
+        run.timing.add(&r);
         report(&r);
+        if let Some(change) = run.changed.take().filter(|_| rank == 0) {
+            tracing::info!(
+                "step {step} completed on {} ranks {} ms after the failure",
+                comm.world_size(),
+                change.at.elapsed().as_millis()
+            );
+        }
     }
-    if let Some(saver) = saver.as_mut() {
+    if let Some(saver) = run.saver.as_mut() {
         saver.finish(comm)?;
     }
-    let (test_accuracy, test_loss) = evaluate(comm, data, &mlp, be, &params, &mut ws)?;
-    let params = be.download(&params)?;
+    let (test_accuracy, test_loss) = evaluate(comm, data, &job.mlp, be, &run.params, &mut run.ws)?;
     Ok(Summary {
-        steps: step,
-        resumed_from,
+        steps: run.step,
+        resumed_from: run.resumed_from,
         test_accuracy,
         test_loss,
         final_batches: balancer.batches().to_vec(),
-        samples_per_s: timing.samples_per_s(),
-        mean_step_s: timing.mean_step_s(),
-        comm_wait_fraction: timing.comm_wait_fraction(),
-        checkpoint_stall_fraction: timing.checkpoint_stall_fraction(),
+        samples_per_s: run.timing.samples_per_s(),
+        mean_step_s: run.timing.mean_step_s(),
+        comm_wait_fraction: run.timing.comm_wait_fraction(),
+        checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
         grad_sync: sync.path().name(),
-        params,
+        params: be.download(&run.params)?,
     })
+}
+
+/// After a lost rank, on the survivors' communicator: agree on the newest completed step; the
+/// ranks a step behind take the state of the rank ahead (the snapshot a checkpoint would hold);
+/// every rank goes back to that step's sampler position, with the split for the members left.
+fn catch_up<B: Backend>(
+    comm: &Communicator,
+    job: &Job<B>,
+    run: &mut Run<B>,
+) -> Result<Agreed, Error> {
+    let agreed = membership::catch_up(comm, &run.done)?;
+    if agreed.anyone_behind() {
+        let mine = match comm.rank() == agreed.source {
+            true => {
+                let p = &agreed.position;
+                let state = State {
+                    step: p.step,
+                    epoch: p.epoch,
+                    cursor: p.cursor,
+                    seed: job.opts.seed,
+                    rng: Vec::new(),
+                    batches: p.batches.clone(),
+                    world_size: p.batches.len(),
+                    model: job.model_config.clone(),
+                    extra: serde_json::Value::Null,
+                };
+                Some(snapshot(
+                    job.be,
+                    &job.layers,
+                    &run.params,
+                    &run.optim,
+                    state,
+                )?)
+            }
+            false => None,
+        };
+        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref())?;
+        if agreed.is_behind(comm.rank()) {
+            let from = std::path::PathBuf::from(format!("the state rank {} sent", agreed.source));
+            let mut params = job.be.download(&run.params)?;
+            let mut optim = download_optim(job.be, &run.optim)?;
+            restore_all(&job.layers, &snap, &mut params, &mut optim, &from)?;
+            run.params = job.be.upload(&params)?;
+            run.optim = upload_optim(job.be, optim)?;
+        }
+    }
+    run.step = membership::seek(&agreed, &mut run.sampler)?;
+    let global = job.opts.global_batch;
+    let p = &agreed.position;
+    (run.balance, run.split) = balance::for_members(
+        &job.opts.balance,
+        &comm.original_ranks(),
+        &p.batches,
+        &p.members,
+        global,
+    );
+    run.done = p.clone();
+    // The new rank 0 writes the checkpoints from here on.
+    run.saver = None;
+    if let Some(c) = &job.opts.checkpoint {
+        run.saver = Some(JobCheckpoints::open(comm, c.clone())?);
+    }
+    Ok(agreed)
+}
+
+fn upload_optim<B: Backend>(
+    be: &B,
+    optim: OptimState<Vec<f32>>,
+) -> Result<OptimState<B::Buf>, Error> {
+    Ok(match optim {
+        OptimState::Sgd { v } => OptimState::Sgd { v: be.upload(&v)? },
+        OptimState::AdamW { m, v } => OptimState::AdamW {
+            m: be.upload(&m)?,
+            v: be.upload(&v)?,
+        },
+    })
+}
+
+fn download_optim<B: Backend>(
+    be: &B,
+    optim: &OptimState<B::Buf>,
+) -> Result<OptimState<Vec<f32>>, Error> {
+    Ok(match optim {
+        OptimState::Sgd { v } => OptimState::Sgd { v: be.download(v)? },
+        OptimState::AdamW { m, v } => OptimState::AdamW {
+            m: be.download(m)?,
+            v: be.download(v)?,
+        },
+    })
+}
+
+/// Parameters and optimizer state from a snapshot (a checkpoint, or a peer's state).
+fn restore_all(
+    layers: &[Layer],
+    snap: &Snapshot,
+    params: &mut [f32],
+    optim: &mut OptimState<Vec<f32>>,
+    path: &std::path::Path,
+) -> Result<(), Error> {
+    restore(layers, &snap.model, "", params, path)?;
+    match optim {
+        OptimState::Sgd { v } => restore(layers, &snap.optimizer, "momentum.", v, path),
+        OptimState::AdamW { m, v } => {
+            restore(layers, &snap.optimizer, "exp_avg.", m, path)?;
+            restore(layers, &snap.optimizer, "exp_avg_sq.", v, path)
+        }
+    }
 }
 
 /// `--balance auto`'s measurement: the median time of five forward + backward passes over

@@ -47,9 +47,9 @@ fn sgd() -> OptimizerKind {
 
 /// One job, rank r summing its gradients the way `ways[r]` says.
 fn job(data: &Dataset, opts: &Options, ways: &[Choice]) -> Vec<Summary> {
-    local_world::run(ways.len(), |comm| {
+    local_world::run(ways.len(), |mut comm| {
         let way = ways[comm.rank()];
-        train::train_with(&comm, data, opts, way, |_| {}).expect("training")
+        train::train_with(&mut comm, data, opts, way, |_| {}).expect("training")
     })
 }
 

@@ -528,8 +528,9 @@ mod tests {
             calibration_steps: 0,
         };
         let run = |ways: [Choice; 2]| {
-            ringlet_ddp::local_world::run(2, |comm| {
-                train::train_with(&comm, &data, &opts, ways[comm.rank()], |_| {}).unwrap()
+            ringlet_ddp::local_world::run(2, |mut comm| {
+                let way = ways[comm.rank()];
+                train::train_with(&mut comm, &data, &opts, way, |_| {}).unwrap()
             })
         };
         let host = run([Choice::Host, Choice::Host]);

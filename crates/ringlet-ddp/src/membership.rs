@@ -1,0 +1,484 @@
+//! Going on without a rank that died or hung: the hooks a training loop calls so that the
+//! survivors finish the job without losing a step.
+//!
+//! Data parallelism here is exact (the global batch and its sample order do not depend on the
+//! world size), so a step can be redone over fewer ranks and still make the update one process
+//! would. When a collective fails because a rank is gone, [`Survival::survive`] has the
+//! survivors form a new communicator among themselves ([`Communicator::shrink`]) and calls the
+//! loop's *catch-up*, which:
+//!
+//! 1. agrees with [`catch_up`] on where to go on from: ranks may be a step apart when one dies
+//!    (some finished the last all-reduce, others did not), so the newest completed step wins, held
+//!    by its lowest rank, the *source*;
+//! 2. if any member is behind, has the source send its state with [`share_snapshot`] (the same
+//!    [`Snapshot`] a checkpoint holds, sent instead of written) and the members behind load it;
+//! 3. puts every member's sampler at the source's position and splits the same global batch over
+//!    the members ([`crate::balance::for_members`]);
+//!
+//! and the loop then redoes the step that was interrupted. Rank 0 logs each change (cause, world
+//! size before and after, the step redone, the time it took). A failure while catching up (a
+//! second rank lost) forms the next epoch the same way.
+//!
+//! Who decides: `ringrun --min-ranks K` sets [`MIN_RANKS_ENV`] for its ranks and serves the
+//! rendezvous store, so that it outlives any rank. Without it (`mpirun`, `srun`, a store served
+//! by rank 0) a lost rank fails every rank, as before, and a launcher's restart resumes from the
+//! newest checkpoint.
+
+use crate::checkpoint::{Snapshot, State, Tensor};
+use crate::Sampler;
+use ringlet::{Communicator, Error};
+use ringlet_core::error::PeerId;
+use std::time::{Duration, Instant};
+
+/// The least number of ranks a job goes on with after losing some (set by `ringrun --min-ranks`).
+pub const MIN_RANKS_ENV: &str = "RINGLET_MIN_RANKS";
+
+/// Whether, and down to how many ranks, a job goes on after losing a rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Survival {
+    min_ranks: Option<usize>,
+}
+
+impl Survival {
+    /// A lost rank fails every rank (the default).
+    pub fn never() -> Survival {
+        Survival { min_ranks: None }
+    }
+
+    /// Go on while at least `k` ranks (at least 1) are left.
+    pub fn at_least(k: usize) -> Survival {
+        Survival {
+            min_ranks: Some(k.max(1)),
+        }
+    }
+
+    /// From [`MIN_RANKS_ENV`]: unset or empty is [`never`](Self::never); anything but a positive
+    /// count is refused.
+    pub fn from_env() -> Result<Survival, Error> {
+        Survival::parse(std::env::var(MIN_RANKS_ENV).ok().as_deref())
+    }
+
+    /// [`from_env`](Self::from_env) of the variable's value.
+    pub fn parse(value: Option<&str>) -> Result<Survival, Error> {
+        match value {
+            None => Ok(Survival::never()),
+            Some(v) if v.trim().is_empty() => Ok(Survival::never()),
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(k) if k > 0 => Ok(Survival::at_least(k)),
+                _ => Err(Error::Config(format!(
+                    "{MIN_RANKS_ENV}={v:?} is not a positive number of ranks"
+                ))),
+            },
+        }
+    }
+
+    pub fn min_ranks(&self) -> Option<usize> {
+        self.min_ranks
+    }
+
+    /// Whether the survivors of `failure` should re-form rather than fail.
+    pub fn recovers(&self, failure: &Error) -> bool {
+        self.min_ranks.is_some() && lost_a_rank(failure)
+    }
+
+    /// After `failure` (an error of a collective on `comm`): if it lost a rank and enough are
+    /// left, replaces `comm` by the survivors' communicator and runs `catch_up` on it (see the
+    /// module doc), again for each rank lost meanwhile. Every survivor must call it. Returns
+    /// the change, for the loop's figures; hands `failure` back where it is not survivable.
+    pub fn survive(
+        &self,
+        comm: &mut Communicator,
+        failure: Error,
+        mut catch_up: impl FnMut(&Communicator) -> Result<Agreed, Error>,
+    ) -> Result<Change, Error> {
+        let started = Instant::now();
+        let (old_world, old_members) = (comm.world_size(), comm.original_ranks());
+        let cause = failure.to_string();
+        let mut failure = failure;
+        loop {
+            let Some(k) = self.min_ranks.filter(|_| lost_a_rank(&failure)) else {
+                return Err(failure);
+            };
+            let next = comm.shrink(&failure, k)?;
+            *comm = next;
+            match catch_up(comm) {
+                Ok(agreed) => {
+                    let members = comm.original_ranks();
+                    let change = Change {
+                        cause,
+                        lost: old_members
+                            .into_iter()
+                            .filter(|r| !members.contains(r))
+                            .collect(),
+                        old_world,
+                        new_world: comm.world_size(),
+                        epoch: comm.epoch(),
+                        redo_step: agreed.position.step + 1,
+                        sent_state: agreed.anyone_behind(),
+                        took: started.elapsed(),
+                        at: started,
+                    };
+                    if comm.rank() == 0 {
+                        tracing::warn!("{change}");
+                    }
+                    return Ok(change);
+                }
+                Err(e) => failure = e,
+            }
+        }
+    }
+}
+
+/// Whether `e` says a rank is gone or stopped answering (rather than a bug, an attack or a local
+/// failure, which a new communicator would meet again).
+pub fn lost_a_rank(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::PeerLost { .. } | Error::Timeout { .. } | Error::Aborted { .. } | Error::Broken(_)
+    )
+}
+
+/// One membership change, as rank 0 logs it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// The first failure seen.
+    pub cause: String,
+    /// The first-epoch ranks no longer in the job.
+    pub lost: Vec<usize>,
+    pub old_world: usize,
+    pub new_world: usize,
+    /// The new communicator's epoch.
+    pub epoch: u64,
+    /// The step done again (counted from 1, as step reports count).
+    pub redo_step: u64,
+    /// Some member was a step behind and loaded the source's state.
+    pub sent_state: bool,
+    /// From the failure reaching [`Survival::survive`] to the members agreeing.
+    pub took: Duration,
+    /// When the failure reached [`Survival::survive`].
+    pub at: Instant,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "membership change (epoch {}): lost rank(s) {:?}; world {} -> {}; redoing step {}{}; re-formed in {} ms; cause: {}",
+            self.epoch,
+            self.lost,
+            self.old_world,
+            self.new_world,
+            self.redo_step,
+            if self.sent_state { " (state sent to the ranks a step behind)" } else { "" },
+            self.took.as_millis(),
+            self.cause
+        )
+    }
+}
+
+/// Where a training loop stands after its last completed step: the step count, the sampler's
+/// position after it, and the split it was made with (`batches[i]` for first-epoch rank
+/// `members[i]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub step: u64,
+    pub epoch: u64,
+    pub cursor: u64,
+    pub batches: Vec<usize>,
+    pub members: Vec<usize>,
+}
+
+impl Position {
+    /// After `step` steps, with `sampler` past them and `batches` the split of `comm`'s ranks.
+    pub fn new(step: u64, sampler: &Sampler, batches: &[usize], comm: &Communicator) -> Position {
+        Position {
+            step,
+            epoch: sampler.epoch(),
+            cursor: sampler.cursor(),
+            batches: batches.to_vec(),
+            members: comm.original_ranks(),
+        }
+    }
+}
+
+/// What the members of a new communicator agreed on: whose progress they go on from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agreed {
+    /// The lowest rank holding the newest step; its state is the one every member takes.
+    pub source: usize,
+    /// Each member's completed steps.
+    pub steps: Vec<u64>,
+    /// The source's progress.
+    pub position: Position,
+}
+
+impl Agreed {
+    /// Whether `rank` must load the source's state.
+    pub fn is_behind(&self, rank: usize) -> bool {
+        self.steps[rank] < self.position.step
+    }
+
+    pub fn anyone_behind(&self) -> bool {
+        self.steps.iter().any(|&s| s < self.position.step)
+    }
+}
+
+/// The most a progress record names (first-epoch ranks and their local batches).
+const MAX_MEMBERS: usize = 1 << 20;
+
+/// Collective on a new communicator: every member shares its completed steps, and the source
+/// (lowest rank with the most) sends its progress to all.
+pub fn catch_up(comm: &Communicator, mine: &Position) -> Result<Agreed, Error> {
+    let n = comm.world_size();
+    // Counts travel as i64 (the collectives' integer type); every one received is checked.
+    let wire = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut gathered = vec![0i64; n];
+    comm.all_gather(&[wire(mine.step)], &mut gathered)?;
+    let steps = gathered
+        .iter()
+        .enumerate()
+        .map(|(r, &s)| u64::try_from(s).map_err(|_| bad_peer(r, format!("{s} as its step"))))
+        .collect::<Result<Vec<u64>, Error>>()?;
+    let newest = steps.iter().copied().max().unwrap_or(0);
+    let source = steps.iter().position(|&s| s == newest).unwrap_or(0);
+
+    let mut len = [mine.batches.len().min(mine.members.len()) as i64];
+    comm.broadcast(&mut len, source)?;
+    let m = usize::try_from(len[0])
+        .ok()
+        .filter(|&m| m <= MAX_MEMBERS)
+        .ok_or_else(|| bad_peer(source, format!("a progress record of {} members", len[0])))?;
+    let mut msg = vec![0i64; 3 + 2 * m];
+    if comm.rank() == source {
+        msg[..3].copy_from_slice(&[wire(mine.step), wire(mine.epoch), wire(mine.cursor)]);
+        for i in 0..m {
+            msg[3 + i] = wire(mine.batches[i] as u64);
+            msg[3 + m + i] = wire(mine.members[i] as u64);
+        }
+    }
+    comm.broadcast(&mut msg, source)?;
+    let count = |v: i64| {
+        u64::try_from(v)
+            .ok()
+            .and_then(|c| usize::try_from(c).ok().map(|_| c))
+            .ok_or_else(|| bad_peer(source, format!("{v} as a count")))
+    };
+    let counts = msg
+        .iter()
+        .map(|&v| count(v))
+        .collect::<Result<Vec<u64>, Error>>()?;
+    let position = Position {
+        step: counts[0],
+        epoch: counts[1],
+        cursor: counts[2],
+        batches: counts[3..3 + m].iter().map(|&c| c as usize).collect(),
+        members: counts[3 + m..].iter().map(|&c| c as usize).collect(),
+    };
+    Ok(Agreed {
+        source,
+        steps,
+        position,
+    })
+}
+
+/// Numbers from the rank whose state the others take that cannot be right: a protocol error
+/// naming it (not a lost rank: the members do not re-form over it).
+fn bad_peer(rank: usize, what: String) -> Error {
+    Error::protocol(
+        &PeerId::rank(rank, "the rank sending its state"),
+        format!("it sent {what}"),
+    )
+}
+
+/// The most a shared snapshot may hold: its description and its elements.
+const MAX_HEADER_BYTES: i64 = 64 << 20;
+const MAX_ELEMENTS: i64 = 1 << 36;
+
+/// Collective: `root` sends its snapshot (`Some` there, ignored elsewhere) to every rank; each
+/// gets it back whole. The tensors' values travel as one `f32` broadcast; their names and shapes
+/// and the loop state as JSON. Sizes from the root are checked before anything is allocated.
+pub fn share_snapshot(
+    comm: &Communicator,
+    root: usize,
+    snap: Option<&Snapshot>,
+) -> Result<Snapshot, Error> {
+    let mine = (comm.rank() == root)
+        .then(|| {
+            snap.ok_or_else(|| {
+                Error::InvalidArgument("share_snapshot: the root must give a snapshot".into())
+            })
+        })
+        .transpose()?;
+    let mut header = Vec::new();
+    let mut sizes = [0i64; 2];
+    if let Some(s) = mine {
+        let names = |list: &[Tensor]| -> Vec<(String, Vec<usize>)> {
+            list.iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect()
+        };
+        let described = Described {
+            state: s.state.clone(),
+            model: names(&s.model),
+            optimizer: names(&s.optimizer),
+        };
+        header = serde_json::to_vec(&described)
+            .map_err(|e| Error::InvalidArgument(format!("describing the snapshot: {e}")))?;
+        let elements: usize = s
+            .model
+            .iter()
+            .chain(&s.optimizer)
+            .map(|t| t.data.len())
+            .sum();
+        sizes = [header.len() as i64, elements as i64];
+    }
+    comm.broadcast(&mut sizes, root)?;
+    let bad = |what: String| bad_peer(root, format!("a snapshot {what}"));
+    if !(0..=MAX_HEADER_BYTES).contains(&sizes[0]) || !(0..=MAX_ELEMENTS).contains(&sizes[1]) {
+        return Err(bad(format!(
+            "of {} header bytes and {} elements",
+            sizes[0], sizes[1]
+        )));
+    }
+    header.resize(sizes[0] as usize, 0);
+    comm.broadcast(&mut header, root)?;
+    let mut values = Vec::new();
+    if let Some(s) = mine {
+        values.reserve_exact(sizes[1] as usize);
+        for t in s.model.iter().chain(&s.optimizer) {
+            values.extend_from_slice(&t.data);
+        }
+    } else {
+        values.resize(sizes[1] as usize, 0.0f32);
+    }
+    comm.broadcast(&mut values, root)?;
+    if let Some(s) = mine {
+        return Ok(s.clone());
+    }
+    let described: Described = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("whose description does not parse: {e}")))?;
+    let mut rest = &values[..];
+    let mut take = |list: Vec<(String, Vec<usize>)>| -> Result<Vec<Tensor>, Error> {
+        list.into_iter()
+            .map(|(name, shape)| {
+                let len = shape
+                    .iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .filter(|&l| l <= rest.len())
+                    .ok_or_else(|| bad(format!("whose {name} of shape {shape:?} overflows it")))?;
+                let (data, tail) = rest.split_at(len);
+                rest = tail;
+                Ok(Tensor {
+                    name,
+                    shape,
+                    data: data.to_vec(),
+                })
+            })
+            .collect()
+    };
+    let model = take(described.model)?;
+    let optimizer = take(described.optimizer)?;
+    if !rest.is_empty() {
+        return Err(bad(format!("with {} elements no tensor holds", rest.len())));
+    }
+    Ok(Snapshot {
+        state: described.state,
+        model,
+        optimizer,
+    })
+}
+
+/// A snapshot's description, sent before its values.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Described {
+    state: State,
+    model: Vec<(String, Vec<usize>)>,
+    optimizer: Vec<(String, Vec<usize>)>,
+}
+
+/// Where the loop goes on from, on every member: the step count and the sampler's position of
+/// `agreed`'s source.
+pub fn seek(agreed: &Agreed, sampler: &mut Sampler) -> Result<u64, Error> {
+    sampler.seek(agreed.position.epoch, agreed.position.cursor)?;
+    Ok(agreed.position.step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringlet_core::error::PeerId;
+
+    #[test]
+    fn the_setting_is_a_positive_count() {
+        assert_eq!(Survival::parse(None).unwrap(), Survival::never());
+        assert_eq!(Survival::parse(Some(" ")).unwrap(), Survival::never());
+        assert_eq!(Survival::parse(Some("2")).unwrap().min_ranks(), Some(2));
+        for bad in ["0", "-1", "two", "99999999999999999999999"] {
+            let e = Survival::parse(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(MIN_RANKS_ENV), "{e}");
+        }
+        let lost = Error::PeerLost {
+            peer: PeerId::rank(2, "h:1"),
+            detail: "closed".into(),
+        };
+        let bug = Error::Mismatch {
+            peer: PeerId::rank(2, "h:1"),
+            detail: "sizes".into(),
+        };
+        assert!(Survival::at_least(2).recovers(&lost));
+        assert!(!Survival::at_least(2).recovers(&bug));
+        assert!(!Survival::never().recovers(&lost));
+    }
+
+    /// Ranks a step apart agree on the newest step and its lowest holder, and take its position
+    /// and split; the state it shares arrives whole on every rank.
+    #[test]
+    fn members_a_step_apart_take_the_newest_state() {
+        let snap = Snapshot {
+            state: State {
+                step: 7,
+                epoch: 1,
+                cursor: 128,
+                seed: 3,
+                rng: vec![9],
+                batches: vec![30, 34],
+                world_size: 2,
+                model: serde_json::json!({"model": "mlp"}),
+                extra: serde_json::Value::Null,
+            },
+            model: vec![Tensor {
+                name: "w".into(),
+                shape: vec![2, 3],
+                data: (0..6).map(|i| i as f32 * 0.5).collect(),
+            }],
+            optimizer: vec![Tensor {
+                name: "momentum.w".into(),
+                shape: vec![6],
+                data: vec![-1.0; 6],
+            }],
+        };
+        let got = crate::local_world::run(3, |comm| {
+            let r = comm.rank();
+            let mine = Position {
+                step: [6, 7, 7][r],
+                epoch: 1,
+                cursor: [64, 128, 128][r],
+                batches: vec![20, 22, 22],
+                members: vec![0, 1, 2],
+            };
+            let agreed = catch_up(&comm, &mine).unwrap();
+            let shared =
+                share_snapshot(&comm, agreed.source, (r == agreed.source).then_some(&snap))
+                    .unwrap();
+            (agreed, shared)
+        });
+        for (agreed, shared) in &got {
+            assert_eq!(agreed.source, 1);
+            assert_eq!(agreed.steps, vec![6, 7, 7]);
+            assert_eq!(agreed.position.cursor, 128);
+            assert_eq!(agreed.position.batches, vec![20, 22, 22]);
+            assert!(agreed.is_behind(0) && !agreed.is_behind(2) && agreed.anyone_behind());
+            assert_eq!(shared, &snap);
+        }
+    }
+}
