@@ -516,7 +516,11 @@ impl JobRun {
         for p in pumps {
             let _ = tokio::time::timeout_at(deadline, p).await;
         }
-        Ended { outcome, cause }
+        Ended {
+            outcome,
+            cause,
+            replaced: 0,
+        }
     }
 
     async fn signal_all(&self, signal: &str) {

@@ -44,6 +44,9 @@ pub struct JobSpec {
     pub restart: u32,
     /// `--min-ranks`: a failed rank does not stop the others while this many still run.
     pub min_ranks: Option<usize>,
+    /// With `--min-ranks`: replacements ringrun may still start for failed ranks (what is left
+    /// of `--max-restarts`); each joins the running job at a step boundary.
+    pub replacements: u32,
 }
 
 impl JobSpec {
@@ -70,10 +73,15 @@ impl JobSpec {
         // The ranks go on without a lost one (`ringlet_ddp::membership`) only when told to.
         if let Some(k) = self.min_ranks {
             env.push(("RINGLET_MIN_RANKS", k.to_string()));
+            env.push(("RINGLET_REPLACEMENTS", self.replacements.to_string()));
         }
         env
     }
 }
+
+/// Set to 1 for a process that replaces a failed rank in the running job (`--min-ranks` with
+/// `--max-restarts`); ringlet's `Communicator::from_env` then joins at a step boundary.
+pub const REPLACEMENT_ENV: &str = "RINGLET_REPLACEMENT";
 
 /// How many times the job was restarted before this attempt (0 the first time), so a program can
 /// tell a fresh start from a recovery.
@@ -98,6 +106,8 @@ pub struct Ended {
     pub outcome: Outcome,
     /// E.g. "rank 2 (pid 123) was killed by SIGKILL".
     pub cause: Option<String>,
+    /// Replacements started for failed ranks during the attempt (`--min-ranks`).
+    pub replaced: u32,
 }
 
 impl Ended {
@@ -105,6 +115,7 @@ impl Ended {
         Ended {
             outcome,
             cause: None,
+            replaced: 0,
         }
     }
 }
@@ -159,6 +170,7 @@ mod tests {
             args: vec![],
             restart: 1,
             min_ranks: None,
+            replacements: 0,
         }
     }
 

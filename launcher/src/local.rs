@@ -69,23 +69,33 @@ pub fn run(spec: &JobSpec, signals: &Signals, store: Option<&StoreServer>) -> En
     let mut sup = Supervisor::new(spec, done_rx);
     sup.store = store;
     for rank in 0..spec.world_size {
-        if let Err(e) = sup.spawn(rank, &program, &done_tx) {
+        if let Err(e) = sup.spawn(rank, &program, &done_tx, false) {
             note!("{e}");
             sup.kill_all_now();
             sup.await_all_output();
             return Ended::new(e.outcome());
         }
     }
-    // Only the pumps hold senders now, so the channel reports when the last one is gone.
-    drop(done_tx);
+    // Replacements need a sender of their own; otherwise only the pumps hold senders now, so
+    // the channel reports when the last one is gone.
+    if spec.min_ranks.is_some() && spec.replacements > 0 {
+        sup.replacing = Some((program, done_tx));
+    } else {
+        drop(done_tx);
+    }
     let outcome = sup.supervise(signals);
+    sup.replacing = None;
     sup.await_all_output();
     // A rank killed from outside explains the job's end better than a peer that then failed.
     let cause = match sup.first_failure.take() {
         Some((first, true)) => Some(first),
         first => sup.killed_outside.take().or(first.map(|(what, _)| what)),
     };
-    Ended { outcome, cause }
+    Ended {
+        outcome,
+        cause,
+        replaced: sup.replaced,
+    }
 }
 
 /// The CPUs rank `rank` is pinned to, if any (see `--bind-to`).
@@ -178,6 +188,9 @@ struct Rank {
     killed_after: Option<Duration>,
     /// The survivors of a failure formed an epoch without it (`--min-ranks`): it was stopped.
     left_out: bool,
+    /// A replacement not yet in a member list the store holds (it is not left out of the
+    /// epochs formed before it joins).
+    joining: bool,
     pumps_done: usize,
 }
 
@@ -205,6 +218,10 @@ struct Supervisor<'a> {
     store: Option<&'a StoreServer>,
     epoch_seen: u64,
     went_on: bool,
+    /// With `--min-ranks` and restarts left: the program and a pump sender, to start
+    /// replacements for failed ranks; how many were started.
+    replacing: Option<(std::path::PathBuf, Sender<usize>)>,
+    replaced: u32,
 }
 
 impl<'a> Supervisor<'a> {
@@ -220,21 +237,29 @@ impl<'a> Supervisor<'a> {
             store: None,
             epoch_seen: 0,
             went_on: false,
+            replacing: None,
+            replaced: 0,
         }
     }
 
     /// Must be called from the thread that supervises until the end: the kernel delivers the
     /// parent-death signal when the *thread* that forked a child exits, not the process.
+    /// `replacement`: the process stands in for a failed rank and joins the running job.
     fn spawn(
         &mut self,
         rank: usize,
         program: &Path,
         done: &Sender<usize>,
+        replacement: bool,
     ) -> Result<(), LaunchError> {
         let mut cmd = Command::new(program);
         cmd.arg0(&self.spec.program)
             .args(&self.spec.args)
-            .envs(self.spec.rank_env(rank))
+            .envs(self.spec.rank_env(rank));
+        if replacement {
+            cmd.env(crate::job::REPLACEMENT_ENV, "1");
+        }
+        cmd
             // N ranks sharing a terminal's input cannot work, and in their own process groups
             // they would be stopped by SIGTTIN for trying.
             .stdin(Stdio::null())
@@ -282,6 +307,7 @@ impl<'a> Supervisor<'a> {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         // Recorded before anything else can fail, so the error path kills and reaps it.
+        let id = self.ranks.len();
         self.ranks.push(Rank {
             rank,
             pid,
@@ -290,6 +316,7 @@ impl<'a> Supervisor<'a> {
             asked_with: None,
             killed_after: None,
             left_out: false,
+            joining: replacement,
             pumps_done: 0,
         });
         let pump_err = |source| LaunchError::Io {
@@ -297,16 +324,16 @@ impl<'a> Supervisor<'a> {
             source,
         };
         match stdout {
-            Some(s) => {
-                drop(output::spawn_pump(rank, s, Target::Stdout, done.clone()).map_err(pump_err)?)
-            }
-            None => self.ranks[rank].pumps_done += 1,
+            Some(s) => drop(
+                output::spawn_pump(rank, id, s, Target::Stdout, done.clone()).map_err(pump_err)?,
+            ),
+            None => self.ranks[id].pumps_done += 1,
         }
         match stderr {
-            Some(s) => {
-                drop(output::spawn_pump(rank, s, Target::Stderr, done.clone()).map_err(pump_err)?)
-            }
-            None => self.ranks[rank].pumps_done += 1,
+            Some(s) => drop(
+                output::spawn_pump(rank, id, s, Target::Stderr, done.clone()).map_err(pump_err)?,
+            ),
+            None => self.ranks[id].pumps_done += 1,
         }
         Ok(())
     }
@@ -389,7 +416,10 @@ impl<'a> Supervisor<'a> {
             self.spec.world_size
         );
         for r in self.ranks.iter_mut() {
-            if r.end.is_none() && !r.left_out && !members.contains(&r.rank) {
+            if r.joining && members.contains(&r.rank) {
+                r.joining = false;
+            }
+            if r.end.is_none() && !r.left_out && !r.joining && !members.contains(&r.rank) {
                 note!(
                     "rank {} (pid {}) was left out of epoch {epoch}; stopping it",
                     r.rank,
@@ -405,6 +435,7 @@ impl<'a> Supervisor<'a> {
 
     fn reap_exited(&mut self) {
         let mut failed = false;
+        let mut lost = Vec::new();
         for i in 0..self.ranks.len() {
             if self.ranks[i].end.is_some() {
                 continue;
@@ -429,7 +460,10 @@ impl<'a> Supervisor<'a> {
                 },
             };
             self.ranks[i].end = Some(status);
-            failed |= self.report_end(i, status);
+            if self.report_end(i, status) {
+                failed = true;
+                lost.push(self.ranks[i].rank);
+            }
         }
         // The others are stopped after a grace, so ranks that end on their own meanwhile are
         // reported as they ended, with their own last words, not as stopped by ringrun.
@@ -446,11 +480,34 @@ impl<'a> Supervisor<'a> {
                         self.spec.world_size
                     );
                     self.went_on = true;
+                    for rank in lost {
+                        self.replace(rank);
+                    }
                     return;
                 }
                 note!("{running} ranks left, fewer than --min-ranks {k}: stopping the job");
             }
             self.stop_at = Some(Instant::now() + FAILURE_GRACE);
+        }
+    }
+
+    /// Starts a replacement for failed rank `rank` while the allowance lasts; it joins the
+    /// running job at the survivors' next step boundary.
+    fn replace(&mut self, rank: usize) {
+        let Some((program, done)) = self.replacing.clone() else {
+            return;
+        };
+        if self.replaced >= self.spec.replacements {
+            return;
+        }
+        self.replaced += 1;
+        note!(
+            "starting a replacement for rank {rank} ({}/{} of --max-restarts); it joins at the next step boundary",
+            self.replaced + self.spec.restart,
+            self.spec.restart + self.spec.replacements
+        );
+        if let Err(e) = self.spawn(rank, &program, &done, true) {
+            note!("cannot start the replacement for rank {rank}: {e}");
         }
     }
 
@@ -585,8 +642,8 @@ impl<'a> Supervisor<'a> {
     fn take_pump_done(&mut self, deadline: Instant) -> bool {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.done_rx.recv_timeout(left) {
-            Ok(rank) => {
-                if let Some(r) = self.ranks.iter_mut().find(|r| r.rank == rank) {
+            Ok(id) => {
+                if let Some(r) = self.ranks.get_mut(id) {
                     r.pumps_done += 1;
                 }
                 true

@@ -408,6 +408,7 @@ fn run(cli: Cli) -> Outcome {
         args: command.collect(),
         restart: 0,
         min_ranks: cli.min_ranks.map(|k| k as usize),
+        replacements: 0,
     };
     let started = std::time::Instant::now();
     loop {
@@ -421,6 +422,7 @@ fn run(cli: Cli) -> Outcome {
                 }
             },
         };
+        spec.replacements = cli.max_restarts.saturating_sub(spec.restart);
         let ended = match &containers {
             Some(cs) => docker::run(&spec, cs, &signals),
             None => {
@@ -443,6 +445,8 @@ fn run(cli: Cli) -> Outcome {
                 ended
             }
         };
+        // Replacements (--min-ranks) come out of the same allowance as restarts.
+        spec.restart += ended.replaced;
         if ended.outcome != Outcome::RankFailed || spec.restart >= cli.max_restarts {
             if spec.restart > 0 {
                 note!(

@@ -45,8 +45,11 @@ pub fn prefixed(rank: usize, line: &[u8]) -> Vec<u8> {
 
 /// Copies `source` to `target` until EOF, then sends `rank` on `done` (so the caller can wait for
 /// all pumps with a deadline instead of joining threads that a stray grandchild keeps alive).
+/// `id` is what `done` receives when the source ends (the process's slot: a replacement shares
+/// its rank with the process it replaces).
 pub fn spawn_pump(
     rank: usize,
+    id: usize,
     source: impl Read + Send + 'static,
     target: Target,
     done: Sender<usize>,
@@ -55,7 +58,7 @@ pub fn spawn_pump(
         .name(format!("ringrun-out-{rank}"))
         .spawn(move || {
             pump(rank, source, target);
-            let _ = done.send(rank);
+            let _ = done.send(id);
         })
 }
 

@@ -14,7 +14,7 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ringlet::{Communicator, Error};
 use ringlet_ddp::checkpoint::{Snapshot, State};
-use ringlet_ddp::membership::{self, Agreed, Change, Position};
+use ringlet_ddp::membership::{self, Agreed, Change, Membered, Position, Stretch};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
     balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
@@ -129,9 +129,11 @@ where
     let global = opts.global_batch;
     let mut sampler = Sampler::new(opts.seed, data.len(), global)?;
     let infos = params::list(&model);
+    // A replacement joining the running job takes its state from the members instead.
+    let late = comm.is_replacement();
     let saver = match &opts.checkpoint {
-        Some(c) => Some(JobCheckpoints::open(comm, c.clone())?),
-        None => None,
+        Some(c) if !late => Some(JobCheckpoints::open(comm, c.clone())?),
+        _ => None,
     };
     let (mut model, mut optim) = (model, optim);
     let mut step = 0;
@@ -154,6 +156,7 @@ where
             (step, resumed_split) = resume::resume_loop(&snap.state, &path, &mut sampler, rank, n)?;
             resumed_from = Some(step);
         }
+        None if late => {}
         None => {
             let sync = SyncOptions {
                 scalars: 1,
@@ -162,9 +165,14 @@ where
             model = DataParallel::new(comm, &model, sync)?.broadcast(model, 0)?;
         }
     }
-    JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+    if !late {
+        JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+    }
     let mut run = Run {
-        done: Position::new(step, &sampler, &[], comm),
+        done: match late {
+            true => Position::fresh(),
+            false => Position::new(step, &sampler, &[], comm),
+        },
         model,
         optim,
         step,
@@ -181,15 +189,41 @@ where
         device,
         opts,
         infos,
+        survival,
     };
-    loop {
-        match steps(comm, &job, &mut run, &mut report) {
-            Ok(summary) => return Ok((run.model, summary)),
-            Err(failure) => {
-                let change = survival.survive(comm, failure, |c| catch_up(c, &job, &mut run))?;
-                run.changed = Some(change);
-            }
-        }
+    let summary = survival.drive(
+        comm,
+        &mut FitLoop {
+            job: &job,
+            run: &mut run,
+            report: &mut report,
+        },
+    )?;
+    Ok((run.model, summary))
+}
+
+/// `fit`'s hooks for [`Survival::drive`].
+struct FitLoop<'a, 'j, M, D, R> {
+    job: &'a Job<'j, D>,
+    run: &'a mut Run<M>,
+    report: &'a mut R,
+}
+
+impl<M, D, R> Membered for FitLoop<'_, '_, M, D, R>
+where
+    D: Samples,
+    M: Objective<D::Batch>,
+    R: FnMut(&StepReport),
+{
+    type Output = TrainSummary;
+    fn stretch(&mut self, comm: &Communicator) -> Result<Stretch<TrainSummary>, Error> {
+        steps(comm, self.job, self.run, self.report)
+    }
+    fn catch_up(&mut self, comm: &Communicator) -> Result<Agreed, Error> {
+        catch_up(comm, self.job, self.run)
+    }
+    fn changed(&mut self, change: Change) {
+        self.run.changed = Some(change);
     }
 }
 
@@ -218,15 +252,17 @@ struct Job<'a, D> {
     device: &'a Device,
     opts: &'a TrainOptions,
     infos: Vec<ParamInfo>,
+    survival: Survival,
 }
 
-/// The steps left and the last checkpoint, on one communicator.
+/// The steps left and the last checkpoint, on one communicator; or the steps up to a boundary
+/// where replacements were admitted.
 fn steps<M, D>(
     comm: &Communicator,
     job: &Job<D>,
     run: &mut Run<M>,
     report: &mut impl FnMut(&StepReport),
-) -> Result<TrainSummary, Error>
+) -> Result<Stretch<TrainSummary>, Error>
 where
     D: Samples,
     M: Objective<D::Batch>,
@@ -260,6 +296,9 @@ where
     }
 
     while run.step < opts.steps {
+        if let Some(grown) = job.survival.admit(comm)? {
+            return Ok(Stretch::Grown(Box::new(grown)));
+        }
         let t0 = Instant::now();
         let mine = run.sampler.next_step(balancer.batches(), rank)?.to_vec();
         if mine.is_empty() {
@@ -322,7 +361,7 @@ where
         report(&r);
         if let Some(change) = run.changed.take().filter(|_| rank == 0) {
             tracing::info!(
-                "step {step} completed on {} ranks {} ms after the failure",
+                "step {step} completed on {} ranks {} ms after the membership change began",
                 comm.world_size(),
                 change.at.elapsed().as_millis()
             );
@@ -331,7 +370,7 @@ where
     if let Some(saver) = run.saver.as_mut() {
         saver.finish(comm)?;
     }
-    Ok(TrainSummary {
+    Ok(Stretch::Done(TrainSummary {
         steps: run.step,
         resumed_from: run.resumed_from,
         final_batches: balancer.batches().to_vec(),
@@ -339,7 +378,7 @@ where
         mean_step_s: run.timing.mean_step_s(),
         comm_wait_fraction: run.timing.comm_wait_fraction(),
         checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
-    })
+    }))
 }
 
 /// After a lost rank, on the survivors' communicator: agree on the newest completed step; the

@@ -24,6 +24,16 @@ pub fn agree<T>(comm: &Communicator, result: Result<T, String>, what: &str) -> R
     }
 }
 
+/// [`agree`] for a program's start-up: on a replacement's communicator
+/// ([`Communicator::is_replacement`]) the members are long past their start-up and do not call
+/// it, so there the result is this rank's alone.
+pub fn at_start<T>(comm: &Communicator, result: Result<T, String>, what: &str) -> Result<T, Error> {
+    match comm.is_replacement() {
+        true => result.map_err(|why| Error::Config(format!("{what}: {why}"))),
+        false => agree(comm, result, what),
+    }
+}
+
 /// The environment variable `ringrun --max-restarts` sets to the restart's number.
 pub const RESTART_ENV: &str = "RINGLET_RESTART";
 

@@ -33,29 +33,51 @@ use std::time::{Duration, Instant};
 /// The least number of ranks a job goes on with after losing some (set by `ringrun --min-ranks`).
 pub const MIN_RANKS_ENV: &str = "RINGLET_MIN_RANKS";
 
-/// Whether, and down to how many ranks, a job goes on after losing a rank.
+/// Replacements the launcher may start for lost ranks (`ringrun --min-ranks --max-restarts`):
+/// while any may come, the members look for them at every step boundary.
+pub const REPLACEMENTS_ENV: &str = "RINGLET_REPLACEMENTS";
+
+/// Whether, and down to how many ranks, a job goes on after losing a rank, and whether
+/// replacements may join it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Survival {
     min_ranks: Option<usize>,
+    replacements: bool,
 }
 
 impl Survival {
     /// A lost rank fails every rank (the default).
     pub fn never() -> Survival {
-        Survival { min_ranks: None }
+        Survival {
+            min_ranks: None,
+            replacements: false,
+        }
     }
 
     /// Go on while at least `k` ranks (at least 1) are left.
     pub fn at_least(k: usize) -> Survival {
         Survival {
             min_ranks: Some(k.max(1)),
+            replacements: false,
         }
+    }
+
+    /// Replacements may join (see [`Communicator::admit`]).
+    pub fn with_replacements(mut self, yes: bool) -> Survival {
+        self.replacements = yes;
+        self
     }
 
     /// From [`MIN_RANKS_ENV`]: unset or empty is [`never`](Self::never); anything but a positive
     /// count is refused.
+    /// [`REPLACEMENTS_ENV`] above 0 (with a minimum) lets replacements join.
     pub fn from_env() -> Result<Survival, Error> {
-        Survival::parse(std::env::var(MIN_RANKS_ENV).ok().as_deref())
+        let s = Survival::parse(std::env::var(MIN_RANKS_ENV).ok().as_deref())?;
+        let replacements = std::env::var(REPLACEMENTS_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|r| r > 0);
+        Ok(s.with_replacements(replacements && s.min_ranks.is_some()))
     }
 
     /// [`from_env`](Self::from_env) of the variable's value.
@@ -110,6 +132,7 @@ impl Survival {
                             .into_iter()
                             .filter(|r| !members.contains(r))
                             .collect(),
+                        joined: Vec::new(),
                         old_world,
                         new_world: comm.world_size(),
                         epoch: comm.epoch(),
@@ -129,6 +152,97 @@ impl Survival {
     }
 }
 
+/// What one stretch of a training loop on one communicator ended with.
+pub enum Stretch<T> {
+    /// The loop is done.
+    Done(T),
+    /// Replacements were admitted at a step boundary: this is the members' new communicator.
+    Grown(Box<Communicator>),
+}
+
+/// The hooks a training loop gives [`Survival::drive`].
+pub trait Membered {
+    type Output;
+    /// Runs the loop on `comm` from where it stands to its end, or to a step boundary where
+    /// replacements were admitted ([`Survival::admit`]).
+    fn stretch(&mut self, comm: &Communicator) -> Result<Stretch<Self::Output>, Error>;
+    /// On a new communicator: agree where to go on from ([`catch_up`]), share state with the
+    /// members behind, put the loop there (see the module doc).
+    fn catch_up(&mut self, comm: &Communicator) -> Result<Agreed, Error>;
+    /// A change completed (for the loop's log and figures).
+    fn changed(&mut self, change: Change);
+}
+
+impl Survival {
+    /// At a step boundary, collective: the members' communicator with the replacements that
+    /// wait, if replacements may come and some wait.
+    pub fn admit(&self, comm: &Communicator) -> Result<Option<Communicator>, Error> {
+        match self.replacements {
+            true => comm.admit(),
+            false => Ok(None),
+        }
+    }
+
+    /// Runs a training loop to its end over every membership change: ranks lost (the survivors
+    /// re-form and catch up), replacements admitted (all catch up), and, on a replacement's
+    /// communicator, taking the members' state before its first step. `comm` ends as the
+    /// communicator of the ranks that finished.
+    pub fn drive<L: Membered>(
+        &self,
+        comm: &mut Communicator,
+        lp: &mut L,
+    ) -> Result<L::Output, Error> {
+        // When a growth whose catch-up is due happened.
+        let mut grown = comm.is_replacement().then(Instant::now);
+        loop {
+            let result = match grown.take() {
+                Some(at) => lp.catch_up(comm).map(|agreed| {
+                    let members = comm.original_ranks();
+                    let change = Change {
+                        cause: "replacements admitted".into(),
+                        lost: Vec::new(),
+                        // The members with no state of their own are the newcomers.
+                        joined: (0..members.len())
+                            .filter(|&i| agreed.steps[i].is_none())
+                            .map(|i| members[i])
+                            .collect(),
+                        old_world: agreed.steps.iter().flatten().count(),
+                        new_world: comm.world_size(),
+                        epoch: comm.epoch(),
+                        redo_step: agreed.position.step + 1,
+                        sent_state: agreed.anyone_behind(),
+                        took: at.elapsed(),
+                        at,
+                    };
+                    if comm.rank() == 0 {
+                        tracing::warn!("{change}");
+                    }
+                    lp.changed(change);
+                    None
+                }),
+                None => lp.stretch(comm).map(Some),
+            };
+            match result {
+                Ok(Some(Stretch::Done(out))) => {
+                    if self.replacements {
+                        comm.close_admissions()?;
+                    }
+                    return Ok(out);
+                }
+                Ok(Some(Stretch::Grown(next))) => {
+                    grown = Some(Instant::now());
+                    *comm = *next;
+                }
+                Ok(None) => {}
+                Err(failure) => {
+                    let change = self.survive(comm, failure, |c| lp.catch_up(c))?;
+                    lp.changed(change);
+                }
+            }
+        }
+    }
+}
+
 /// Whether `e` says a rank is gone or stopped answering (rather than a bug, an attack or a local
 /// failure, which a new communicator would meet again).
 pub fn lost_a_rank(e: &Error) -> bool {
@@ -141,15 +255,18 @@ pub fn lost_a_rank(e: &Error) -> bool {
 /// One membership change, as rank 0 logs it.
 #[derive(Clone, Debug)]
 pub struct Change {
-    /// The first failure seen.
+    /// The first failure seen (or the admission of replacements).
     pub cause: String,
     /// The first-epoch ranks no longer in the job.
     pub lost: Vec<usize>,
+    /// The first-epoch ranks whose replacements joined.
+    pub joined: Vec<usize>,
     pub old_world: usize,
     pub new_world: usize,
     /// The new communicator's epoch.
     pub epoch: u64,
-    /// The step done again (counted from 1, as step reports count).
+    /// The step done next (counted from 1, as step reports count): after a loss, the one
+    /// interrupted, done again.
     pub redo_step: u64,
     /// Some member was a step behind and loaded the source's state.
     pub sent_state: bool,
@@ -161,6 +278,18 @@ pub struct Change {
 
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.joined.is_empty() {
+            return write!(
+                f,
+                "membership change (epoch {}): replacement(s) for rank(s) {:?} joined; world {} -> {}; they took the state after step {}; joined in {} ms",
+                self.epoch,
+                self.joined,
+                self.old_world,
+                self.new_world,
+                self.redo_step - 1,
+                self.took.as_millis()
+            );
+        }
         write!(
             f,
             "membership change (epoch {}): lost rank(s) {:?}; world {} -> {}; redoing step {}{}; re-formed in {} ms; cause: {}",
@@ -181,6 +310,8 @@ impl std::fmt::Display for Change {
 /// `members[i]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Position {
+    /// Holds no state at all (a replacement that has just joined): it takes the source's.
+    pub fresh: bool,
     pub step: u64,
     pub epoch: u64,
     pub cursor: u64,
@@ -189,9 +320,18 @@ pub struct Position {
 }
 
 impl Position {
+    /// A replacement's, before it has any state.
+    pub fn fresh() -> Position {
+        Position {
+            fresh: true,
+            ..Position::default()
+        }
+    }
+
     /// After `step` steps, with `sampler` past them and `batches` the split of `comm`'s ranks.
     pub fn new(step: u64, sampler: &Sampler, batches: &[usize], comm: &Communicator) -> Position {
         Position {
+            fresh: false,
             step,
             epoch: sampler.epoch(),
             cursor: sampler.cursor(),
@@ -206,8 +346,8 @@ impl Position {
 pub struct Agreed {
     /// The lowest rank holding the newest step; its state is the one every member takes.
     pub source: usize,
-    /// Each member's completed steps.
-    pub steps: Vec<u64>,
+    /// Each member's completed steps (`None`: a replacement with no state yet).
+    pub steps: Vec<Option<u64>>,
     /// The source's progress.
     pub position: Position,
 }
@@ -215,11 +355,11 @@ pub struct Agreed {
 impl Agreed {
     /// Whether `rank` must load the source's state.
     pub fn is_behind(&self, rank: usize) -> bool {
-        self.steps[rank] < self.position.step
+        self.steps[rank].is_none_or(|s| s < self.position.step)
     }
 
     pub fn anyone_behind(&self) -> bool {
-        self.steps.iter().any(|&s| s < self.position.step)
+        (0..self.steps.len()).any(|r| self.is_behind(r))
     }
 }
 
@@ -233,14 +373,23 @@ pub fn catch_up(comm: &Communicator, mine: &Position) -> Result<Agreed, Error> {
     // Counts travel as i64 (the collectives' integer type); every one received is checked.
     let wire = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut gathered = vec![0i64; n];
-    comm.all_gather(&[wire(mine.step)], &mut gathered)?;
+    let ours = if mine.fresh { -1 } else { wire(mine.step) };
+    comm.all_gather(&[ours], &mut gathered)?;
     let steps = gathered
         .iter()
         .enumerate()
-        .map(|(r, &s)| u64::try_from(s).map_err(|_| bad_peer(r, format!("{s} as its step"))))
-        .collect::<Result<Vec<u64>, Error>>()?;
-    let newest = steps.iter().copied().max().unwrap_or(0);
-    let source = steps.iter().position(|&s| s == newest).unwrap_or(0);
+        .map(|(r, &s)| match s {
+            -1 => Ok(None),
+            s => u64::try_from(s)
+                .map(Some)
+                .map_err(|_| bad_peer(r, format!("{s} as its step"))),
+        })
+        .collect::<Result<Vec<Option<u64>>, Error>>()?;
+    let newest = steps.iter().flatten().copied().max();
+    let source = steps
+        .iter()
+        .position(|&s| s.is_some() && s == newest)
+        .ok_or_else(|| Error::Broken("no member holds any state to go on from".into()))?;
 
     let mut len = [mine.batches.len().min(mine.members.len()) as i64];
     comm.broadcast(&mut len, source)?;
@@ -268,6 +417,7 @@ pub fn catch_up(comm: &Communicator, mine: &Position) -> Result<Agreed, Error> {
         .map(|&v| count(v))
         .collect::<Result<Vec<u64>, Error>>()?;
     let position = Position {
+        fresh: false,
         step: counts[0],
         epoch: counts[1],
         cursor: counts[2],
@@ -460,6 +610,7 @@ mod tests {
         let got = crate::local_world::run(3, |comm| {
             let r = comm.rank();
             let mine = Position {
+                fresh: false,
                 step: [6, 7, 7][r],
                 epoch: 1,
                 cursor: [64, 128, 128][r],
@@ -474,7 +625,7 @@ mod tests {
         });
         for (agreed, shared) in &got {
             assert_eq!(agreed.source, 1);
-            assert_eq!(agreed.steps, vec![6, 7, 7]);
+            assert_eq!(agreed.steps, vec![Some(6), Some(7), Some(7)]);
             assert_eq!(agreed.position.cursor, 128);
             assert_eq!(agreed.position.batches, vec![20, 22, 22]);
             assert!(agreed.is_behind(0) && !agreed.is_behind(2) && agreed.anyone_behind());

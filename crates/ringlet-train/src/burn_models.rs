@@ -162,7 +162,7 @@ pub fn train_cnn(
     let fits = check_fits("cnn", params, per_sample, opts.global_batch);
     // Agreed: memory differs between hosts, and a rank that stops here alone would leave the
     // others waiting for it.
-    ringlet_ddp::agree(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
+    ringlet_ddp::agree::at_start(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
     device.seed(opts.seed);
     let ad = device.clone().autodiff();
     let model = Cnn::new(side, shape.channels, shape.hidden, data.classes, &ad);
@@ -227,7 +227,7 @@ pub fn train_transformer(
         layers.checked_mul(attention.checked_add(t.checked_mul(d)?.checked_mul(16)?)?)
     })();
     let fits = check_fits("transformer", params, per_sample, opts.global_batch);
-    ringlet_ddp::agree(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
+    ringlet_ddp::agree::at_start(comm, fits.map_err(|e| e.to_string()), "sizing the model")?;
     device.seed(opts.seed);
     let ad = device.clone().autodiff();
     let model = CharTransformer::new(

@@ -3,8 +3,9 @@
 use clap::Parser;
 use ringlet::{Communicator, Error};
 use ringlet_burn::{TrainOptions, TrainSummary};
+use ringlet_ddp::agree::at_start;
 use ringlet_ddp::report::{metrics_path, Metrics, Progress};
-use ringlet_ddp::{agree, Balance, CheckpointOptions, Resume, StepReport};
+use ringlet_ddp::{Balance, CheckpointOptions, Resume, StepReport};
 use ringlet_train::burn_models::{self, CnnShape, LmShape, OptimizerChoice, Outcome};
 use ringlet_train::models::transformer::{CharText, TEXT};
 use ringlet_train::optim::{AdamW, Sgd};
@@ -218,11 +219,15 @@ fn read_text(path: &std::path::Path) -> Result<String, String> {
 }
 
 fn run(args: &Args) -> Result<(), Error> {
-    // Replaced by the survivors' communicator when a rank is lost (`ringrun --min-ranks`).
-    let mut comm = Communicator::from_env()?;
+    // Replaced by the survivors' communicator when a rank is lost (`ringrun --min-ranks`). A
+    // replacement (`--max-restarts` with it) joins the running job, or finds it finished.
+    let Some(mut comm) = Communicator::join_from_env()? else {
+        println!("ringlet-train: the job finished before this replacement could join it");
+        return Ok(());
+    };
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
-    let data = agree(&comm, load(args), "loading the dataset")?;
+    let data = at_start(&comm, load(args), "loading the dataset")?;
     let transformer = args.model == "transformer";
     let train_len = match &data {
         Data::Labelled(d) => d.train_len(),
@@ -279,9 +284,11 @@ fn run(args: &Args) -> Result<(), Error> {
         );
     }
     let metrics = match &args.metrics {
-        Some(p) => Some(agree(
+        Some(p) => Some(at_start(
             &comm,
-            Metrics::create(&metrics_path(p, rank)).map_err(|e| e.to_string()),
+            // By first-epoch rank: a replacement writes the file of the rank it stands in for.
+            Metrics::create(&metrics_path(p, comm.original_ranks()[rank]))
+                .map_err(|e| e.to_string()),
             "opening --metrics",
         )?),
         None => None,
@@ -364,7 +371,7 @@ fn run(args: &Args) -> Result<(), Error> {
             opts.checkpoint = checkpoint;
             opts.calibration_steps = args.calibration_steps;
             // Every rank learns of one that cannot use its device, instead of waiting for it.
-            let burn_device = agree(
+            let burn_device = at_start(
                 &comm,
                 burn_models::device(&comm, device).map_err(|e| e.to_string()),
                 "opening the device (--device)",

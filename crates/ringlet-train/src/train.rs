@@ -23,12 +23,13 @@ use crate::tensor::{Backend, Host};
 use ringlet::{Communicator, Error, ReduceOp};
 
 use crate::optim::{AdamW, Sgd};
+use ringlet_ddp::agree::at_start;
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
-use ringlet_ddp::membership::{self, Agreed, Change, Position};
+use ringlet_ddp::membership::{self, Agreed, Change, Membered, Position, Stretch};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    agree, balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport,
-    Survival, SyncOptions, Timing,
+    balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
+    SyncOptions, Timing,
 };
 use std::time::{Duration, Instant};
 
@@ -122,7 +123,7 @@ pub fn train(
     opts: &Options,
     report: impl FnMut(&StepReport),
 ) -> Result<Summary, Error> {
-    let path = agree(
+    let path = at_start(
         comm,
         grad_path::Choice::from_env(),
         "reading RINGLET_GRAD_PATH",
@@ -150,7 +151,7 @@ pub fn train_with(
             Err(why) => Err(why),
         },
     };
-    match agree(comm, gpu, "opening the GPU (--device gpu)")? {
+    match at_start(comm, gpu, "opening the GPU (--device gpu)")? {
         Some(g) => {
             tracing::info!("rank {}: training on {}", comm.rank(), g.describe());
             run(comm, data, opts, &g, path, report)
@@ -200,6 +201,7 @@ struct Job<'a, B: Backend> {
     mlp: Mlp,
     layers: Vec<Layer>,
     model_config: serde_json::Value,
+    survival: Survival,
 }
 
 fn run<B: Backend>(
@@ -243,10 +245,12 @@ fn run<B: Backend>(
     let mut resumed_split = None;
     let mut resumed_from = None;
 
-    // Only rank 0 writes checkpoints; every rank resumes from the one rank 0 picks.
+    // Only rank 0 writes checkpoints; every rank resumes from the one rank 0 picks. A
+    // replacement joining the running job takes its state from the members instead.
+    let late = comm.is_replacement();
     let saver = match &opts.checkpoint {
-        Some(c) => Some(JobCheckpoints::open(comm, c.clone())?),
-        None => None,
+        Some(c) if !late => Some(JobCheckpoints::open(comm, c.clone())?),
+        _ => None,
     };
     if let Some(saver) = &saver {
         if let Some((path, snap)) = saver.resume(comm)? {
@@ -263,14 +267,19 @@ fn run<B: Backend>(
         }
     }
 
-    JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+    if !late {
+        JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
+    }
 
     // From here on the parameters and the optimizer's state live where the backend keeps them.
     let mut run = Run {
         params: be.upload(&params)?,
         optim: upload_optim(be, optim)?,
         step,
-        done: Position::new(step, &sampler, &[], comm),
+        done: match late {
+            true => Position::fresh(),
+            false => Position::new(step, &sampler, &[], comm),
+        },
         sampler,
         balance: opts.balance.clone(),
         split: resumed_split,
@@ -288,27 +297,49 @@ fn run<B: Backend>(
         mlp,
         layers,
         model_config,
+        survival,
     };
     // A lost rank (with `ringrun --min-ranks`): the survivors re-form, catch up, and the
-    // interrupted step is done again over them.
-    loop {
-        match steps(comm, &job, &mut run, &mut report) {
-            Ok(summary) => return Ok(summary),
-            Err(failure) => {
-                let change = survival.survive(comm, failure, |c| catch_up(c, &job, &mut run))?;
-                run.changed = Some(change);
-            }
-        }
+    // interrupted step is done again over them; a replacement admitted at a step boundary
+    // takes the members' state.
+    survival.drive(
+        comm,
+        &mut MlpLoop {
+            job: &job,
+            run: &mut run,
+            report: &mut report,
+        },
+    )
+}
+
+/// The MLP loop's hooks for [`Survival::drive`].
+struct MlpLoop<'a, 'j, B: Backend, R> {
+    job: &'a Job<'j, B>,
+    run: &'a mut Run<B>,
+    report: &'a mut R,
+}
+
+impl<B: Backend, R: FnMut(&StepReport)> Membered for MlpLoop<'_, '_, B, R> {
+    type Output = Summary;
+    fn stretch(&mut self, comm: &Communicator) -> Result<Stretch<Summary>, Error> {
+        steps(comm, self.job, self.run, self.report)
+    }
+    fn catch_up(&mut self, comm: &Communicator) -> Result<Agreed, Error> {
+        catch_up(comm, self.job, self.run)
+    }
+    fn changed(&mut self, change: Change) {
+        self.run.changed = Some(change);
     }
 }
 
-/// The steps left, the last checkpoint and the evaluation, on one communicator.
+/// The steps left, the last checkpoint and the evaluation, on one communicator; or the steps
+/// up to a boundary where replacements were admitted.
 fn steps<B: Backend>(
     comm: &Communicator,
     job: &Job<B>,
     run: &mut Run<B>,
     report: &mut impl FnMut(&StepReport),
-) -> Result<Summary, Error> {
+) -> Result<Stretch<Summary>, Error> {
     let (opts, be, data) = (job.opts, job.be, job.data);
     let (rank, global) = (comm.rank(), opts.global_batch);
     let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -340,6 +371,9 @@ fn steps<B: Backend>(
     }
 
     while run.step < opts.steps {
+        if let Some(grown) = job.survival.admit(comm)? {
+            return Ok(Stretch::Grown(Box::new(grown)));
+        }
         let t0 = Instant::now();
         let mine = run.sampler.next_step(balancer.batches(), rank)?;
         data.gather(mine, &mut x, &mut y);
@@ -409,7 +443,7 @@ fn steps<B: Backend>(
         report(&r);
         if let Some(change) = run.changed.take().filter(|_| rank == 0) {
             tracing::info!(
-                "step {step} completed on {} ranks {} ms after the failure",
+                "step {step} completed on {} ranks {} ms after the membership change began",
                 comm.world_size(),
                 change.at.elapsed().as_millis()
             );
@@ -419,7 +453,7 @@ fn steps<B: Backend>(
         saver.finish(comm)?;
     }
     let (test_accuracy, test_loss) = evaluate(comm, data, &job.mlp, be, &run.params, &mut run.ws)?;
-    Ok(Summary {
+    Ok(Stretch::Done(Summary {
         steps: run.step,
         resumed_from: run.resumed_from,
         test_accuracy,
@@ -431,7 +465,7 @@ fn steps<B: Backend>(
         checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
         grad_sync: sync.path().name(),
         params: be.download(&run.params)?,
-    })
+    }))
 }
 
 /// After a lost rank, on the survivors' communicator: agree on the newest completed step; the

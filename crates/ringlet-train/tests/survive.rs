@@ -59,14 +59,16 @@ struct Supervised {
 
 impl Supervised {
     fn start(min_ranks: Option<usize>, timeout: &str, out: &std::path::Path) -> Supervised {
-        Supervised::start_model(MLP, min_ranks, timeout, out)
+        Supervised::start_model(MLP, min_ranks, timeout, out, &[])
     }
 
+    /// `ringrun -n 4 [--min-ranks K] FLAGS -- ringlet-train MODEL...`
     fn start_model(
         model: &[&str],
         min_ranks: Option<usize>,
         timeout: &str,
         out: &std::path::Path,
+        flags: &[&str],
     ) -> Supervised {
         let ringrun = std::path::Path::new(TRAIN).with_file_name("ringrun");
         let mut cmd = Command::new(ringrun);
@@ -74,6 +76,7 @@ impl Supervised {
         if let Some(k) = min_ranks {
             cmd.args(["--min-ranks", &k.to_string()]);
         }
+        cmd.args(flags);
         let mut child = cmd
             .arg("--")
             .arg(TRAIN)
@@ -215,7 +218,7 @@ fn uninterrupted(dir: &Scratch) -> Vec<f32> {
 
 fn uninterrupted_model(dir: &Scratch, model: &[&str], steps: u64) -> Vec<f32> {
     let out = dir.join("whole.params");
-    let job = Supervised::start_model(model, None, "30", &out);
+    let job = Supervised::start_model(model, None, "30", &out, &[]);
     let (code, log) = job.finish();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains(&format!("{steps} steps on 4 ranks")), "{log}");
@@ -335,7 +338,7 @@ fn a_burn_model_loses_no_step_either() {
     let dir = Scratch::new("survive-cnn");
     let whole = uninterrupted_model(&dir, CNN, 40);
     let out = dir.join("cnn.params");
-    let mut job = Supervised::start_model(CNN, Some(2), "30", &out);
+    let mut job = Supervised::start_model(CNN, Some(2), "30", &out, &[]);
     let (first, second) = (job.pid(0), job.pid(2));
     job.wait_for("step 10/40");
     signal(first, libc::SIGKILL);
@@ -352,4 +355,52 @@ fn a_burn_model_loses_no_step_either() {
         "cnn, ranks 0 and 2 killed: max relative difference {d:.2e}; state sent {} time(s)",
         log.matches("state sent").count()
     );
+}
+
+/// With `--max-restarts`, a killed rank is replaced: the replacement joins at a step boundary,
+/// takes the members' state, and the job finishes on 4 ranks, within 1e-5 of the uninterrupted
+/// run. Rank 0 and another rank at random, each at a random step.
+#[test]
+fn a_replacement_brings_the_world_back() {
+    let dir = Scratch::new("survive-grow");
+    let whole = uninterrupted(&dir);
+    let seed = seed();
+    println!("seed {seed} (RINGLET_TEST_SEED replays it)");
+    let mut rng = Lcg(seed);
+    for (run, victim) in [0, 1 + rng.below(3) as usize].into_iter().enumerate() {
+        let at = 5 + rng.below(146);
+        let out = dir.join(&format!("grow{run}.params"));
+        let mut job = Supervised::start_model(MLP, Some(2), "30", &out, &["--max-restarts", "1"]);
+        let pid = job.pid(victim);
+        job.wait_for(&format!("step {at}/{STEPS}"));
+        let killed = Instant::now();
+        signal(pid, libc::SIGKILL);
+        let back = job.wait_for("completed on 4 ranks");
+        let (code, log) = job.finish();
+        assert_eq!(code, Some(0), "rank {victim} killed at step {at}:\n{log}");
+        assert!(log.contains("starting a replacement for rank"), "{log}");
+        assert!(
+            log.contains(&format!("replacement(s) for rank(s) [{victim}] joined")),
+            "{log}"
+        );
+        assert!(log.contains("the job finished with 4 of 4 ranks"), "{log}");
+        assert!(
+            log.contains(&format!("{STEPS} steps on 4 ranks in")),
+            "{log}"
+        );
+        let d = max_relative_difference(&whole, &params(&out));
+        assert!(
+            d < 1e-5,
+            "rank {victim} replaced: max relative difference {d}\n{log}"
+        );
+        let joined = log
+            .lines()
+            .find(|l| l.contains(" joined; world"))
+            .and_then(|l| l.split("joined in ").nth(1))
+            .unwrap_or("?");
+        println!(
+            "rank {victim} killed after step {at} and replaced: back on 4 ranks {:.0} ms after the kill (the join itself {joined}); max relative difference {d:.2e}",
+            back.duration_since(killed).as_secs_f64() * 1e3
+        );
+    }
 }

@@ -45,7 +45,7 @@ pub mod staged;
 pub mod topology;
 pub mod wire;
 
-pub use comm::{AllReduceHandle, Communicator};
+pub use comm::{AllReduceHandle, Communicator, REPLACEMENT_ENV};
 pub use config::Config;
 /// The MPI bindings `Communicator::from_mpi` takes (the `mpi` feature).
 #[cfg(feature = "mpi")]

@@ -14,9 +14,23 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 impl Communicator {
-    /// Joins the job described by the environment (see [`Config::from_env`]).
+    /// Joins the job described by the environment (see [`Config::from_env`]); a replacement
+    /// (`RINGLET_REPLACEMENT=1`, set by `ringrun --min-ranks --max-restarts`) joins the running
+    /// job instead (see [`join_running`](Self::join_running)), and fails if it has ended.
     pub fn from_env() -> Result<Communicator> {
-        Communicator::new(Config::from_env()?)
+        Communicator::join_from_env()?.ok_or_else(|| {
+            Error::Broken("the job finished before this replacement could join it".into())
+        })
+    }
+
+    /// As [`from_env`](Self::from_env); `None` where this replacement came after the job's
+    /// last step (nothing left to do).
+    pub fn join_from_env() -> Result<Option<Communicator>> {
+        let config = Config::from_env()?;
+        if super::grow::is_replacement() {
+            return Communicator::join_running(config);
+        }
+        Communicator::new(config).map(Some)
     }
 
     /// Joins the job: serves the store (if asked), publishes our ring address, connects the ring
@@ -161,6 +175,7 @@ impl Communicator {
             }),
             worker: Mutex::new(None),
             rejoin: None,
+            admissions: Mutex::new(None),
             _store: store,
         }
     }
@@ -248,7 +263,7 @@ fn layout_of(cards: &[card::RankCard]) -> HostLayout {
     HostLayout::from_labels(&labels)
 }
 
-fn effective_token(config: &Config) -> JobToken {
+pub(crate) fn effective_token(config: &Config) -> JobToken {
     config.token.clone().unwrap_or_else(|| {
         tracing::warn!(
             "{} is not set: ring connections are not authenticated (use ringrun, or export a shared secret)",

@@ -7,6 +7,8 @@
 //! Joining (the store, the links, the rank cards) is in [`join`]; going on without a failed rank
 //! (a new epoch of the communicator) in [`reform`].
 
+mod grow;
+pub use grow::REPLACEMENT_ENV;
 mod join;
 mod reform;
 
@@ -33,6 +35,8 @@ pub struct Communicator {
     worker: Mutex<Option<Worker>>,
     /// How to form the next epoch without a failed rank (joined through the store only).
     rejoin: Option<reform::Rejoin>,
+    /// Rank 0's connection to the store for admitting replacements (`grow`), made at first use.
+    admissions: Mutex<Option<ringlet_store::StoreClient>>,
     // Dropped last: other ranks may still be finishing their rendezvous.
     _store: Option<StoreServer>,
 }

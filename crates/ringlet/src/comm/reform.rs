@@ -29,6 +29,10 @@ pub(crate) struct Rejoin {
     pub(crate) epoch: u64,
     /// The first epoch's rank of each member, by rank in this epoch.
     pub(crate) original: Vec<usize>,
+    /// The first epoch's world size (the ranks a replacement may stand in for).
+    pub(crate) first_world: usize,
+    /// This communicator was joined by a replacement while the job ran (see `grow`).
+    pub(crate) joined_late: bool,
 }
 
 impl Rejoin {
@@ -40,10 +44,12 @@ impl Rejoin {
             base: config.name.clone(),
             epoch: 0,
             original: (0..config.world_size).collect(),
+            first_world: config.world_size,
+            joined_late: false,
         }
     }
 
-    fn key(&self, epoch: u64, what: &str) -> String {
+    pub(crate) fn key(&self, epoch: u64, what: &str) -> String {
         if what == "members" {
             return ringlet_store::epoch_members_key(&self.base, epoch);
         }
@@ -52,7 +58,7 @@ impl Rejoin {
 }
 
 /// The name of epoch `epoch`'s communicator under `base`.
-fn epoch_name(base: &str, epoch: u64) -> String {
+pub(crate) fn epoch_name(base: &str, epoch: u64) -> String {
     if epoch == 0 {
         base.to_string()
     } else {
@@ -156,6 +162,8 @@ impl Communicator {
             base: rejoin.base.clone(),
             epoch,
             original: members.clone(),
+            first_world: rejoin.first_world,
+            joined_late: false,
         };
         let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)?;
         let comm = comm.with_rejoin(next);
@@ -201,7 +209,7 @@ fn store_gone(e: Error, config: &Config) -> Error {
 }
 
 /// `0,1,3`: first-epoch ranks, each a member of the epoch before.
-fn parse_members(raw: &[u8], previous: &[usize]) -> Result<Vec<usize>> {
+pub(crate) fn parse_members(raw: &[u8], previous: &[usize]) -> Result<Vec<usize>> {
     let bad = || Error::Broken(format!("the agreed member list {raw:?} is malformed"));
     let text = std::str::from_utf8(raw).map_err(|_| bad())?;
     let members = text
