@@ -404,3 +404,84 @@ fn a_replacement_brings_the_world_back() {
         );
     }
 }
+
+/// Strangers at ringrun's store while the survivors re-form: 300 idle connections, 50 that
+/// send garbage and 20 clients with the wrong job token, from a thread, while a rank is killed.
+/// The change completes, the job finishes within 1e-5 of the uninterrupted run, and the
+/// store's log stays a few lines.
+#[test]
+fn strangers_at_the_store_do_not_stop_a_membership_change() {
+    use std::io::Write;
+    // Longer steps than the others, so that the kill lands while the strangers are at it.
+    const LONG: &[&str] = &[
+        "--steps",
+        "1000",
+        "--global-batch",
+        "64",
+        "--hidden",
+        "256,128",
+        "--seed",
+        "5",
+    ];
+    let dir = Scratch::new("survive-strangers");
+    let whole = uninterrupted_model(&dir, LONG, 1000);
+    let out = dir.join("strangers.params");
+    let mut job = Supervised::start_model(LONG, Some(2), "30", &out, &[]);
+    let pid = job.pid(2);
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let store = env
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"RINGLET_STORE_ADDR="))
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .expect("ringrun gives its ranks RINGLET_STORE_ADDR");
+    job.wait_for("step 20/1000");
+    let strangers = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let mut refused = 0;
+        let wrong = ringlet::JobToken::new("not this job's token");
+        for i in 0..370 {
+            match i % 37 {
+                // 20 clients with the wrong token, 50 that send garbage, the rest idle.
+                0 | 1 => {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    if ringlet_store::StoreClient::connect(&store, &wrong, deadline).is_err() {
+                        refused += 1;
+                    }
+                }
+                2..=6 => {
+                    if let Ok(mut c) = std::net::TcpStream::connect(&store) {
+                        let _ = c.write_all(&[0xa5; 4096]);
+                        held.push(c);
+                    }
+                }
+                _ => held.extend(std::net::TcpStream::connect(&store).ok()),
+            }
+        }
+        (refused, held)
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    signal(pid, libc::SIGKILL);
+    job.wait_for("completed on 3 ranks");
+    let (refused, held) = strangers.join().unwrap();
+    let (code, log) = job.finish();
+    drop(held);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(refused, 20, "a client with the wrong token was let in");
+    assert!(log.contains("the job finished with 3 of 4 ranks"), "{log}");
+    let d = max_relative_difference(&whole, &params(&out));
+    assert!(
+        d < 1e-5,
+        "with strangers: max relative difference {d}\n{log}"
+    );
+    let store_lines = log
+        .lines()
+        .filter(|l| l.contains("rendezvous-store") || l.contains("rendezvous store"))
+        .count();
+    assert!(
+        store_lines <= 6,
+        "{store_lines} lines about the store for 370 strangers:\n{log}"
+    );
+    println!(
+        "370 strangers at the store during the change: {store_lines} log line(s); max relative difference {d:.2e}"
+    );
+}
