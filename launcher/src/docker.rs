@@ -203,6 +203,7 @@ async fn run_async(spec: &JobSpec, cs: &ContainerSpec, signals: &Signals, writer
         hosts,
         networks: Vec::new(),
         placed: Vec::new(),
+        store: None,
     };
     let ended = job_run
         .start_and_supervise(spec, cs, signals, &writer)
@@ -218,6 +219,9 @@ struct JobRun {
     /// (engine, network name) made for the job.
     networks: Vec<(usize, String)>,
     placed: Vec<Placed>,
+    /// With `--min-ranks`: the rendezvous store ringrun serves on the job network's gateway,
+    /// so that it outlives any rank, and where the survivors' member lists are read.
+    store: Option<ringlet_store::StoreServer>,
 }
 
 impl JobRun {
@@ -274,6 +278,16 @@ impl JobRun {
                 return self.fail(0, "creating the job's network", &e);
             }
         }
+        let store_addr = match spec.min_ranks {
+            Some(_) => match self.serve_store(&network, spec).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    note!("cannot serve the rendezvous store on the job's network: {e}");
+                    return Ended::new(Outcome::Error);
+                }
+            },
+            None => None,
+        };
         let passed: Vec<String> = std::env::vars()
             .filter(|(k, _)| {
                 (k.starts_with("RINGLET_") || k == "RUST_LOG" || k == "RUST_BACKTRACE")
@@ -293,10 +307,15 @@ impl JobRun {
                     // Each container is its own node: it sees only its own devices.
                     "LOCAL_RANK" => format!("{k}=0"),
                     "LOCAL_WORLD_SIZE" => format!("{k}=1"),
+                    // Containers are not replaced (only local ranks are).
+                    "RINGLET_REPLACEMENTS" => format!("{k}=0"),
                     _ => format!("{k}={v}"),
                 })
                 .collect();
             env.extend(passed.iter().cloned());
+            if let Some(a) = &store_addr {
+                env.push(format!("RINGLET_STORE_ADDR={a}"));
+            }
             let cpus = cs.cpus.get(rank).or(cs.cpus.first()).copied();
             let devices = match cs.gpu_map.get(rank).or(cs.gpu_map.first()) {
                 Some(ids) if !cs.gpu_map.is_empty() => Some(vec![DeviceRequest {
@@ -376,6 +395,27 @@ impl JobRun {
         self.supervise(spec, signals, writer).await
     }
 
+    /// Serves the job's rendezvous store on the gateway of the job's network (the host's end of
+    /// the bridge, which every container reaches); its address as the ranks see it.
+    async fn serve_store(&mut self, network: &str, spec: &JobSpec) -> Result<String, String> {
+        let inspected = self.engines[0]
+            .inspect_network(network, None)
+            .await
+            .map_err(|e| docker_error(&e))?;
+        let gateway: std::net::IpAddr = inspected
+            .ipam
+            .and_then(|i| i.config)
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.gateway.and_then(|g| g.parse().ok()))
+            .ok_or("the network has no gateway address")?;
+        let store = ringlet_store::StoreServer::bind((gateway, 0).into(), spec.token.clone())
+            .map_err(|e| e.to_string())?;
+        let addr = store.local_addr().to_string();
+        self.store = Some(store);
+        Ok(addr)
+    }
+
     async fn supervise(&self, spec: &JobSpec, signals: &Signals, writer: &Writer) -> Ended {
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<i64, String>)>();
         let mut pumps = Vec::new();
@@ -421,7 +461,40 @@ impl JobRun {
         let mut stop_signal = "SIGTERM";
         let mut killed: Option<Instant> = None;
         let mut reported = vec![false; self.placed.len()];
+        // With --min-ranks: ranks the survivors left out (stopped here, not failures), the
+        // newest epoch seen, and whether the job went on without a rank.
+        let mut left_out = vec![false; self.placed.len()];
+        let (mut epoch_seen, mut went_on) = (0, false);
         while running > 0 {
+            if let Some((epoch, members)) = self
+                .store
+                .as_ref()
+                .filter(|_| !termed)
+                .and_then(|s| crate::job::newest_members(s, epoch_seen))
+            {
+                epoch_seen = epoch;
+                note!(
+                    "the survivors formed epoch {epoch} with ranks {members:?} ({} of {})",
+                    members.len(),
+                    spec.world_size
+                );
+                for (r, p) in self.placed.iter().enumerate() {
+                    if !reported[r] && !left_out[r] && !members.contains(&r) {
+                        note!(
+                            "rank {r} (container {}) was left out of epoch {epoch}; stopping it",
+                            p.name
+                        );
+                        left_out[r] = true;
+                        went_on = true;
+                        let opts = KillContainerOptions {
+                            signal: "SIGKILL".into(),
+                        };
+                        let _ = self.engines[p.engine]
+                            .kill_container(&p.name, Some(opts))
+                            .await;
+                    }
+                }
+            }
             if let Some(sig) = signals.take() {
                 // The user's signal decides the exit status (and prevents a restart), even when
                 // the containers are already being stopped after a failure.
@@ -477,6 +550,7 @@ impl JobRun {
             let p = &self.placed[rank];
             let (failed, what, by_signal) = match status {
                 Ok(0) => (false, String::new(), false),
+                _ if left_out[rank] => (false, String::new(), false),
                 Ok(code) => (
                     true,
                     format!(
@@ -498,6 +572,20 @@ impl JobRun {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 note!("{what}");
                 failures.push((rank, what, by_signal));
+                let left = (0..self.placed.len())
+                    .filter(|&r| !reported[r] && !left_out[r])
+                    .count();
+                if let Some(k) = spec.min_ranks.filter(|&k| left >= k && term_at.is_none()) {
+                    note!(
+                        "going on with {left} of {} ranks (--min-ranks {k}): the survivors re-form without it",
+                        spec.world_size
+                    );
+                    went_on = true;
+                    continue;
+                }
+                if let Some(k) = spec.min_ranks.filter(|_| term_at.is_none()) {
+                    note!("{left} ranks left, fewer than --min-ranks {k}: stopping the job");
+                }
                 if term_at.is_none() {
                     if !matches!(outcome, Outcome::Signalled(_)) {
                         outcome = Outcome::RankFailed;
@@ -515,6 +603,15 @@ impl JobRun {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         for p in pumps {
             let _ = tokio::time::timeout_at(deadline, p).await;
+        }
+        if went_on && outcome == Outcome::Success {
+            let finished = (0..self.placed.len())
+                .filter(|&r| !left_out[r] && !failures.iter().any(|f| f.0 == r))
+                .count();
+            note!(
+                "the job finished with {finished} of {} ranks (--min-ranks)",
+                spec.world_size
+            );
         }
         Ended {
             outcome,

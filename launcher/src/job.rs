@@ -93,6 +93,25 @@ pub fn job_token() -> JobToken {
     JobToken::from_env().unwrap_or_else(JobToken::generate)
 }
 
+/// The newest member list the survivors of a failure agreed on (`--min-ranks`), if one newer
+/// than epoch `after` is in `store`: (epoch, first-epoch ranks). The store keeps the newest
+/// epoch's list (the one before is dropped as it forms).
+pub fn newest_members(store: &ringlet_store::StoreServer, after: u64) -> Option<(u64, Vec<usize>)> {
+    let mut newest = None;
+    for epoch in after + 1..=after + 8 {
+        if let Some(raw) = store.get(&ringlet_store::epoch_members_key("world", epoch)) {
+            newest = Some((epoch, raw));
+        }
+    }
+    let (epoch, raw) = newest?;
+    let members = std::str::from_utf8(&raw).ok().and_then(|t| {
+        t.split(',')
+            .map(|r| r.parse::<usize>().ok())
+            .collect::<Option<Vec<_>>>()
+    })?;
+    Some((epoch, members))
+}
+
 /// A port that was free a moment ago. Rank 0 binds it later, so another process can still take it
 /// in between; the window is small and an explicit `--master-port` avoids it entirely.
 pub fn free_port() -> std::io::Result<u16> {

@@ -394,22 +394,10 @@ impl<'a> Supervisor<'a> {
     /// or ones too late to be counted): nobody will talk to them again.
     fn stop_left_out(&mut self) {
         let Some(store) = self.store else { return };
-        let mut newest = None;
-        // The store keeps the newest epoch's list (the one before is dropped as it forms).
-        for epoch in self.epoch_seen + 1..=self.epoch_seen + 8 {
-            if let Some(raw) = store.get(&ringlet_store::epoch_members_key("world", epoch)) {
-                newest = Some((epoch, raw));
-            }
-        }
-        let Some((epoch, raw)) = newest else { return };
-        self.epoch_seen = epoch;
-        let Some(members) = std::str::from_utf8(&raw).ok().and_then(|t| {
-            t.split(',')
-                .map(|r| r.parse::<usize>().ok())
-                .collect::<Option<Vec<_>>>()
-        }) else {
+        let Some((epoch, members)) = crate::job::newest_members(store, self.epoch_seen) else {
             return;
         };
+        self.epoch_seen = epoch;
         note!(
             "the survivors formed epoch {epoch} with ranks {members:?} ({} of {})",
             members.len(),

@@ -329,8 +329,8 @@ fn run(cli: Cli) -> Outcome {
             note!("--min-ranks {k} is more than the {n} ranks of the job");
             return Outcome::Usage;
         }
-        if cli.image.is_some() {
-            note!("--min-ranks is for local ranks; containers still stop together on a failure");
+        if cli.image.is_some() && cli.hosts.as_ref().is_some_and(|h| h.0.len() > 1) {
+            note!("--min-ranks with containers needs one engine (ringrun serves the store on its job network)");
             return Outcome::Usage;
         }
     }
