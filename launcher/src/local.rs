@@ -343,6 +343,7 @@ impl<'a> Supervisor<'a> {
             self.reap_exited();
             if self.spec.min_ranks.is_some() && self.shutdown.is_none() {
                 self.stop_left_out();
+                self.stop_unjoined();
             }
             while let Some(sig) = signals.take() {
                 self.on_signal(sig);
@@ -377,10 +378,11 @@ impl<'a> Supervisor<'a> {
             .as_ref()
             .map_or(Outcome::Success, |s| s.outcome);
         if self.went_on && outcome == Outcome::Success {
+            // A replacement that never joined did no work.
             let finished = self
                 .ranks
                 .iter()
-                .filter(|r| r.end.is_some_and(|s| s.success()))
+                .filter(|r| !r.joining && r.end.is_some_and(|s| s.success()))
                 .count();
             note!(
                 "the job finished with {finished} of {} ranks (--min-ranks)",
@@ -476,6 +478,27 @@ impl<'a> Supervisor<'a> {
                 note!("{running} ranks left, fewer than --min-ranks {k}: stopping the job");
             }
             self.stop_at = Some(Instant::now() + FAILURE_GRACE);
+        }
+    }
+
+    /// Stops replacements still waiting to join once every other rank has ended: nobody is
+    /// left to admit them (the program may not admit replacements at all). Not a failure.
+    fn stop_unjoined(&mut self) {
+        let others_ended = self.ranks.iter().all(|r| r.end.is_some() || r.joining);
+        if !others_ended {
+            return;
+        }
+        for r in self.ranks.iter_mut() {
+            if r.joining && r.end.is_none() && r.asked_with.is_none() {
+                note!(
+                    "the job ended before rank {}'s replacement (pid {}) joined; stopping it",
+                    r.rank,
+                    r.pid
+                );
+                signals::signal_group(r.pid, libc::SIGKILL);
+                r.asked_with = Some(libc::SIGKILL);
+                r.left_out = true;
+            }
         }
     }
 

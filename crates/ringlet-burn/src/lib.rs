@@ -28,4 +28,4 @@ pub mod trainer;
 
 pub use params::ParamInfo;
 pub use sync::{DataParallel, Stages};
-pub use trainer::{fit, Objective, Samples, TrainOptions, TrainSummary};
+pub use trainer::{fit, fit_then, Objective, Samples, TrainOptions, TrainSummary};

@@ -118,8 +118,40 @@ pub fn fit<M, D>(
     data: &D,
     device: &Device,
     opts: &TrainOptions,
-    mut report: impl FnMut(&StepReport),
+    report: impl FnMut(&StepReport),
 ) -> Result<(M, TrainSummary), Error>
+where
+    D: Samples,
+    M: Objective<D::Batch>,
+{
+    let (model, summary, ()) =
+        fit_then(
+            comm,
+            model,
+            optim,
+            data,
+            device,
+            opts,
+            report,
+            |_, _| Ok(()),
+        )?;
+    Ok((model, summary))
+}
+
+/// As [`fit`], then `finish(comm, &model)` on every rank after the last step, as part of the
+/// run (an evaluation's collectives, say): a rank lost meanwhile is survived as in a step (the
+/// survivors catch up and run `finish` again on their communicator).
+#[allow(clippy::too_many_arguments)]
+pub fn fit_then<M, D, E>(
+    comm: &mut Communicator,
+    model: M,
+    optim: ModuleOptimizer,
+    data: &D,
+    device: &Device,
+    opts: &TrainOptions,
+    mut report: impl FnMut(&StepReport),
+    mut finish: impl FnMut(&Communicator, &M) -> Result<E, Error>,
+) -> Result<(M, TrainSummary, E), Error>
 where
     D: Samples,
     M: Objective<D::Batch>,
@@ -191,33 +223,41 @@ where
         infos,
         survival,
     };
-    let summary = survival.drive(
+    let (summary, extra) = survival.drive(
         comm,
         &mut FitLoop {
             job: &job,
             run: &mut run,
             report: &mut report,
+            finish: &mut finish,
         },
     )?;
-    Ok((run.model, summary))
+    Ok((run.model, summary, extra))
 }
 
 /// `fit`'s hooks for [`Survival::drive`].
-struct FitLoop<'a, 'j, M, D, R> {
+struct FitLoop<'a, 'j, M, D, R, F> {
     job: &'a Job<'j, D>,
     run: &'a mut Run<M>,
     report: &'a mut R,
+    finish: &'a mut F,
 }
 
-impl<M, D, R> Membered for FitLoop<'_, '_, M, D, R>
+impl<M, D, R, F, E> Membered for FitLoop<'_, '_, M, D, R, F>
 where
     D: Samples,
     M: Objective<D::Batch>,
     R: FnMut(&StepReport),
+    F: FnMut(&Communicator, &M) -> Result<E, Error>,
 {
-    type Output = TrainSummary;
-    fn stretch(&mut self, comm: &Communicator) -> Result<Stretch<TrainSummary>, Error> {
-        steps(comm, self.job, self.run, self.report)
+    type Output = (TrainSummary, E);
+    fn stretch(&mut self, comm: &Communicator) -> Result<Stretch<(TrainSummary, E)>, Error> {
+        let summary = match steps(comm, self.job, self.run, self.report)? {
+            Stretch::Done(summary) => summary,
+            Stretch::Grown(next) => return Ok(Stretch::Grown(next)),
+        };
+        let extra = (self.finish)(comm, &self.run.model)?;
+        Ok(Stretch::Done((summary, extra)))
     }
     fn catch_up(&mut self, comm: &Communicator) -> Result<Agreed, Error> {
         catch_up(comm, self.job, self.run)
@@ -409,7 +449,11 @@ fn catch_up<M: Module, D>(
             }
             false => None,
         };
-        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref())?;
+        // Parameters and the optimizer's state (at most two buffers of their size, and its
+        // scalars).
+        let numel: usize = job.infos.iter().map(ParamInfo::numel).sum();
+        let most = numel.saturating_mul(3).saturating_add(1 << 16);
+        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref(), most)?;
         if agreed.is_behind(comm.rank()) {
             let from = format!("the state rank {} sent", agreed.source);
             (run.model, run.optim) = load(

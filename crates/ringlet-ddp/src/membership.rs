@@ -225,7 +225,9 @@ impl Survival {
             match result {
                 Ok(Some(Stretch::Done(out))) => {
                     if self.replacements {
-                        comm.close_admissions()?;
+                        if let Err(e) = comm.close_admissions() {
+                            tracing::warn!("cannot tell waiting replacements the job ended: {e}");
+                        }
                     }
                     return Ok(out);
                 }
@@ -248,7 +250,12 @@ impl Survival {
 pub fn lost_a_rank(e: &Error) -> bool {
     matches!(
         e,
-        Error::PeerLost { .. } | Error::Timeout { .. } | Error::Aborted { .. } | Error::Broken(_)
+        Error::PeerLost { .. }
+            | Error::Timeout { .. }
+            | Error::Aborted { .. }
+            | Error::Broken(_)
+            // Re-forming links (a shrink's or an admission's) with a rank that never came.
+            | Error::Deadline { .. }
     )
 }
 
@@ -446,11 +453,13 @@ const MAX_ELEMENTS: i64 = 1 << 36;
 
 /// Collective: `root` sends its snapshot (`Some` there, ignored elsewhere) to every rank; each
 /// gets it back whole. The tensors' values travel as one `f32` broadcast; their names and shapes
-/// and the loop state as JSON. Sizes from the root are checked before anything is allocated.
+/// and the loop state as JSON. Sizes from the root are checked before anything is allocated:
+/// at most `max_elements` values (what this rank's own model and optimizer state hold, say).
 pub fn share_snapshot(
     comm: &Communicator,
     root: usize,
     snap: Option<&Snapshot>,
+    max_elements: usize,
 ) -> Result<Snapshot, Error> {
     let mine = (comm.rank() == root)
         .then(|| {
@@ -484,7 +493,8 @@ pub fn share_snapshot(
     }
     comm.broadcast(&mut sizes, root)?;
     let bad = |what: String| bad_peer(root, format!("a snapshot {what}"));
-    if !(0..=MAX_HEADER_BYTES).contains(&sizes[0]) || !(0..=MAX_ELEMENTS).contains(&sizes[1]) {
+    let most = MAX_ELEMENTS.min(i64::try_from(max_elements).unwrap_or(i64::MAX));
+    if !(0..=MAX_HEADER_BYTES).contains(&sizes[0]) || !(0..=most).contains(&sizes[1]) {
         return Err(bad(format!(
             "of {} header bytes and {} elements",
             sizes[0], sizes[1]
@@ -499,6 +509,9 @@ pub fn share_snapshot(
             values.extend_from_slice(&t.data);
         }
     } else {
+        values
+            .try_reserve_exact(sizes[1] as usize)
+            .map_err(|e| bad(format!("of {} elements, more than fit here: {e}", sizes[1])))?;
         values.resize(sizes[1] as usize, 0.0f32);
     }
     comm.broadcast(&mut values, root)?;
@@ -618,9 +631,13 @@ mod tests {
                 members: vec![0, 1, 2],
             };
             let agreed = catch_up(&comm, &mine).unwrap();
-            let shared =
-                share_snapshot(&comm, agreed.source, (r == agreed.source).then_some(&snap))
-                    .unwrap();
+            let shared = share_snapshot(
+                &comm,
+                agreed.source,
+                (r == agreed.source).then_some(&snap),
+                12,
+            )
+            .unwrap();
             (agreed, shared)
         });
         for (agreed, shared) in &got {

@@ -12,8 +12,8 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Device;
 use ringlet::{Communicator, Error, ReduceOp};
-use ringlet_burn::{fit, params, Samples, Stages, TrainOptions, TrainSummary};
-use ringlet_ddp::{membership, StepReport, Survival};
+use ringlet_burn::{fit_then, params, Samples, Stages, TrainOptions, TrainSummary};
+use ringlet_ddp::StepReport;
 
 /// Burn's optimizer and its settings.
 #[derive(Clone, Debug)]
@@ -171,22 +171,34 @@ pub fn train_cnn(
         side,
         test: false,
     };
-    let (model, summary) = fit(comm, model, optim.build(), &train, &ad, opts, report)?;
-    let params = params::flatten(&model, &params::list(&model))?;
     let test = Images {
         data,
         side,
         test: true,
     };
-    let model = model.valid();
-    let [loss, correct, count] = evaluate(comm, test.len(), &mut |idx| {
-        let batch = test.batch(idx, device);
-        let logits = model.forward(batch.images, &mut Stages::whole());
-        let predicted = logits.clone().argmax(1).reshape([idx.len()]);
-        let correct = predicted.equal(batch.labels.clone()).int().sum();
-        let loss = cross_entropy_sum(logits, batch.labels);
-        Ok([scalar(loss)?, scalar(correct.float())?])
-    })?;
+    // Evaluated as part of the run: a rank lost meanwhile is survived like one lost in a step.
+    let held_out = |comm: &Communicator, model: &Cnn| {
+        let model = model.valid();
+        evaluate(comm, test.len(), &mut |idx| {
+            let batch = test.batch(idx, device);
+            let logits = model.forward(batch.images, &mut Stages::whole());
+            let predicted = logits.clone().argmax(1).reshape([idx.len()]);
+            let correct = predicted.equal(batch.labels.clone()).int().sum();
+            let loss = cross_entropy_sum(logits, batch.labels);
+            Ok([scalar(loss)?, scalar(correct.float())?])
+        })
+    };
+    let (model, summary, [loss, correct, count]) = fit_then(
+        comm,
+        model,
+        optim.build(),
+        &train,
+        &ad,
+        opts,
+        report,
+        held_out,
+    )?;
+    let params = params::flatten(&model, &params::list(&model))?;
     Ok(Outcome {
         summary,
         evaluation: format!(
@@ -243,22 +255,34 @@ pub fn train_transformer(
         context: shape.context,
         disjoint: false,
     };
-    let (model, summary) = fit(comm, model, optim.build(), &train, &ad, opts, report)?;
-    let params = params::flatten(&model, &params::list(&model))?;
     let test = Windows {
         ids: &text.test,
         context: shape.context,
         disjoint: true,
     };
-    let model = model.valid();
-    let [loss, _, count] = evaluate(comm, test.len(), &mut |idx| {
-        let (x, y) = test.batch(idx, device);
-        let logits = model.forward(x, &mut Stages::whole());
-        Ok([
-            scalar(cross_entropy_sum(logits, y))? / shape.context as f64,
-            0.0,
-        ])
-    })?;
+    // Evaluated as part of the run: a rank lost meanwhile is survived like one lost in a step.
+    let held_out = |comm: &Communicator, model: &CharTransformer| {
+        let model = model.valid();
+        evaluate(comm, test.len(), &mut |idx| {
+            let (x, y) = test.batch(idx, device);
+            let logits = model.forward(x, &mut Stages::whole());
+            Ok([
+                scalar(cross_entropy_sum(logits, y))? / shape.context as f64,
+                0.0,
+            ])
+        })
+    };
+    let (model, summary, [loss, _, count]) = fit_then(
+        comm,
+        model,
+        optim.build(),
+        &train,
+        &ad,
+        opts,
+        report,
+        held_out,
+    )?;
+    let params = params::flatten(&model, &params::list(&model))?;
     let per_char = loss / count;
     Ok(Outcome {
         summary,
@@ -280,22 +304,8 @@ fn scalar(t: burn::tensor::Tensor<1>) -> Result<f64, Error> {
 type Eval<'a> = dyn FnMut(&[usize]) -> Result<[f64; 2], Error> + 'a;
 
 /// Sums `[a, b]` of `eval` over the held-out samples, each rank taking every n-th, in chunks;
-/// returns `[a, b, samples]` summed over all ranks (NaNs when there are none). A rank lost
-/// meanwhile (`ringrun --min-ranks`): the survivors re-form and evaluate again.
-fn evaluate(comm: &mut Communicator, len: usize, eval: &mut Eval) -> Result<[f64; 3], Error> {
-    loop {
-        match evaluate_once(comm, len, eval) {
-            Ok(totals) => return Ok(totals),
-            Err(e) => {
-                // Every rank has finished training: there is no step to agree on.
-                let done = membership::Position::default();
-                Survival::from_env()?.survive(comm, e, |c| membership::catch_up(c, &done))?;
-            }
-        }
-    }
-}
-
-fn evaluate_once(comm: &Communicator, len: usize, eval: &mut Eval) -> Result<[f64; 3], Error> {
+/// returns `[a, b, samples]` summed over all ranks (NaNs when there are none).
+fn evaluate(comm: &Communicator, len: usize, eval: &mut Eval) -> Result<[f64; 3], Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mine: Vec<usize> = (rank..len).step_by(n).collect();
     let mut totals = [0.0f64, 0.0, mine.len() as f64];

@@ -221,13 +221,15 @@ fn read_text(path: &std::path::Path) -> Result<String, String> {
 fn run(args: &Args) -> Result<(), Error> {
     // Replaced by the survivors' communicator when a rank is lost (`ringrun --min-ranks`). A
     // replacement (`--max-restarts` with it) joins the running job, or finds it finished.
+    // Read before joining: a replacement joins a running job whose members wait for it.
+    let loaded = load(args);
     let Some(mut comm) = Communicator::join_from_env()? else {
         println!("ringlet-train: the job finished before this replacement could join it");
         return Ok(());
     };
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
-    let data = at_start(&comm, load(args), "loading the dataset")?;
+    let data = at_start(&comm, loaded, "loading the dataset")?;
     let transformer = args.model == "transformer";
     let train_len = match &data {
         Data::Labelled(d) => d.train_len(),

@@ -502,7 +502,9 @@ fn catch_up<B: Backend>(
             }
             false => None,
         };
-        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref())?;
+        // Parameters and at most two optimizer buffers of the same size.
+        let most = job.mlp.param_count().saturating_mul(3);
+        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref(), most)?;
         if agreed.is_behind(comm.rank()) {
             let from = std::path::PathBuf::from(format!("the state rank {} sent", agreed.source));
             let mut params = job.be.download(&run.params)?;

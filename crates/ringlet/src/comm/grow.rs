@@ -42,25 +42,46 @@ impl Communicator {
         let deadline = Instant::now() + config.timeout;
         let (base, me) = (config.name.clone(), config.rank);
         let mut store = StoreClient::connect(&config.store_addr, &token, deadline)?;
-        store.set(&key(&base, &format!("join/{me}")), b"1", deadline)?;
+        // This request's own mark: an admission written for an earlier replacement of the same
+        // rank (one that died) is not this one's.
+        let nonce = format!(
+            "{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let (join, joined) = (
+            key(&base, &format!("join/{me}")),
+            key(&base, &format!("joined/{me}")),
+        );
+        store.set(&join, nonce.as_bytes(), deadline)?;
         store.add(&key(&base, "requests"), 1, deadline)?;
         let epoch = loop {
-            if let Some(raw) = store.try_get(&key(&base, &format!("joined/{me}")), deadline)? {
+            if let Some(raw) = store.try_get(&joined, deadline)? {
                 let text = String::from_utf8_lossy(&raw).to_string();
-                break text.trim().parse::<u64>().map_err(|_| {
-                    Error::Broken(format!(
-                        "the store names epoch {text:?} for rank {me} to join"
-                    ))
-                })?;
+                if let Some((epoch, theirs)) = text.split_once(' ') {
+                    if theirs == nonce {
+                        break epoch.parse::<u64>().map_err(|_| {
+                            Error::Broken(format!("the store names epoch {epoch:?} for rank {me}"))
+                        })?;
+                    }
+                }
             }
-            if store.try_get(&key(&base, "closed"), deadline)?.is_some() {
-                tracing::info!(
-                    rank = me,
-                    "the job finished before this replacement could join"
-                );
-                return Ok(None);
-            }
-            if Instant::now() + POLL >= deadline {
+            let closed = store.try_get(&key(&base, "closed"), deadline)?.is_some();
+            if closed || Instant::now() + POLL >= deadline {
+                // Withdrawn, so that rank 0 does not admit a process that is not there.
+                if store.try_get(&join, deadline)?.as_deref() == Some(nonce.as_bytes()) {
+                    store.delete(&join, deadline)?;
+                    store.add(&key(&base, "handled"), 1, deadline)?;
+                }
+                if closed {
+                    tracing::info!(
+                        rank = me,
+                        "the job finished before this replacement could join"
+                    );
+                    return Ok(None);
+                }
                 return Err(Error::Deadline {
                     waiting_for: format!(
                         "the running job to admit rank {me} (its members admit replacements at step boundaries)"
@@ -119,31 +140,29 @@ impl Communicator {
             return Ok(None);
         };
         let deadline = Instant::now() + rejoin.config.timeout;
+        let epoch = rejoin.epoch + 1;
         let mut waiting = vec![0u8; rejoin.first_world];
+        let mut nonces = vec![String::new(); rejoin.first_world];
         let mut found = [0i64];
         if self.rank == 0 {
-            // A store failure here is told to the others (-1) rather than left for their
-            // deadline.
-            found[0] = match self.waiting_replacements(rejoin, &mut waiting, deadline) {
+            // A store failure here skips this boundary (the next one looks again) rather than
+            // failing the members.
+            found[0] = match self.waiting_replacements(rejoin, epoch, &mut nonces, deadline) {
                 Ok(n) => n as i64,
                 Err(e) => {
                     tracing::warn!("cannot look for replacements in the rendezvous store: {e}");
-                    -1
+                    0
                 }
             };
+            for (w, n) in waiting.iter_mut().zip(&nonces) {
+                *w = u8::from(!n.is_empty());
+            }
         }
         self.broadcast(&mut found, 0)?;
-        match found[0] {
-            0 => return Ok(None),
-            n if n < 0 => {
-                return Err(Error::Broken(
-                    "rank 0 could not read the replacements waiting in the rendezvous store".into(),
-                ))
-            }
-            _ => {}
+        if found[0] == 0 {
+            return Ok(None);
         }
         self.broadcast(&mut waiting, 0)?;
-        let epoch = rejoin.epoch + 1;
         let members: Vec<usize> = (0..rejoin.first_world)
             .filter(|&r| rejoin.original.contains(&r) || waiting[r] == 1)
             .collect();
@@ -156,7 +175,7 @@ impl Communicator {
             .position(|&r| r == me)
             .expect("the members keep every member");
         if self.rank == 0 {
-            self.announce_admission(rejoin, epoch, &members, &newcomers, deadline)?;
+            self.announce_admission(rejoin, epoch, &members, &newcomers, &nonces, deadline)?;
         }
         let mut config = rejoin.config.clone();
         config.rank = new_rank;
@@ -173,7 +192,10 @@ impl Communicator {
             first_world: rejoin.first_world,
             joined_late: false,
         };
-        let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)?
+        // A failure here blames no rank by its number in the failed epoch (the survivors then
+        // wait for every member of this one; see `shrink`).
+        let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)
+            .map_err(|e| Error::Broken(format!("joining epoch {epoch} with replacements: {e}")))?
             .with_rejoin(next);
         tracing::info!(
             epoch,
@@ -196,11 +218,14 @@ impl Communicator {
         store.set(&key(&rejoin.base, "closed"), b"1", deadline)
     }
 
-    /// Rank 0: marks in `waiting` the first-epoch ranks whose replacements wait; their number.
+    /// Rank 0: the request (its nonce) of each first-epoch rank whose replacement waits, in
+    /// `nonces`; their number. Claims epoch `epoch` first (its seal, as `shrink` does): when a
+    /// shrink has it already, nobody is admitted at this boundary.
     fn waiting_replacements(
         &self,
         rejoin: &Rejoin,
-        waiting: &mut [u8],
+        epoch: u64,
+        nonces: &mut [String],
         deadline: Instant,
     ) -> Result<usize> {
         let mut guard = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
@@ -218,17 +243,18 @@ impl Communicator {
             return Ok(0);
         }
         let mut n = 0;
-        for (r, slot) in waiting.iter_mut().enumerate() {
+        for (r, slot) in nonces.iter_mut().enumerate() {
             if rejoin.original.contains(&r) {
                 continue;
             }
-            if store
-                .try_get(&key(&rejoin.base, &format!("join/{r}")), deadline)?
-                .is_some()
-            {
-                *slot = 1;
+            if let Some(raw) = store.try_get(&key(&rejoin.base, &format!("join/{r}")), deadline)? {
+                *slot = String::from_utf8_lossy(&raw).to_string();
                 n += 1;
             }
+        }
+        if n > 0 && store.add(&rejoin.key(epoch, "seal"), 1, deadline)? != 1 {
+            nonces.iter_mut().for_each(String::clear);
+            return Ok(0);
         }
         Ok(n)
     }
@@ -241,6 +267,7 @@ impl Communicator {
         epoch: u64,
         members: &[usize],
         newcomers: &[usize],
+        nonces: &[String],
         deadline: Instant,
     ) -> Result<()> {
         let mut guard = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,7 +284,7 @@ impl Communicator {
             store.delete(&key(&rejoin.base, &format!("join/{r}")), deadline)?;
             store.set(
                 &key(&rejoin.base, &format!("joined/{r}")),
-                epoch.to_string().as_bytes(),
+                format!("{epoch} {}", nonces[r]).as_bytes(),
                 deadline,
             )?;
         }

@@ -93,50 +93,23 @@ impl Communicator {
         };
         let timeout = rejoin.config.timeout;
         let deadline = Instant::now() + timeout;
-        let epoch = rejoin.epoch + 1;
         let me = rejoin.original[self.rank];
         let mut store = StoreClient::connect(&rejoin.config.store_addr, &rejoin.token, deadline)
             .map_err(|e| store_gone(e, &rejoin.config))?;
-        let alive = |r: usize| rejoin.key(epoch, &format!("alive/{r}"));
-        store.set(&alive(me), b"1", deadline)?;
-
         // Wait for everyone not blamed for the failure; the blamed rank is not awaited.
         let suspect = failure
             .blamed_peer()
             .and_then(|p| p.rank)
             .and_then(|r| rejoin.original.get(r).copied());
-        let expected: Vec<String> = rejoin
-            .original
-            .iter()
-            .filter(|&&r| Some(r) != suspect)
-            .map(|&r| alive(r))
-            .collect();
-        let keys: Vec<&str> = expected.iter().map(String::as_str).collect();
-        match store.wait(&keys, deadline) {
-            Ok(()) | Err(Error::Deadline { .. }) => {}
-            Err(e) => return Err(e),
-        }
-
-        // The first to seal writes the members as they stand; the others read them.
-        let members_key = rejoin.key(epoch, "members");
-        let members: Vec<usize> = if store.add(&rejoin.key(epoch, "seal"), 1, deadline)? == 1 {
-            let mut members = Vec::new();
-            for &r in &rejoin.original {
-                if store.try_get(&alive(r), Instant::now())?.is_some() {
-                    members.push(r);
-                }
+        let mut epoch = rejoin.epoch + 1;
+        let members = loop {
+            match self.agree_members(&mut store, rejoin, epoch, suspect, deadline)? {
+                Some(members) => break members,
+                // Replacements were being admitted into this epoch (see `grow`): the next.
+                None => epoch += 1,
             }
-            let list = members
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            store.set(&members_key, list.as_bytes(), deadline)?;
-            members
-        } else {
-            let raw = store.get(&members_key, deadline)?;
-            parse_members(&raw, &rejoin.original)?
         };
+        let alive = |r: usize| rejoin.key(epoch, &format!("alive/{r}"));
         let Some(new_rank) = members.iter().position(|&r| r == me) else {
             return Err(Error::Broken(format!(
                 "rank {} (first rank {me}) was not counted among the survivors of epoch {epoch} \
@@ -195,6 +168,59 @@ impl Communicator {
             "formed a new communicator without the failed rank(s)"
         );
         Ok(comm)
+    }
+}
+
+impl Communicator {
+    /// One round of agreement on epoch `epoch`'s members (see [`shrink`](Self::shrink)); `None`
+    /// when the epoch turns out to be taken by an admission of replacements (its list names a
+    /// rank this epoch does not have), so the survivors move on to the next.
+    fn agree_members(
+        &self,
+        store: &mut StoreClient,
+        rejoin: &Rejoin,
+        epoch: u64,
+        suspect: Option<usize>,
+        deadline: Instant,
+    ) -> Result<Option<Vec<usize>>> {
+        let me = rejoin.original[self.rank];
+        let alive = |r: usize| rejoin.key(epoch, &format!("alive/{r}"));
+        store.set(&alive(me), b"1", deadline)?;
+        let expected: Vec<String> = rejoin
+            .original
+            .iter()
+            .filter(|&&r| Some(r) != suspect)
+            .map(|&r| alive(r))
+            .collect();
+        let keys: Vec<&str> = expected.iter().map(String::as_str).collect();
+        match store.wait(&keys, deadline) {
+            Ok(()) | Err(Error::Deadline { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        // The first to seal writes the members as they stand; the others read them.
+        let members_key = rejoin.key(epoch, "members");
+        if store.add(&rejoin.key(epoch, "seal"), 1, deadline)? == 1 {
+            let mut members = Vec::new();
+            for &r in &rejoin.original {
+                if store.try_get(&alive(r), Instant::now())?.is_some() {
+                    members.push(r);
+                }
+            }
+            let list = members
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            store.set(&members_key, list.as_bytes(), deadline)?;
+            return Ok(Some(members));
+        }
+        let raw = store.get(&members_key, deadline)?;
+        let all: Vec<usize> = (0..rejoin.first_world).collect();
+        let listed = parse_members(&raw, &all)?;
+        if listed.iter().any(|r| !rejoin.original.contains(r)) {
+            return Ok(None);
+        }
+        Ok(Some(listed))
     }
 }
 
