@@ -396,12 +396,13 @@ fn survivors_in_containers_go_on_without_a_lost_rank() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let vol = format!("{}:/shared", dir.display());
-    // Steps long enough to act between (as in the restart tests), and few enough that float
-    // re-association over 3 ranks instead of 4 stays far below 1e-5.
-    let train = "ringlet-train --dataset synthetic:20000 --steps 200 --global-batch 96 \
-                 --hidden 512,512 --seed 9 --log-every 10";
+    // The digits, which 3 and 4 ranks train to within 5e-7 of each other over these 200 steps
+    // (the synthetic set at a high learning rate is chaotic: 3 and 4 ranks end 8% apart); a
+    // quarter of a CPU per container makes the steps long enough to act between.
+    let train =
+        "ringlet-train --steps 200 --global-batch 64 --hidden 256,128 --seed 5 --log-every 10";
     let whole = line(&format!(
-        "--image {img} -n 4 -v {vol} -- {train} --dump-params /shared/whole.params"
+        "--image {img} -n 4 --cpus 0.25 -v {vol} -- {train} --dump-params /shared/whole.params"
     ));
     let (code, out, _) = Run::start(&whole, "survive-whole").finish(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{out}");
@@ -415,11 +416,11 @@ fn survivors_in_containers_go_on_without_a_lost_rank() {
     let reference = read("whole.params");
     for (action, victim) in [("kill", 2), ("pause", 1)] {
         let args = line(&format!(
-            "--image {img} -n 4 --min-ranks 2 --timeout 3 -v {vol} -- {train} --dump-params /shared/{action}.params"
+            "--image {img} -n 4 --cpus 0.25 --min-ranks 2 --timeout 3 -v {vol} -- {train} --dump-params /shared/{action}.params"
         ));
         let run = Run::start(&args, &format!("survive-{action}"));
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !run.output().contains("step 50/200") {
+        while !run.output().contains("step 20/200") {
             assert!(Instant::now() < deadline, "{}", run.output());
             std::thread::sleep(Duration::from_millis(20));
         }
