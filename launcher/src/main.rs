@@ -145,15 +145,18 @@ struct Cli {
     /// every rank and start them all again, up to K times: same world size, a new rendezvous
     /// (fresh MASTER_PORT unless --master-port is given), RINGLET_RESTART set to the restart's
     /// number. A program that checkpoints (ringlet-train --checkpoint-dir) resumes from its
-    /// newest committed checkpoint. Each restart is logged with its cause.
+    /// newest committed checkpoint. Each restart is logged with its cause. With --min-ranks,
+    /// replacements of single local ranks come out of the same K.
     #[arg(long, value_name = "K", default_value_t = 0)]
     max_restarts: u32,
 
-    /// Keep going when a rank fails while at least K ranks still run (local ranks): the others
-    /// are not stopped, and RINGLET_MIN_RANKS=K tells them to re-form without the failed rank
-    /// (ringlet-train and ringlet-burn's fit redo the interrupted step over the survivors; a
-    /// program of its own calls Communicator::shrink). Ranks the survivors leave out (a hung
-    /// one) are stopped. Below K, the job stops as without it.
+    /// Keep going when a rank fails while at least K ranks still run (local ranks, or
+    /// containers on one engine): the others are not stopped, and RINGLET_MIN_RANKS=K tells them
+    /// to re-form without the failed rank (ringlet-train and ringlet-burn's fit redo the
+    /// interrupted step over the survivors; a program of its own calls Communicator::shrink).
+    /// Ranks the survivors leave out (a hung one) are stopped. With --max-restarts, a failed
+    /// local rank is replaced: the replacement joins at the next step boundary and takes the
+    /// state from the others. Below K, the job stops as without it.
     #[arg(
         long,
         value_name = "K",
