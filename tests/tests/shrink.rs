@@ -155,55 +155,85 @@ fn losing_the_rank_that_served_the_store_is_explained() {
     }
 }
 
+/// What [`under_ringrun`] saw: ringrun's exit code, the ranks' output, ringrun's own, and the
+/// victim's pid.
+struct Ended {
+    code: Option<i32>,
+    out: String,
+    err: String,
+    pid: i32,
+}
+
+/// Runs 4 ranks of the shrink loop under `ringrun -n 4 --min-ranks 2 FLAGS` with a `timeout` s
+/// deadline, does `harm` to rank `victim` once all loop, and stops the loop once the 3 survivors
+/// have re-formed.
+fn under_ringrun(flags: &[&str], timeout: &str, victim: usize, harm: i32) -> Ended {
+    let ringrun = std::path::Path::new(common::TESTRANK).with_file_name("ringrun");
+    let stop = std::env::temp_dir().join(format!(
+        "ringlet-shrink-ringrun-{}-{victim}-{}",
+        std::process::id(),
+        flags.len()
+    ));
+    let _ = std::fs::remove_file(&stop);
+    let log = stop.with_extension("log");
+    let mut child = std::process::Command::new(&ringrun)
+        .args(["-n", "4", "--min-ranks", "2"])
+        .args(flags)
+        .arg("--")
+        .arg(common::TESTRANK)
+        .args(["shrink", "300", "1000"])
+        .env("RINGLET_TEST_STOP_FILE", &stop)
+        .env("RINGLET_TIMEOUT", timeout)
+        .env_remove("RINGLET_JOB_TOKEN")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read().matches("LOOPING").count() < 4 {
+        assert!(Instant::now() < deadline, "{}", read());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid: i32 = read()
+        .lines()
+        .find(|l| l.starts_with(&format!("[{victim}] READY")))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the victim's pid");
+    // SAFETY: kill(2) on a rank of the job we started, which is still running.
+    unsafe { libc::kill(pid, harm) };
+    while read().matches("SHRUNK").count() < 3 {
+        assert!(Instant::now() < deadline, "{}", read());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&stop, b"stop").unwrap();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(60));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let out = read();
+    let _ = std::fs::remove_file(&stop);
+    let _ = std::fs::remove_file(&log);
+    Ended {
+        code: status.and_then(|s| s.code()),
+        out,
+        err,
+        pid,
+    }
+}
+
 /// Under `ringrun --min-ranks`, a killed rank does not stop the others: they re-form and finish,
 /// and ringrun exits 0 saying so; a hung rank the survivors leave out is stopped by ringrun.
 #[test]
 fn ringrun_min_ranks_lets_the_survivors_finish() {
-    let ringrun = std::path::Path::new(common::TESTRANK).with_file_name("ringrun");
     for (victim, harm) in [(2, libc::SIGKILL), (1, libc::SIGSTOP)] {
-        let stop = std::env::temp_dir().join(format!(
-            "ringlet-shrink-ringrun-{}-{victim}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&stop);
-        let log = stop.with_extension("log");
-        let mut child = std::process::Command::new(&ringrun)
-            .args(["-n", "4", "--min-ranks", "2", "--"])
-            .arg(common::TESTRANK)
-            .args(["shrink", "300", "1000"])
-            .env("RINGLET_TEST_STOP_FILE", &stop)
-            .env("RINGLET_TIMEOUT", "3")
-            .env_remove("RINGLET_JOB_TOKEN")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let read = || std::fs::read_to_string(&log).unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while read().matches("LOOPING").count() < 4 {
-            assert!(Instant::now() < deadline, "{}", read());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pid: i32 = read()
-            .lines()
-            .find(|l| l.starts_with(&format!("[{victim}] READY")))
-            .and_then(|l| l.split("pid=").nth(1))
-            .and_then(|p| p.trim().parse().ok())
-            .expect("the victim's pid");
-        // SAFETY: kill(2) on a rank of the job we started, which is still running.
-        unsafe { libc::kill(pid, harm) };
-        while read().matches("SHRUNK").count() < 3 {
-            assert!(Instant::now() < deadline, "{}", read());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::write(&stop, b"stop").unwrap();
-        let status = common::wait_bounded(&mut child, Duration::from_secs(60));
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        let out = read();
-        let _ = std::fs::remove_file(&stop);
-        let _ = std::fs::remove_file(&log);
-        assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}\n{err}");
+        let Ended {
+            code,
+            out,
+            err,
+            pid,
+        } = under_ringrun(&[], "3", victim, harm);
+        assert_eq!(code, Some(0), "{out}\n{err}");
         assert!(
             err.contains("ringrun: the job finished with 3 of 4 ranks (--min-ranks)"),
             "{err}"
@@ -227,48 +257,9 @@ fn ringrun_min_ranks_lets_the_survivors_finish() {
 /// replacement, still waiting to join, as the job ends: exit 0, 3 of 4 ranks finished.
 #[test]
 fn a_replacement_nobody_admits_is_stopped_when_the_job_ends() {
-    let ringrun = std::path::Path::new(common::TESTRANK).with_file_name("ringrun");
-    let stop =
-        std::env::temp_dir().join(format!("ringlet-shrink-unadmitted-{}", std::process::id()));
-    let _ = std::fs::remove_file(&stop);
-    let log = stop.with_extension("log");
-    let mut child = std::process::Command::new(&ringrun)
-        .args(["-n", "4", "--min-ranks", "2", "--max-restarts", "1", "--"])
-        .arg(common::TESTRANK)
-        .args(["shrink", "300", "1000"])
-        .env("RINGLET_TEST_STOP_FILE", &stop)
-        .env("RINGLET_TIMEOUT", "30")
-        .env_remove("RINGLET_JOB_TOKEN")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while read().matches("LOOPING").count() < 4 {
-        assert!(Instant::now() < deadline, "{}", read());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid: i32 = read()
-        .lines()
-        .find(|l| l.starts_with("[2] READY"))
-        .and_then(|l| l.split("pid=").nth(1))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("rank 2's pid");
-    // SAFETY: kill(2) on a rank of the job we started, which is still running.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    while read().matches("SHRUNK").count() < 3 {
-        assert!(Instant::now() < deadline, "{}", read());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::write(&stop, b"stop").unwrap();
-    let status = common::wait_bounded(&mut child, Duration::from_secs(60));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    let out = read();
-    let _ = std::fs::remove_file(&stop);
-    let _ = std::fs::remove_file(&log);
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}\n{err}");
+    let Ended { code, out, err, .. } =
+        under_ringrun(&["--max-restarts", "1"], "30", 2, libc::SIGKILL);
+    assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(err.contains("starting a replacement for rank 2"), "{err}");
     assert!(
         err.contains("the job ended before rank 2's replacement"),

@@ -14,10 +14,12 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ringlet::{Communicator, Error};
 use ringlet_ddp::checkpoint::{Snapshot, State};
-use ringlet_ddp::membership::{self, Agreed, Change, Membered, Position, Stretch};
+use ringlet_ddp::membership::{
+    self, Agreed, Change, LoopSetup, Membered, Position, SharedState, Stretch,
+};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
+    Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
     SyncOptions, Timing,
 };
 use std::time::{Duration, Instant};
@@ -421,66 +423,60 @@ where
     }))
 }
 
-/// After a lost rank, on the survivors' communicator: agree on the newest completed step; the
-/// ranks a step behind take the model and optimizer state of the rank ahead; every rank goes
-/// back to that step's sampler position, with the split for the members left.
+/// After a membership change, on the new communicator: `membership::catch_up_loop` with the
+/// model's parameters and the optimizer's state by parameter name.
 fn catch_up<M: Module, D>(
     comm: &Communicator,
     job: &Job<D>,
     run: &mut Run<M>,
 ) -> Result<Agreed, Error> {
-    let agreed = membership::catch_up(comm, &run.done)?;
-    if agreed.anyone_behind() {
-        let mine = match comm.rank() == agreed.source {
-            true => {
-                let p = &agreed.position;
-                let state = State {
-                    step: p.step,
-                    epoch: p.epoch,
-                    cursor: p.cursor,
-                    seed: job.opts.seed,
-                    rng: Vec::new(),
-                    batches: p.batches.clone(),
-                    world_size: p.batches.len(),
-                    model: job.opts.config.clone(),
-                    extra: serde_json::Value::Null,
-                };
-                Some(snapshot(&run.model, &run.optim, &job.infos, state)?)
-            }
-            false => None,
-        };
-        // Parameters and the optimizer's state (at most two buffers of their size, and its
-        // scalars).
-        let numel: usize = job.infos.iter().map(ParamInfo::numel).sum();
-        let most = numel.saturating_mul(3).saturating_add(1 << 16);
-        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref(), most)?;
-        if agreed.is_behind(comm.rank()) {
-            let from = format!("the state rank {} sent", agreed.source);
-            (run.model, run.optim) = load(
-                run.model.clone(),
-                run.optim.clone(),
-                &job.infos,
-                &snap,
-                &from,
-            )?;
-        }
-    }
-    run.step = membership::seek(&agreed, &mut run.sampler)?;
-    let p = &agreed.position;
-    (run.balance, run.split) = balance::for_members(
-        &job.opts.balance,
-        &comm.original_ranks(),
-        &p.batches,
-        &p.members,
-        job.opts.global_batch,
-    );
-    run.done = p.clone();
-    // The new rank 0 writes the checkpoints from here on.
+    let opts = job.opts;
+    // Parameters and the optimizer's state (at most two buffers of their size, and its
+    // scalars).
+    let numel: usize = job.infos.iter().map(ParamInfo::numel).sum();
+    let setup = LoopSetup {
+        seed: opts.seed,
+        config: &opts.config,
+        balance: &opts.balance,
+        global_batch: opts.global_batch,
+        checkpoint: opts.checkpoint.as_ref(),
+        max_elements: numel.saturating_mul(3).saturating_add(1 << 16),
+    };
+    let mut state = BurnState {
+        model: &mut run.model,
+        optim: &mut run.optim,
+        infos: &job.infos,
+    };
+    // The old writer first: its last write is waited for before the new rank 0 opens.
     run.saver = None;
-    if let Some(c) = &job.opts.checkpoint {
-        run.saver = Some(JobCheckpoints::open(comm, c.clone())?);
+    let caught =
+        membership::catch_up_loop(comm, &setup, &mut run.done, &mut run.sampler, &mut state)?;
+    run.step = caught.step;
+    (run.balance, run.split, run.saver) = (caught.balance, caught.split, caught.saver);
+    Ok(caught.agreed)
+}
+
+/// A Burn model and its optimizer as a catch-up moves them.
+struct BurnState<'a, M> {
+    model: &'a mut M,
+    optim: &'a mut ModuleOptimizer,
+    infos: &'a [ParamInfo],
+}
+
+impl<M: Module> SharedState for BurnState<'_, M> {
+    fn snapshot(&self, state: State) -> Result<Snapshot, Error> {
+        snapshot(self.model, self.optim, self.infos, state)
     }
-    Ok(agreed)
+    fn restore(&mut self, snap: &Snapshot, from: &str) -> Result<(), Error> {
+        (*self.model, *self.optim) = load(
+            self.model.clone(),
+            self.optim.clone(),
+            self.infos,
+            snap,
+            from,
+        )?;
+        Ok(())
+    }
 }
 
 /// The model and optimizer state of a snapshot (a checkpoint, or a peer's state); `what` names

@@ -25,10 +25,12 @@ use ringlet::{Communicator, Error, ReduceOp};
 use crate::optim::{AdamW, Sgd};
 use ringlet_ddp::agree::at_start;
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
-use ringlet_ddp::membership::{self, Agreed, Change, Membered, Position, Stretch};
+use ringlet_ddp::membership::{
+    self, Agreed, Change, LoopSetup, Membered, Position, SharedState, Stretch,
+};
 use ringlet_ddp::resume::{self, Expect};
 use ringlet_ddp::{
-    balance, Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
+    Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
     SyncOptions, Timing,
 };
 use std::time::{Duration, Instant};
@@ -468,69 +470,58 @@ fn steps<B: Backend>(
     }))
 }
 
-/// After a lost rank, on the survivors' communicator: agree on the newest completed step; the
-/// ranks a step behind take the state of the rank ahead (the snapshot a checkpoint would hold);
-/// every rank goes back to that step's sampler position, with the split for the members left.
+/// After a membership change, on the new communicator: `membership::catch_up_loop` with the
+/// MLP's parameters and optimizer state (the snapshot a checkpoint would hold).
 fn catch_up<B: Backend>(
     comm: &Communicator,
     job: &Job<B>,
     run: &mut Run<B>,
 ) -> Result<Agreed, Error> {
-    let agreed = membership::catch_up(comm, &run.done)?;
-    if agreed.anyone_behind() {
-        let mine = match comm.rank() == agreed.source {
-            true => {
-                let p = &agreed.position;
-                let state = State {
-                    step: p.step,
-                    epoch: p.epoch,
-                    cursor: p.cursor,
-                    seed: job.opts.seed,
-                    rng: Vec::new(),
-                    batches: p.batches.clone(),
-                    world_size: p.batches.len(),
-                    model: job.model_config.clone(),
-                    extra: serde_json::Value::Null,
-                };
-                Some(snapshot(
-                    job.be,
-                    &job.layers,
-                    &run.params,
-                    &run.optim,
-                    state,
-                )?)
-            }
-            false => None,
-        };
+    let opts = job.opts;
+    let setup = LoopSetup {
+        seed: opts.seed,
+        config: &job.model_config,
+        balance: &opts.balance,
+        global_batch: opts.global_batch,
+        checkpoint: opts.checkpoint.as_ref(),
         // Parameters and at most two optimizer buffers of the same size.
-        let most = job.mlp.param_count().saturating_mul(3);
-        let snap = membership::share_snapshot(comm, agreed.source, mine.as_ref(), most)?;
-        if agreed.is_behind(comm.rank()) {
-            let from = std::path::PathBuf::from(format!("the state rank {} sent", agreed.source));
-            let mut params = job.be.download(&run.params)?;
-            let mut optim = download_optim(job.be, &run.optim)?;
-            restore_all(&job.layers, &snap, &mut params, &mut optim, &from)?;
-            run.params = job.be.upload(&params)?;
-            run.optim = upload_optim(job.be, optim)?;
-        }
-    }
-    run.step = membership::seek(&agreed, &mut run.sampler)?;
-    let global = job.opts.global_batch;
-    let p = &agreed.position;
-    (run.balance, run.split) = balance::for_members(
-        &job.opts.balance,
-        &comm.original_ranks(),
-        &p.batches,
-        &p.members,
-        global,
-    );
-    run.done = p.clone();
-    // The new rank 0 writes the checkpoints from here on.
+        max_elements: job.mlp.param_count().saturating_mul(3),
+    };
+    let mut state = MlpState {
+        be: job.be,
+        layers: &job.layers,
+        params: &mut run.params,
+        optim: &mut run.optim,
+    };
+    // The old writer first: its last write is waited for before the new rank 0 opens.
     run.saver = None;
-    if let Some(c) = &job.opts.checkpoint {
-        run.saver = Some(JobCheckpoints::open(comm, c.clone())?);
+    let caught =
+        membership::catch_up_loop(comm, &setup, &mut run.done, &mut run.sampler, &mut state)?;
+    run.step = caught.step;
+    (run.balance, run.split, run.saver) = (caught.balance, caught.split, caught.saver);
+    Ok(caught.agreed)
+}
+
+/// The MLP's state as a catch-up moves it.
+struct MlpState<'a, B: Backend> {
+    be: &'a B,
+    layers: &'a [Layer],
+    params: &'a mut B::Buf,
+    optim: &'a mut OptimState<B::Buf>,
+}
+
+impl<B: Backend> SharedState for MlpState<'_, B> {
+    fn snapshot(&self, state: State) -> Result<Snapshot, Error> {
+        snapshot(self.be, self.layers, self.params, self.optim, state)
     }
-    Ok(agreed)
+    fn restore(&mut self, snap: &Snapshot, from: &str) -> Result<(), Error> {
+        let mut params = self.be.download(self.params)?;
+        let mut optim = download_optim(self.be, self.optim)?;
+        restore_all(self.layers, snap, &mut params, &mut optim, from.as_ref())?;
+        *self.params = self.be.upload(&params)?;
+        *self.optim = upload_optim(self.be, optim)?;
+        Ok(())
+    }
 }
 
 fn upload_optim<B: Backend>(

@@ -177,26 +177,17 @@ impl Communicator {
         if self.rank == 0 {
             self.announce_admission(rejoin, epoch, &members, &newcomers, &nonces, deadline)?;
         }
-        let mut config = rejoin.config.clone();
-        config.rank = new_rank;
-        config.world_size = members.len();
-        config.name = epoch_name(&rejoin.base, epoch);
-        config.serve_store = false;
-        let next = Rejoin {
-            config: config.clone(),
-            token: rejoin.token.clone(),
-            store_sock: rejoin.store_sock,
-            base: rejoin.base.clone(),
-            epoch,
-            original: members.clone(),
-            first_world: rejoin.first_world,
-            joined_late: false,
-        };
+        let next = rejoin.next(epoch, members.clone(), new_rank);
         // A failure here blames no rank by its number in the failed epoch (the survivors then
         // wait for every member of this one; see `shrink`).
-        let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)
-            .map_err(|e| Error::Broken(format!("joining epoch {epoch} with replacements: {e}")))?
-            .with_rejoin(next);
+        let comm = Communicator::join(
+            next.config.clone(),
+            rejoin.token.clone(),
+            rejoin.store_sock,
+            None,
+        )
+        .map_err(|e| Error::Broken(format!("joining epoch {epoch} with replacements: {e}")))?
+        .with_rejoin(next);
         tracing::info!(
             epoch,
             old_world = rejoin.original.len(),

@@ -49,6 +49,26 @@ impl Rejoin {
         }
     }
 
+    /// Epoch `epoch` of the same job: `members` (first-epoch ranks), this rank `new_rank` of
+    /// them, links under the epoch's own name, no store of its own.
+    pub(crate) fn next(&self, epoch: u64, members: Vec<usize>, new_rank: usize) -> Rejoin {
+        let mut config = self.config.clone();
+        config.rank = new_rank;
+        config.world_size = members.len();
+        config.name = epoch_name(&self.base, epoch);
+        config.serve_store = false;
+        Rejoin {
+            config,
+            token: self.token.clone(),
+            store_sock: self.store_sock,
+            base: self.base.clone(),
+            epoch,
+            original: members,
+            first_world: self.first_world,
+            joined_late: false,
+        }
+    }
+
     pub(crate) fn key(&self, epoch: u64, what: &str) -> String {
         if what == "members" {
             return ringlet_store::epoch_members_key(&self.base, epoch);
@@ -123,22 +143,13 @@ impl Communicator {
                 members.len()
             )));
         }
-        let mut config = rejoin.config.clone();
-        config.rank = new_rank;
-        config.world_size = members.len();
-        config.name = epoch_name(&rejoin.base, epoch);
-        config.serve_store = false;
-        let next = Rejoin {
-            config: config.clone(),
-            token: rejoin.token.clone(),
-            store_sock: rejoin.store_sock,
-            base: rejoin.base.clone(),
-            epoch,
-            original: members.clone(),
-            first_world: rejoin.first_world,
-            joined_late: false,
-        };
-        let comm = Communicator::join(config, rejoin.token.clone(), rejoin.store_sock, None)?;
+        let next = rejoin.next(epoch, members.clone(), new_rank);
+        let comm = Communicator::join(
+            next.config.clone(),
+            rejoin.token.clone(),
+            rejoin.store_sock,
+            None,
+        )?;
         let comm = comm.with_rejoin(next);
         if new_rank == 0 {
             // Every member has joined: what the last epoch and this agreement left in the store
