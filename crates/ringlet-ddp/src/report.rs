@@ -38,12 +38,25 @@ impl Metrics {
     /// Creates (truncates) `path`. Opening never blocks (a FIFO without a reader would), and
     /// only a regular file is written to.
     pub fn create(path: &Path) -> Result<Metrics, Error> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let what = || format!("creating {}", path.display());
+        Metrics::open(path, false)
+    }
+
+    /// Appends to `path` (a replacement's, after the lines of the rank it stands in for); a
+    /// last line the lost rank left cut is ended first, so every line stays whole JSON or is
+    /// visibly cut.
+    pub fn append(path: &Path) -> Result<Metrics, Error> {
+        Metrics::open(path, true)
+    }
+
+    fn open(path: &Path, append: bool) -> Result<Metrics, Error> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let what = || format!("opening {}", path.display());
         let f = std::fs::OpenOptions::new()
+            .read(append)
             .write(true)
+            .append(append)
             .create(true)
-            .truncate(true)
+            .truncate(!append)
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io(what(), e))?;
@@ -54,7 +67,17 @@ impl Metrics {
                 path.display()
             )));
         }
-        Ok(Metrics(std::io::BufWriter::new(f)))
+        let mut out = std::io::BufWriter::new(f);
+        if append && meta.len() > 0 {
+            let mut last = [0u8];
+            out.get_ref()
+                .read_at(&mut last, meta.len() - 1)
+                .map_err(|e| Error::io(what(), e))?;
+            if last[0] != b'\n' {
+                out.write_all(b"\n").map_err(|e| Error::io(what(), e))?;
+            }
+        }
+        Ok(Metrics(out))
     }
     pub fn write(&mut self, r: &StepReport) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.0, r)?;
@@ -238,5 +261,25 @@ impl Timing {
     }
     pub fn checkpoint_stall_fraction(&self) -> f64 {
         self.fraction(self.stall)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replacement appends after the lost rank's lines, ending a line it left cut.
+    #[test]
+    fn a_replacement_appends_after_a_cut_line() {
+        let path =
+            std::env::temp_dir().join(format!("ringlet-metrics-append-{}", std::process::id()));
+        std::fs::write(&path, b"{\"step\":1}\n{\"step\":2,\"lo").unwrap();
+        let mut m = Metrics::append(&path).unwrap();
+        m.0.write_all(b"{\"step\":3}\n").unwrap();
+        m.flush().unwrap();
+        drop(m);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, "{\"step\":1}\n{\"step\":2,\"lo\n{\"step\":3}\n");
     }
 }

@@ -289,8 +289,12 @@ fn run(args: &Args) -> Result<(), Error> {
         Some(p) => Some(at_start(
             &comm,
             // By first-epoch rank: a replacement writes the file of the rank it stands in for.
-            Metrics::create(&metrics_path(p, comm.original_ranks()[rank]))
-                .map_err(|e| e.to_string()),
+            // A replacement appends: the lines of the rank it replaces stay.
+            match comm.is_replacement() {
+                true => Metrics::append(&metrics_path(p, comm.original_ranks()[rank])),
+                false => Metrics::create(&metrics_path(p, comm.original_ranks()[rank])),
+            }
+            .map_err(|e| e.to_string()),
             "opening --metrics",
         )?),
         None => None,

@@ -370,7 +370,12 @@ fn a_replacement_brings_the_world_back() {
     for (run, victim) in [0, 1 + rng.below(3) as usize].into_iter().enumerate() {
         let at = 5 + rng.below(146);
         let out = dir.join(&format!("grow{run}.params"));
-        let mut job = Supervised::start_model(MLP, Some(2), "30", &out, &["--max-restarts", "1"]);
+        let metrics = dir.join(&format!("grow{run}-{{rank}}.jsonl"));
+        let metrics = metrics.display().to_string();
+        let mut model = MLP.to_vec();
+        model.extend(["--metrics", metrics.as_str()]);
+        let mut job =
+            Supervised::start_model(&model, Some(2), "30", &out, &["--max-restarts", "1"]);
         let pid = job.pid(victim);
         job.wait_for(&format!("step {at}/{STEPS}"));
         let killed = Instant::now();
@@ -389,6 +394,14 @@ fn a_replacement_brings_the_world_back() {
             "{log}"
         );
         let d = max_relative_difference(&whole, &params(&out));
+        // The replacement appended to the replaced rank's metrics, ending with the last step.
+        let lines = std::fs::read_to_string(metrics.replace("{rank}", &victim.to_string()))
+            .unwrap_or_default();
+        let last = lines.lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&format!("\"step\":{STEPS},")) && last.contains("\"world_size\":4"),
+            "rank {victim}'s metrics end with {last:?}"
+        );
         assert!(
             d < 1e-5,
             "rank {victim} replaced: max relative difference {d}\n{log}"
