@@ -14,13 +14,12 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ringlet::{Communicator, Error};
 use ringlet_ddp::checkpoint::{Snapshot, State};
-use ringlet_ddp::membership::{
-    self, Agreed, Change, LoopSetup, Membered, Position, SharedState, Stretch,
-};
+use ringlet_ddp::membership::{Agreed, Change, Membered, Stretch};
 use ringlet_ddp::resume::{self, Expect};
+use ringlet_ddp::run_state::{LoopSetup, RunState, SharedState};
 use ringlet_ddp::{
     Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
-    SyncOptions, Timing,
+    SyncOptions,
 };
 use std::time::{Duration, Instant};
 
@@ -203,20 +202,18 @@ where
         JobCheckpoints::announce_restart(comm, saver.is_some(), resumed_from);
     }
     let mut run = Run {
-        done: match late {
-            true => Position::fresh(),
-            false => Position::new(step, &sampler, &[], comm),
-        },
-        model,
+        state: RunState::new(
+            comm,
+            step,
+            sampler,
+            &opts.balance,
+            resumed_split,
+            saver,
+            opts.calibration_steps,
+            resumed_from,
+        ),
+        model: Some(model),
         optim,
-        step,
-        sampler,
-        balance: opts.balance.clone(),
-        split: resumed_split,
-        saver,
-        timing: Timing::new(opts.calibration_steps),
-        resumed_from,
-        changed: None,
     };
     let job = Job {
         data,
@@ -234,7 +231,7 @@ where
             finish: &mut finish,
         },
     )?;
-    Ok((run.model, summary, extra))
+    Ok((run.model.expect(PUT_BACK), summary, extra))
 }
 
 /// `fit`'s hooks for [`Survival::drive`].
@@ -258,34 +255,33 @@ where
             Stretch::Done(summary) => summary,
             Stretch::Grown(next) => return Ok(Stretch::Grown(next)),
         };
-        let extra = (self.finish)(comm, &self.run.model)?;
+        let extra = (self.finish)(comm, self.run.model())?;
         Ok(Stretch::Done((summary, extra)))
     }
     fn catch_up(&mut self, comm: &Communicator) -> Result<Agreed, Error> {
         catch_up(comm, self.job, self.run)
     }
     fn changed(&mut self, change: Change) {
-        self.run.changed = Some(change);
+        self.run.state.changed = Some(change);
     }
 }
 
 /// What a run keeps across communicators: all a membership change must not lose.
 struct Run<M> {
-    model: M,
+    /// Always there, but for the moment of the optimizer's step (see [`PUT_BACK`]).
+    model: Option<M>,
     optim: ModuleOptimizer,
-    /// Steps completed.
-    step: u64,
-    sampler: Sampler,
-    /// Where the last completed step left the loop (what survivors agree on after a lost rank).
-    done: Position,
-    /// The balance of the current members, and the split to start their balancer from.
-    balance: Balance,
-    split: Option<Vec<usize>>,
-    saver: Option<JobCheckpoints>,
-    timing: Timing,
-    resumed_from: Option<u64>,
-    /// The last membership change, until the first step after it completes.
-    changed: Option<Change>,
+    /// Steps, sampler, position, split, checkpoints, timings.
+    state: RunState,
+}
+
+/// The model is taken out of [`Run`] only for the optimizer's step, which cannot fail.
+const PUT_BACK: &str = "the model is put back after every optimizer step";
+
+impl<M> Run<M> {
+    fn model(&self) -> &M {
+        self.model.as_ref().expect(PUT_BACK)
+    }
 }
 
 /// What does not change during a run.
@@ -315,17 +311,16 @@ where
         scalars: 1,
         ..opts.sync.clone()
     };
-    let mut dp = DataParallel::new(comm, &run.model, sync)?;
+    let mut dp = DataParallel::new(comm, run.model(), sync)?;
     let mut balancer = Balancer::new(
         comm,
-        &run.balance,
+        &run.state.balance,
         global,
         opts.rebalance_every,
-        run.split.clone(),
-        |share| calibrate(&run.model, data, share, device),
+        run.state.split.clone(),
+        |share| calibrate(run.model(), data, share, device),
     )?;
-    run.done.batches = balancer.batches().to_vec();
-    run.done.members = comm.original_ranks();
+    run.state.started(comm, balancer.batches());
     if rank == 0 {
         tracing::info!(
             "{} parameters in {} tensors, {} buckets; local batches {:?} (global {global}, {} ranks)",
@@ -337,12 +332,16 @@ where
         );
     }
 
-    while run.step < opts.steps {
+    while run.state.step < opts.steps {
         if let Some(grown) = job.survival.admit(comm)? {
             return Ok(Stretch::Grown(Box::new(grown)));
         }
         let t0 = Instant::now();
-        let mine = run.sampler.next_step(balancer.batches(), rank)?.to_vec();
+        let mine = run
+            .state
+            .sampler
+            .next_step(balancer.batches(), rank)?
+            .to_vec();
         if mine.is_empty() {
             dp.set_scalar(0, 0.0)?;
             dp.push_zeros()?;
@@ -353,41 +352,43 @@ where
             } else {
                 Stages::whole()
             };
-            let loss = run.model.loss_sum(&batch, &mut stages);
+            let loss = run.model().loss_sum(&batch, &mut stages);
             let value = params::to_host(loss.clone().detach())?;
             dp.set_scalar(0, value.first().copied().unwrap_or(f32::NAN))?;
-            dp.backward(&run.model, loss, stages)?;
+            dp.backward(run.model(), loss, stages)?;
         }
         let compute = t0.elapsed();
-        let (grads, synced) = dp.finish(&run.model, global)?;
+        let (grads, synced) = dp.finish(run.model(), global)?;
         let loss = dp.scalar(0) as f64 / global as f64;
-        let lr = opts.lr * ((run.step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
-        // A Burn module's clone shares its tensors; the optimizer hands back the updated one.
-        run.model = run.optim.step(lr, run.model.clone(), grads);
-        run.step += 1;
-        let step = run.step;
-        run.done = Position::new(step, &run.sampler, balancer.batches(), comm);
+        let lr = opts.lr * ((run.state.step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
+        // Moved out and back (nothing in between can fail): with no other handle on its
+        // tensors, the optimizer updates them in place.
+        let model = run.model.take().expect(PUT_BACK);
+        run.model = Some(run.optim.step(lr, model, grads));
+        let step = run.state.completed();
 
         let rebalanced = balancer.after_step(comm, step, compute.as_secs_f64(), mine.len())?;
-        run.done.batches = balancer.batches().to_vec();
+        if rebalanced.is_some() {
+            run.state.started(comm, balancer.batches());
+        }
         let mut stall = Duration::ZERO;
         // After any re-balance, so that a resumed run goes on with the split this one uses next.
-        if let Some(saver) = run.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
+        if let Some(saver) = run.state.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
             let state = resume::loop_state(
                 step,
-                &run.sampler,
+                &run.state.sampler,
                 &balancer,
                 opts.seed,
                 opts.config.clone(),
             );
-            let (model, optim) = (&run.model, &run.optim);
+            let (model, optim) = (run.model.as_ref().expect(PUT_BACK), &run.optim);
             stall = saver.save(comm, || snapshot(model, optim, dp.params(), state))?;
         }
         let r = StepReport {
             rank,
             world_size: comm.world_size(),
             step,
-            epoch: run.sampler.epoch(),
+            epoch: run.state.sampler.epoch(),
             loss,
             local_batch: mine.len(),
             global_batch: global,
@@ -399,31 +400,24 @@ where
             lr: lr as f32,
             rebalanced,
         };
-        run.timing.add(&r);
         report(&r);
-        if let Some(change) = run.changed.take().filter(|_| rank == 0) {
-            tracing::info!(
-                "step {step} completed on {} ranks {} ms after the membership change began",
-                comm.world_size(),
-                change.at.elapsed().as_millis()
-            );
-        }
+        run.state.reported(comm, &r);
     }
-    if let Some(saver) = run.saver.as_mut() {
+    if let Some(saver) = run.state.saver.as_mut() {
         saver.finish(comm)?;
     }
     Ok(Stretch::Done(TrainSummary {
-        steps: run.step,
-        resumed_from: run.resumed_from,
+        steps: run.state.step,
+        resumed_from: run.state.resumed_from,
         final_batches: balancer.batches().to_vec(),
-        samples_per_s: run.timing.samples_per_s(),
-        mean_step_s: run.timing.mean_step_s(),
-        comm_wait_fraction: run.timing.comm_wait_fraction(),
-        checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
+        samples_per_s: run.state.timing.samples_per_s(),
+        mean_step_s: run.state.timing.mean_step_s(),
+        comm_wait_fraction: run.state.timing.comm_wait_fraction(),
+        checkpoint_stall_fraction: run.state.timing.checkpoint_stall_fraction(),
     }))
 }
 
-/// After a membership change, on the new communicator: `membership::catch_up_loop` with the
+/// After a membership change, on the new communicator: `RunState::catch_up` with the
 /// model's parameters and the optimizer's state by parameter name.
 fn catch_up<M: Module, D>(
     comm: &Communicator,
@@ -443,17 +437,11 @@ fn catch_up<M: Module, D>(
         max_elements: numel.saturating_mul(3).saturating_add(1 << 16),
     };
     let mut state = BurnState {
-        model: &mut run.model,
+        model: run.model.as_mut().expect(PUT_BACK),
         optim: &mut run.optim,
         infos: &job.infos,
     };
-    // The old writer first: its last write is waited for before the new rank 0 opens.
-    run.saver = None;
-    let caught =
-        membership::catch_up_loop(comm, &setup, &mut run.done, &mut run.sampler, &mut state)?;
-    run.step = caught.step;
-    (run.balance, run.split, run.saver) = (caught.balance, caught.split, caught.saver);
-    Ok(caught.agreed)
+    run.state.catch_up(comm, &setup, &mut state)
 }
 
 /// A Burn model and its optimizer as a catch-up moves them.

@@ -18,7 +18,9 @@
 //!   launcher's restart count.
 //! - [`membership`]: going on without a lost rank — the survivors re-form, agree on the newest
 //!   completed step, the ranks behind take the state of one ahead, and the interrupted step is
-//!   redone over the survivors (`ringrun --min-ranks`).
+//!   redone over the survivors (`ringrun --min-ranks`); replacements join back.
+//! - [`run_state`]: what a loop carries across communicators apart from its model, and its
+//!   catch-up after a membership change.
 //! - [`report`]: per-step metrics as JSON lines, the progress bar, throughput figures.
 //! - [`local_world`]: several ranks as threads of one process, over real loopback sockets (for
 //!   tests of code built on these pieces).
@@ -84,6 +86,7 @@ pub mod local_world;
 pub mod membership;
 pub mod report;
 pub mod resume;
+pub mod run_state;
 pub mod sampler;
 
 pub use agree::agree;
@@ -92,4 +95,5 @@ pub use grad_sync::{GradSync, ParamSpec, SyncOptions};
 pub use membership::Survival;
 pub use report::{Progress, StepReport, Timing};
 pub use resume::{CheckpointOptions, JobCheckpoints, Resume};
+pub use run_state::RunState;
 pub use sampler::Sampler;

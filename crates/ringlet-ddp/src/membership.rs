@@ -15,9 +15,11 @@
 //! 3. puts every member's sampler at the source's position and splits the same global batch over
 //!    the members ([`crate::balance::for_members`]);
 //!
-//! and the loop then redoes the step that was interrupted. Rank 0 logs each change (cause, world
-//! size before and after, the step redone, the time it took). A failure while catching up (a
-//! second rank lost) forms the next epoch the same way.
+//! and the loop then redoes the step that was interrupted ([`crate::RunState::catch_up`] does all
+//! three for a loop). Replacements started by the launcher are admitted at step boundaries and
+//! catch up the same way ([`Survival::drive`] runs a loop through every change). Rank 0 logs
+//! each change (cause, world size before and after, the step redone, the time it took). A
+//! failure while catching up (a second rank lost) forms the next epoch the same way.
 //!
 //! Who decides: `ringrun --min-ranks K` sets [`MIN_RANKS_ENV`] for its ranks and serves the
 //! rendezvous store, so that it outlives any rank. Without it (`mpirun`, `srun`, a store served
@@ -557,94 +559,6 @@ struct Described {
     state: State,
     model: Vec<(String, Vec<usize>)>,
     optimizer: Vec<(String, Vec<usize>)>,
-}
-
-/// A training loop's model and optimizer state, as the catch-up moves it between ranks.
-pub trait SharedState {
-    /// The snapshot a checkpoint would hold of this rank's state, with the loop's `state`.
-    fn snapshot(&self, state: State) -> Result<Snapshot, Error>;
-    /// Takes the state of `snap` (sent by another rank; `from` names it in errors).
-    fn restore(&mut self, snap: &Snapshot, from: &str) -> Result<(), Error>;
-}
-
-/// How a training loop was set up, as its catch-up needs it.
-pub struct LoopSetup<'a> {
-    pub seed: u64,
-    /// The model's configuration, as checkpoints record it.
-    pub config: &'a serde_json::Value,
-    /// The job's balance (static weights per first-epoch rank).
-    pub balance: &'a crate::Balance,
-    pub global_batch: usize,
-    pub checkpoint: Option<&'a crate::CheckpointOptions>,
-    /// The most values a shared snapshot may hold (this rank's model and optimizer state).
-    pub max_elements: usize,
-}
-
-/// Where a loop goes on from after [`catch_up_loop`].
-pub struct Caught {
-    pub agreed: Agreed,
-    /// Steps completed.
-    pub step: u64,
-    /// The balance and the split to start the members' balancer from.
-    pub balance: crate::Balance,
-    pub split: Option<Vec<usize>>,
-    /// Checkpoints, written by the new rank 0.
-    pub saver: Option<crate::JobCheckpoints>,
-}
-
-/// A training loop's whole catch-up on a new communicator, apart from its model: agree where to
-/// go on from ([`catch_up`]); the source shares its state ([`share_snapshot`]) and the ranks
-/// behind restore it; every rank puts its sampler and `done` at the source's position, takes the
-/// split for the members ([`crate::balance::for_members`]) and reopens the checkpoints.
-pub fn catch_up_loop(
-    comm: &Communicator,
-    setup: &LoopSetup,
-    done: &mut Position,
-    sampler: &mut Sampler,
-    model: &mut impl SharedState,
-) -> Result<Caught, Error> {
-    let agreed = catch_up(comm, done)?;
-    let p = &agreed.position;
-    if agreed.anyone_behind() {
-        let mine = match comm.rank() == agreed.source {
-            true => Some(model.snapshot(State {
-                step: p.step,
-                epoch: p.epoch,
-                cursor: p.cursor,
-                seed: setup.seed,
-                rng: Vec::new(),
-                batches: p.batches.clone(),
-                world_size: p.batches.len(),
-                model: setup.config.clone(),
-                extra: serde_json::Value::Null,
-            })?),
-            false => None,
-        };
-        let snap = share_snapshot(comm, agreed.source, mine.as_ref(), setup.max_elements)?;
-        if agreed.is_behind(comm.rank()) {
-            model.restore(&snap, &format!("the state rank {} sent", agreed.source))?;
-        }
-    }
-    sampler.seek(p.epoch, p.cursor)?;
-    let (balance, split) = crate::balance::for_members(
-        setup.balance,
-        &comm.original_ranks(),
-        &p.batches,
-        &p.members,
-        setup.global_batch,
-    );
-    *done = p.clone();
-    let saver = match setup.checkpoint {
-        Some(c) => Some(crate::JobCheckpoints::open(comm, c.clone())?),
-        None => None,
-    };
-    Ok(Caught {
-        step: p.step,
-        agreed,
-        balance,
-        split,
-        saver,
-    })
 }
 
 #[cfg(test)]

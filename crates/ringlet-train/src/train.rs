@@ -25,13 +25,12 @@ use ringlet::{Communicator, Error, ReduceOp};
 use crate::optim::{AdamW, Sgd};
 use ringlet_ddp::agree::at_start;
 use ringlet_ddp::checkpoint::{Snapshot, State, Tensor};
-use ringlet_ddp::membership::{
-    self, Agreed, Change, LoopSetup, Membered, Position, SharedState, Stretch,
-};
+use ringlet_ddp::membership::{Agreed, Change, Membered, Stretch};
 use ringlet_ddp::resume::{self, Expect};
+use ringlet_ddp::run_state::{LoopSetup, RunState, SharedState};
 use ringlet_ddp::{
     Balance, Balancer, CheckpointOptions, JobCheckpoints, Sampler, StepReport, Survival,
-    SyncOptions, Timing,
+    SyncOptions,
 };
 use std::time::{Duration, Instant};
 
@@ -177,20 +176,8 @@ fn open_gpu(local_rank: usize) -> Result<GpuBackend, String> {
 struct Run<B: Backend> {
     params: B::Buf,
     optim: OptimState<B::Buf>,
-    /// Steps completed.
-    step: u64,
-    sampler: Sampler,
-    /// Where the last completed step left the loop (what survivors agree on after a lost rank).
-    done: Position,
-    /// The balance of the current members, and the split to start their balancer from (a
-    /// checkpoint's, or the one the survivors of a lost rank take over).
-    balance: Balance,
-    split: Option<Vec<usize>>,
-    saver: Option<JobCheckpoints>,
-    timing: Timing,
-    resumed_from: Option<u64>,
-    /// The last membership change, until the first step after it completes.
-    changed: Option<Change>,
+    /// Steps, sampler, position, split, checkpoints, timings.
+    state: RunState,
     ws: Workspace<B>,
 }
 
@@ -277,18 +264,16 @@ fn run<B: Backend>(
     let mut run = Run {
         params: be.upload(&params)?,
         optim: upload_optim(be, optim)?,
-        step,
-        done: match late {
-            true => Position::fresh(),
-            false => Position::new(step, &sampler, &[], comm),
-        },
-        sampler,
-        balance: opts.balance.clone(),
-        split: resumed_split,
-        saver,
-        timing: Timing::new(opts.calibration_steps),
-        resumed_from,
-        changed: None,
+        state: RunState::new(
+            comm,
+            step,
+            sampler,
+            &opts.balance,
+            resumed_split,
+            saver,
+            opts.calibration_steps,
+            resumed_from,
+        ),
         ws: Workspace::default(),
     };
     let job = Job {
@@ -330,7 +315,7 @@ impl<B: Backend, R: FnMut(&StepReport)> Membered for MlpLoop<'_, '_, B, R> {
         catch_up(comm, self.job, self.run)
     }
     fn changed(&mut self, change: Change) {
-        self.run.changed = Some(change);
+        self.run.state.changed = Some(change);
     }
 }
 
@@ -356,14 +341,13 @@ fn steps<B: Backend>(
     let mut grads = sync.gradient_buffer(be)?;
     let mut balancer = Balancer::new(
         comm,
-        &run.balance,
+        &run.state.balance,
         global,
         opts.rebalance_every,
-        run.split.clone(),
+        run.state.split.clone(),
         |share| calibrate(data, &job.mlp, be, &run.params, share, &mut run.ws),
     )?;
-    run.done.batches = balancer.batches().to_vec();
-    run.done.members = comm.original_ranks();
+    run.state.started(comm, balancer.batches());
     if rank == 0 {
         tracing::info!(
             "local batches {:?} (global {global}, {} ranks)",
@@ -372,12 +356,12 @@ fn steps<B: Backend>(
         );
     }
 
-    while run.step < opts.steps {
+    while run.state.step < opts.steps {
         if let Some(grown) = job.survival.admit(comm)? {
             return Ok(Stretch::Grown(Box::new(grown)));
         }
         let t0 = Instant::now();
-        let mine = run.sampler.next_step(balancer.batches(), rank)?;
+        let mine = run.state.sampler.next_step(balancer.batches(), rank)?;
         data.gather(mine, &mut x, &mut y);
         let (loss, _) = job.mlp.forward(be, &run.params, &x, &y, &mut run.ws)?;
         sync.backward(
@@ -392,7 +376,7 @@ fn steps<B: Backend>(
         let (loss_sum, synced) = sync.finish(be, &mut grads)?;
         let global_loss = loss_sum as f64 / global as f64;
 
-        let step = run.step;
+        let step = run.state.step;
         let lr = opts.optimizer.lr() * ((step + 1) as f32 / opts.warmup.max(1) as f32).min(1.0);
         let scale = 1.0 / global as f32;
         match (&opts.optimizer, &mut run.optim) {
@@ -405,18 +389,18 @@ fn steps<B: Backend>(
             }
             _ => unreachable!("the state is made for the optimizer"),
         }
-        run.step += 1;
-        let step = run.step;
-        run.done = Position::new(step, &run.sampler, balancer.batches(), comm);
+        let step = run.state.completed();
 
         let rebalanced = balancer.after_step(comm, step, compute.as_secs_f64(), y.len())?;
-        run.done.batches = balancer.batches().to_vec();
+        if rebalanced.is_some() {
+            run.state.started(comm, balancer.batches());
+        }
         let mut stall = Duration::ZERO;
         // After any re-balance, so that a resumed run goes on with the split this one uses next.
-        if let Some(saver) = run.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
+        if let Some(saver) = run.state.saver.as_mut().filter(|s| s.due(step, opts.steps)) {
             let state = resume::loop_state(
                 step,
-                &run.sampler,
+                &run.state.sampler,
                 &balancer,
                 opts.seed,
                 job.model_config.clone(),
@@ -429,7 +413,7 @@ fn steps<B: Backend>(
             rank,
             world_size: comm.world_size(),
             step,
-            epoch: run.sampler.epoch(),
+            epoch: run.state.sampler.epoch(),
             loss: global_loss,
             local_batch: y.len(),
             global_batch: global,
@@ -441,36 +425,29 @@ fn steps<B: Backend>(
             lr,
             rebalanced,
         };
-        run.timing.add(&r);
         report(&r);
-        if let Some(change) = run.changed.take().filter(|_| rank == 0) {
-            tracing::info!(
-                "step {step} completed on {} ranks {} ms after the membership change began",
-                comm.world_size(),
-                change.at.elapsed().as_millis()
-            );
-        }
+        run.state.reported(comm, &r);
     }
-    if let Some(saver) = run.saver.as_mut() {
+    if let Some(saver) = run.state.saver.as_mut() {
         saver.finish(comm)?;
     }
     let (test_accuracy, test_loss) = evaluate(comm, data, &job.mlp, be, &run.params, &mut run.ws)?;
     Ok(Stretch::Done(Summary {
-        steps: run.step,
-        resumed_from: run.resumed_from,
+        steps: run.state.step,
+        resumed_from: run.state.resumed_from,
         test_accuracy,
         test_loss,
         final_batches: balancer.batches().to_vec(),
-        samples_per_s: run.timing.samples_per_s(),
-        mean_step_s: run.timing.mean_step_s(),
-        comm_wait_fraction: run.timing.comm_wait_fraction(),
-        checkpoint_stall_fraction: run.timing.checkpoint_stall_fraction(),
+        samples_per_s: run.state.timing.samples_per_s(),
+        mean_step_s: run.state.timing.mean_step_s(),
+        comm_wait_fraction: run.state.timing.comm_wait_fraction(),
+        checkpoint_stall_fraction: run.state.timing.checkpoint_stall_fraction(),
         grad_sync: sync.path().name(),
         params: be.download(&run.params)?,
     }))
 }
 
-/// After a membership change, on the new communicator: `membership::catch_up_loop` with the
+/// After a membership change, on the new communicator: `RunState::catch_up` with the
 /// MLP's parameters and optimizer state (the snapshot a checkpoint would hold).
 fn catch_up<B: Backend>(
     comm: &Communicator,
@@ -493,13 +470,7 @@ fn catch_up<B: Backend>(
         params: &mut run.params,
         optim: &mut run.optim,
     };
-    // The old writer first: its last write is waited for before the new rank 0 opens.
-    run.saver = None;
-    let caught =
-        membership::catch_up_loop(comm, &setup, &mut run.done, &mut run.sampler, &mut state)?;
-    run.step = caught.step;
-    (run.balance, run.split, run.saver) = (caught.balance, caught.split, caught.saver);
-    Ok(caught.agreed)
+    run.state.catch_up(comm, &setup, &mut state)
 }
 
 /// The MLP's state as a catch-up moves it.

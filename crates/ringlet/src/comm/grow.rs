@@ -9,7 +9,7 @@
 //! and the newcomers', in first-epoch rank order) and every one of them joins that epoch's
 //! communicator, with new links under its own name, as after a shrink.
 
-use super::reform::{epoch_name, parse_members, Rejoin};
+use super::reform::{parse_members, Rejoin};
 use super::Communicator;
 use crate::config::Config;
 use ringlet_core::{Error, Result};
@@ -99,23 +99,9 @@ impl Communicator {
                 "rank {me} was admitted to epoch {epoch}, whose members {members:?} leave it out"
             ))
         })?;
-        let first_world = config.world_size;
-        let mut next = config;
-        next.rank = new_rank;
-        next.world_size = members.len();
-        next.name = epoch_name(&base, epoch);
-        next.serve_store = false;
-        let rejoin = Rejoin {
-            config: next.clone(),
-            token: token.clone(),
-            store_sock,
-            base,
-            epoch,
-            original: members,
-            first_world,
-            joined_late: true,
-        };
-        let comm = Communicator::join(next, token, store_sock, None)?.with_rejoin(rejoin);
+        let mut next = Rejoin::first(&config, &token, store_sock).next(epoch, members, new_rank);
+        next.joined_late = true;
+        let comm = next.join()?;
         tracing::info!(
             epoch,
             rank = new_rank,
@@ -177,17 +163,12 @@ impl Communicator {
         if self.rank == 0 {
             self.announce_admission(rejoin, epoch, &members, &newcomers, &nonces, deadline)?;
         }
-        let next = rejoin.next(epoch, members.clone(), new_rank);
         // A failure here blames no rank by its number in the failed epoch (the survivors then
         // wait for every member of this one; see `shrink`).
-        let comm = Communicator::join(
-            next.config.clone(),
-            rejoin.token.clone(),
-            rejoin.store_sock,
-            None,
-        )
-        .map_err(|e| Error::Broken(format!("joining epoch {epoch} with replacements: {e}")))?
-        .with_rejoin(next);
+        let comm = rejoin
+            .next(epoch, members.clone(), new_rank)
+            .join()
+            .map_err(|e| Error::Broken(format!("joining epoch {epoch} with replacements: {e}")))?;
         tracing::info!(
             epoch,
             old_world = rejoin.original.len(),

@@ -69,6 +69,17 @@ impl Rejoin {
         }
     }
 
+    /// Joins this epoch's communicator: new links under its own name, through the job's store.
+    pub(crate) fn join(self) -> Result<Communicator> {
+        let comm = Communicator::join(
+            self.config.clone(),
+            self.token.clone(),
+            self.store_sock,
+            None,
+        )?;
+        Ok(comm.with_rejoin(self))
+    }
+
     pub(crate) fn key(&self, epoch: u64, what: &str) -> String {
         if what == "members" {
             return ringlet_store::epoch_members_key(&self.base, epoch);
@@ -78,7 +89,7 @@ impl Rejoin {
 }
 
 /// The name of epoch `epoch`'s communicator under `base`.
-pub(crate) fn epoch_name(base: &str, epoch: u64) -> String {
+fn epoch_name(base: &str, epoch: u64) -> String {
     if epoch == 0 {
         base.to_string()
     } else {
@@ -143,14 +154,7 @@ impl Communicator {
                 members.len()
             )));
         }
-        let next = rejoin.next(epoch, members.clone(), new_rank);
-        let comm = Communicator::join(
-            next.config.clone(),
-            rejoin.token.clone(),
-            rejoin.store_sock,
-            None,
-        )?;
-        let comm = comm.with_rejoin(next);
+        let comm = rejoin.next(epoch, members.clone(), new_rank).join()?;
         if new_rank == 0 {
             // Every member has joined: what the last epoch and this agreement left in the store
             // is no longer read by anyone.
