@@ -5,7 +5,7 @@
 //!
 //! Modules: [`job`] (the job and its environment contract, exit statuses), [`local`] (spawning and
 //! supervising processes), [`docker`] (the same for containers), [`image`] (`ringrun image
-//! build`), [`output`] (relaying output with a rank prefix), [`signals`] (catching, forwarding and
+//! build`), [`k8s`] (`ringrun k8s train`: Kubernetes manifests), [`output`] (relaying output with a rank prefix), [`signals`] (catching, forwarding and
 //! naming signals).
 
 // First, so that its `note!` macro is visible in the others.
@@ -15,6 +15,7 @@ mod docker;
 mod engine;
 mod image;
 mod job;
+mod k8s;
 mod local;
 mod signals;
 
@@ -87,12 +88,13 @@ Exit status:
 /// through the environment, relays their output with a "[RANK] " prefix, and supervises them:
 /// when one rank fails the others are stopped (and, with --max-restarts, all are started again),
 /// and no process or container is left behind. `ringrun image build --tag T BINARY...` makes a
-/// minimal image from local binaries.
+/// minimal image from local binaries; `ringrun k8s train` renders the Kubernetes manifests of a
+/// training job instead of running it.
 #[derive(Debug, Parser)]
 #[command(
     name = "ringrun",
     version,
-    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...\n       ringrun image build --tag <T> <BINARY>...",
+    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...\n       ringrun image build --tag <T> <BINARY>...\n       ringrun k8s train --name <NAME> --image <IMAGE> -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...",
     after_long_help = AFTER_HELP
 )]
 struct Cli {
@@ -263,6 +265,9 @@ fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "image") {
         return image_command(&args[2..]);
+    }
+    if args.get(1).is_some_and(|a| a == "k8s") {
+        return ExitCode::from(k8s::command(&args[2..]));
     }
     ExitCode::from(run(Cli::parse()).exit_status())
 }

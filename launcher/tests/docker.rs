@@ -4,73 +4,17 @@
 //! printed reason, where no engine answers; never in CI when one does.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const RINGRUN: &str = env!("CARGO_BIN_EXE_ringrun");
-const IMAGE: &str = "ringlet-ci:test";
+#[path = "common/docker_engine.rs"]
+mod docker_engine;
 
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("run the docker CLI")
-}
-
-/// Whether an engine answers; in CI its absence fails the test instead.
-fn engine() -> bool {
-    let up = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !up {
-        assert!(
-            std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
-            "CI: no Docker engine answers (docker info failed)"
-        );
-        println!("SKIPPED: no Docker engine answers here");
-    }
-    up
-}
-
-/// A binary built by the same `cargo test --workspace` next to ringrun.
-fn sibling(name: &str) -> PathBuf {
-    let p = Path::new(RINGRUN).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace (cargo test --workspace --release)",
-        p.display()
-    );
-    p
-}
-
-/// Builds the test image once per test binary.
-fn image() -> &'static str {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = Command::new(RINGRUN)
-            .args(["image", "build", "--tag", IMAGE])
-            .arg(sibling("ringlet-train"))
-            .arg(sibling("ringlet-bench"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "image build: {}", text(&out));
-    });
-    IMAGE
-}
+use docker_engine::{docker, engine, image, text, RINGRUN};
 
 /// A command line split at whitespace (no argument here contains any).
 fn line(s: &str) -> Vec<String> {
     s.split_whitespace().map(String::from).collect()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// ringrun with output to a file, bounded.

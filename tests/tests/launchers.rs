@@ -1,5 +1,5 @@
 //! Ranks that learn their place from other launchers' conventions (Open MPI, PMI, Slurm,
-//! Volcano) instead of the torchrun variables, and a job started by a real `mpirun`.
+//! Kubernetes Indexed Jobs, JobSet, Volcano) instead of the torchrun variables, and a job started by a real `mpirun`.
 
 mod common;
 
@@ -81,6 +81,40 @@ fn volcano_variables_place_the_ranks() {
             ("VC_TASK_INDEX", r.to_string()),
             ("VC_WORKER_NUM", n.to_string()),
             ("VC_WORKER_HOSTS", "localhost,other-worker".into()),
+        ])
+    }));
+}
+
+/// Two Indexed Jobs of one training run (two GPU generations, say): the second starts at its
+/// rank offset, and every pod finds rank 0's pod at MASTER_ADDR, as `ringrun k8s` renders them.
+#[test]
+fn kubernetes_indexed_job_variables_place_the_ranks() {
+    let n = 3;
+    expect_ok(Job::start_custom(n, &CHECKS, |r| {
+        let (offset, index) = if r < 2 { (0, r) } else { (2, r - 2) };
+        vars(&[
+            ("JOB_COMPLETION_INDEX", index.to_string()),
+            ("RINGLET_RANK_OFFSET", offset.to_string()),
+            ("WORLD_SIZE", n.to_string()),
+            ("MASTER_ADDR", "localhost".into()),
+        ])
+    }));
+}
+
+/// A JobSet of two Jobs of two pods each; the store host is JobSet's name for the first pod
+/// (here it does not resolve, so MASTER_ADDR stands in for the cluster's DNS).
+#[test]
+fn jobset_variables_place_the_ranks() {
+    let n = 4;
+    expect_ok(Job::start_custom(n, &CHECKS, |r| {
+        vars(&[
+            ("JOBSET_NAME", "mnist".into()),
+            ("REPLICATED_JOB_NAME", "workers".into()),
+            ("JOB_INDEX", (r / 2).to_string()),
+            ("JOB_COMPLETION_INDEX", (r % 2).to_string()),
+            ("RINGLET_RANKS_PER_JOB", "2".into()),
+            ("WORLD_SIZE", n.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
         ])
     }));
 }

@@ -7,7 +7,7 @@ use ringlet_core::auth::{connect_handshake, JobToken, Role};
 use ringlet_core::error::PeerId;
 use ringlet_core::io::{write_all_by, IoFailure};
 use ringlet_core::{msg, Error, Result};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// Time allowed past a request's deadline for the server's answer to arrive.
@@ -305,9 +305,11 @@ fn attempt(
     peer: &PeerId,
     deadline: Instant,
 ) -> std::result::Result<TcpStream, Attempt> {
-    let targets = addr
-        .to_socket_addrs()
-        .map_err(|e| Attempt::Retry(Some(format!("resolving {addr}: {e}"))))?;
+    let limit = deadline
+        .saturating_duration_since(Instant::now())
+        .min(MAX_CONNECT_ATTEMPT);
+    let targets =
+        lookup(addr, limit).map_err(|e| Attempt::Retry(Some(format!("resolving {addr}: {e}"))))?;
     let (mut resolved, mut last) = (false, None);
     for target in targets {
         resolved = true;
@@ -341,6 +343,29 @@ fn attempt(
         last = Some(format!("{addr} resolved to no address"));
     }
     Err(Attempt::Retry(last))
+}
+
+/// Resolves `addr` (`host:port`), waiting at most `limit`. The system resolver cannot be
+/// interrupted and may wait many seconds on a DNS server that does not answer, so a name (an IP
+/// address needs no lookup) is looked up on a thread of its own, which is left to finish by
+/// itself when the time is up.
+pub fn lookup(addr: &str, limit: Duration) -> std::io::Result<Vec<SocketAddr>> {
+    if let Ok(sock) = addr.parse::<SocketAddr>() {
+        return Ok(vec![sock]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = addr.to_string();
+    std::thread::Builder::new()
+        .name("ringlet-lookup".into())
+        .spawn(move || {
+            let _ = tx.send(name.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+        })?;
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the resolver within {limit:?}"),
+        ))
+    })
 }
 
 fn retryable(e: &std::io::Error) -> bool {

@@ -12,7 +12,7 @@ mod limits;
 mod protocol;
 mod server;
 
-pub use client::StoreClient;
+pub use client::{lookup, StoreClient};
 pub use protocol::{MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use server::{ServerConfig, StoreServer};
 

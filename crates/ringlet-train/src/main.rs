@@ -100,7 +100,7 @@ struct Args {
     /// How the global batch is split: `off` (equal), `static:w0,w1,...` (one weight per rank),
     /// `auto` (measured speed at start-up, then re-balanced when the slowest rank's compute time
     /// is more than 15% above the mean).
-    #[arg(long, default_value = "off")]
+    #[arg(long, env = "RINGLET_BALANCE", default_value = "off")]
     balance: Balance,
     /// Steps between re-balancing checks with --balance auto (one small all-reduce each).
     #[arg(long, default_value_t = 10)]
@@ -116,7 +116,7 @@ struct Args {
     #[arg(long)]
     no_overlap: bool,
     /// Shared directory for checkpoints (every rank must see it: NFS, a shared volume).
-    #[arg(long)]
+    #[arg(long, env = "RINGLET_CHECKPOINT_DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// Save every N steps and after the last (0: never save).
     #[arg(long, default_value_t = 100)]

@@ -8,10 +8,25 @@
 //! | Open MPI | `OMPI_COMM_WORLD_RANK`, `_SIZE` | `OMPI_COMM_WORLD_LOCAL_RANK`, `_LOCAL_SIZE` | `MASTER_ADDR` |
 //! | MPICH/Hydra, PMI | `PMI_RANK`, `PMI_SIZE` | `MPI_LOCALRANKID`, `MPI_LOCALNRANKS` | `MASTER_ADDR` |
 //! | Slurm (`srun`) | `SLURM_PROCID`, `SLURM_NTASKS` | `SLURM_LOCALID`, from `SLURM_STEP_TASKS_PER_NODE` | `MASTER_ADDR`, else the first host of `SLURM_STEP_NODELIST` / `SLURM_JOB_NODELIST` |
+//! | JobSet | `RINGLET_RANK_OFFSET` + job index × `RINGLET_RANKS_PER_JOB` + `JOB_COMPLETION_INDEX`, `WORLD_SIZE` | `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, else 0 and 1 | `MASTER_ADDR`, else `<JOBSET_NAME>-<REPLICATED_JOB_NAME>-0-0.<JOBSET_NAME>` |
+//! | Kubernetes Indexed Job | `RINGLET_RANK_OFFSET` + `JOB_COMPLETION_INDEX`, `WORLD_SIZE` | `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, else 0 and 1 | `MASTER_ADDR` (`<job>-0.<headless service>`) |
 //! | Volcano | `VC_TASK_INDEX`, `WORLD_SIZE` or the one `VC_<TASK>_NUM` | as the global ones | `MASTER_ADDR`, else the first host of the one `VC_<TASK>_HOSTS` |
 //!
 //! `MASTER_PORT` (default 29500) gives the store port for every source. Missing local values
-//! default to the global ones (a single host).
+//! default to the global ones (a single host), except under Kubernetes, where a pod is a host
+//! of its own (local rank 0 of 1: the pod's one GPU is device 0).
+//!
+//! Kubernetes gives a pod its index but not the Job's size (`spec.completions`), so the manifest
+//! sets `WORLD_SIZE`. A job whose ranks need different pod templates (GPU generations on
+//! different nodes) runs as several Indexed Jobs, or several replicated jobs of a JobSet, each
+//! told the rank of its first pod in `RINGLET_RANK_OFFSET` (`ringrun k8s` renders them so).
+//!
+//! The Job controller sets `JOB_COMPLETION_INDEX` in every container of an Indexed Job. JobSet
+//! puts its pods' places in annotations only, so a JobSet's pod template maps them to variables
+//! with the downward API: `JOBSET_NAME` from `jobset.sigs.k8s.io/jobset-name`,
+//! `REPLICATED_JOB_NAME` from `jobset.sigs.k8s.io/replicatedjob-name` and `JOB_INDEX` from
+//! `jobset.sigs.k8s.io/job-index`. The default store host assumes JobSet's default subdomain
+//! (the JobSet's name); with `spec.network.subdomain` set, set `MASTER_ADDR`.
 
 use ringlet_core::{Error, Result};
 use std::collections::HashMap;
@@ -23,6 +38,8 @@ pub enum Launcher {
     OpenMpi,
     Pmi,
     Slurm,
+    JobSet,
+    IndexedJob,
     Volcano,
 }
 
@@ -33,6 +50,8 @@ impl Launcher {
             Launcher::OpenMpi => "Open MPI (OMPI_COMM_WORLD_*)",
             Launcher::Pmi => "MPICH/Hydra PMI (PMI_RANK, PMI_SIZE)",
             Launcher::Slurm => "Slurm (SLURM_PROCID, SLURM_NTASKS)",
+            Launcher::JobSet => "JobSet (JOBSET_NAME, JOB_COMPLETION_INDEX)",
+            Launcher::IndexedJob => "Kubernetes Indexed Job (JOB_COMPLETION_INDEX)",
             Launcher::Volcano => "Volcano (VC_TASK_INDEX)",
         }
     }
@@ -101,11 +120,12 @@ pub fn detect(env: &HashMap<String, String>) -> Result<Placement> {
                 store_host: None,
             }
         }
+        None if get("JOB_COMPLETION_INDEX").is_some() => kubernetes(&get)?,
         None if get("VC_TASK_INDEX").is_some() => volcano(env, &get)?,
         None => {
             return Err(Error::Config(
                 "no launcher found: set RANK and WORLD_SIZE (ringrun, torchrun and Kubeflow do), or run under \
-                 mpirun, srun or a Volcano job"
+                 mpirun, srun, a Kubernetes Indexed Job, a JobSet or a Volcano job"
                     .into(),
             ))
         }
@@ -168,6 +188,73 @@ fn slurm_details(get: &impl Fn(&str) -> Option<String>, p: &mut Placement) -> Re
         p.store_host = hosts.into_iter().next();
     }
     Ok(())
+}
+
+/// A pod of an Indexed Job (`JOB_COMPLETION_INDEX`), or of a JobSet when `JOBSET_NAME` is set
+/// too (see the module docs).
+fn kubernetes(get: &impl Fn(&str) -> Option<String>) -> Result<Placement> {
+    let jobset = get("JOBSET_NAME");
+    let launcher = if jobset.is_some() {
+        Launcher::JobSet
+    } else {
+        Launcher::IndexedJob
+    };
+    let world_size: usize = optional(get, "WORLD_SIZE")?.ok_or_else(|| {
+        Error::Config(format!(
+            "{}: WORLD_SIZE is not set: Kubernetes does not tell a pod how many there are, so the \
+             manifest must (spec.completions, summed over the job's Jobs)",
+            launcher.name()
+        ))
+    })?;
+    let index: usize = number(get, "JOB_COMPLETION_INDEX")?;
+    let offset: usize = optional(get, "RINGLET_RANK_OFFSET")?.unwrap_or(0);
+    // Which Job of its replicated job this pod's Job is; 0 for a plain Indexed Job.
+    let job_index = match &jobset {
+        // Several Jobs of one replicated job would all take the ranks of the first: say so.
+        Some(_) => Some(optional::<usize>(get, "JOB_INDEX")?.ok_or_else(|| {
+            Error::Config(
+                "JobSet: JOBSET_NAME is set but JOB_INDEX is not (map it from the pod's \
+                 annotation jobset.sigs.k8s.io/job-index with the downward API)"
+                    .into(),
+            )
+        })?),
+        None => None,
+    };
+    let job = match (&jobset, job_index) {
+        (Some(_), Some(j)) if j > 0 => {
+            let per_job: usize = optional(get, "RINGLET_RANKS_PER_JOB")?.ok_or_else(|| {
+                Error::Config(format!(
+                    "JobSet: JOB_INDEX={j} but RINGLET_RANKS_PER_JOB is not set (the pods of each \
+                     Job, its spec.completions), so this pod's rank is unknown"
+                ))
+            })?;
+            j.checked_mul(per_job)
+        }
+        _ => Some(0),
+    };
+    let rank = job
+        .and_then(|j| j.checked_add(offset)?.checked_add(index))
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: the rank overflows (RINGLET_RANK_OFFSET={offset}, JOB_INDEX={job_index:?}, \
+                 RINGLET_RANKS_PER_JOB, JOB_COMPLETION_INDEX={index})",
+                launcher.name()
+            ))
+        })?;
+    // JobSet names pod `<jobset>-<replicated job>-<job index>-<pod index>` in the subdomain of
+    // the JobSet's name by default; rank 0 is in this replicated job only when it starts at 0.
+    let store_host = match (&jobset, get("REPLICATED_JOB_NAME")) {
+        (Some(set), Some(rjob)) if offset == 0 => Some(format!("{set}-{rjob}-0-0.{set}")),
+        _ => None,
+    };
+    Ok(Placement {
+        launcher,
+        rank,
+        world_size,
+        local_rank: optional(get, "LOCAL_RANK")?.unwrap_or(0),
+        local_world_size: optional(get, "LOCAL_WORLD_SIZE")?.unwrap_or(1),
+        store_host,
+    })
 }
 
 fn volcano(
@@ -416,6 +503,116 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("WORLD_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn an_indexed_job_pod_takes_its_index_and_is_a_host_of_its_own() {
+        let p = detect_with(&[
+            ("JOB_COMPLETION_INDEX", "2"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "train-0.train"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                p.launcher,
+                p.rank,
+                p.world_size,
+                p.local_rank,
+                p.local_world_size,
+                p.store_host.as_deref()
+            ),
+            (Launcher::IndexedJob, 2, 4, 0, 1, Some("train-0.train"))
+        );
+        // A second Job of the same training run (another GPU generation) starts at its offset.
+        let p = detect_with(&[
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("RINGLET_RANK_OFFSET", "2"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!((p.rank, p.store_host), (3, None));
+        let e = detect_with(&[("JOB_COMPLETION_INDEX", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WORLD_SIZE is not set") && e.contains("completions"),
+            "{e}"
+        );
+        let e = detect_with(&[
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("RINGLET_RANK_OFFSET", "3"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rank 4 must be below world size 4"), "{e}");
+        let e = detect_with(&[
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("RINGLET_RANK_OFFSET", &usize::MAX.to_string()),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("overflows"), "{e}");
+    }
+
+    #[test]
+    fn a_jobset_pod_finds_rank_0_by_the_jobsets_pod_names() {
+        let p = detect_with(&[
+            ("JOBSET_NAME", "mnist"),
+            ("REPLICATED_JOB_NAME", "workers"),
+            ("JOB_INDEX", "0"),
+            ("JOB_COMPLETION_INDEX", "3"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.launcher, p.rank, p.world_size, p.store_host.as_deref()),
+            (Launcher::JobSet, 3, 4, Some("mnist-workers-0-0.mnist"))
+        );
+        // Two Jobs of two pods: the second Job's pods are ranks 2 and 3.
+        let p = detect_with(&[
+            ("JOBSET_NAME", "mnist"),
+            ("REPLICATED_JOB_NAME", "workers"),
+            ("JOB_INDEX", "1"),
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("RINGLET_RANKS_PER_JOB", "2"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(p.rank, 3);
+        let e = detect_with(&[
+            ("JOBSET_NAME", "mnist"),
+            ("JOB_COMPLETION_INDEX", "0"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("JOB_INDEX is not") && e.contains("job-index"),
+            "{e}"
+        );
+        let e = detect_with(&[
+            ("JOBSET_NAME", "mnist"),
+            ("JOB_INDEX", "1"),
+            ("JOB_COMPLETION_INDEX", "0"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("RINGLET_RANKS_PER_JOB"), "{e}");
+        // A replicated job that does not hold rank 0 must be told where the store is.
+        let p = detect_with(&[
+            ("JOBSET_NAME", "mnist"),
+            ("REPLICATED_JOB_NAME", "t4"),
+            ("JOB_INDEX", "0"),
+            ("JOB_COMPLETION_INDEX", "0"),
+            ("RINGLET_RANK_OFFSET", "2"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!((p.rank, p.store_host), (2, None));
     }
 
     #[test]

@@ -147,7 +147,8 @@ impl Config {
             None => {
                 return Err(Error::Config(format!(
                     "MASTER_ADDR is not set: set it to the host of rank 0, where the rendezvous store runs \
-                     (found {}; ringrun and torchrun set it for you, and Slurm's node list is used when present)",
+                     (found {}; ringrun and torchrun set it for you, and Slurm's node list is used when present; \
+                     under Kubernetes it is rank 0's pod: `<job>-0.<headless service>` for an Indexed Job)",
                     placement.launcher.name()
                 )))
             }

@@ -75,7 +75,7 @@ impl Communicator {
             }
         };
         tracing::info!(rank, world_size, store = %addr, "bootstrapped over MPI");
-        let store_sock = resolve(&addr)?;
+        let store_sock = resolve(&addr, config.timeout)?;
         config.store_addr = addr;
         Communicator::join(config, token, store_sock, store)
     }
@@ -96,7 +96,7 @@ fn serve_store(
         None => 0,
     };
     let host: IpAddr = if let Some(host) = env.get("MASTER_ADDR").filter(|h| !h.trim().is_empty()) {
-        resolve(&join_host_port(host.trim(), port))?.ip()
+        resolve(&join_host_port(host.trim(), port), config.timeout)?.ip()
     } else if config.local_world_size == config.world_size {
         IpAddr::from([127, 0, 0, 1])
     } else {

@@ -38,7 +38,7 @@ impl Communicator {
     pub fn join_running(config: Config) -> Result<Option<Communicator>> {
         super::join::check_config(&config)?;
         let token = super::join::effective_token(&config);
-        let store_sock = super::join::resolve(&config.store_addr)?;
+        let store_sock = super::join::resolve(&config.store_addr, config.timeout)?;
         let deadline = Instant::now() + config.timeout;
         let (base, me) = (config.name.clone(), config.rank);
         let mut store = StoreClient::connect(&config.store_addr, &token, deadline)?;

@@ -7,11 +7,11 @@ use crate::card;
 use crate::config::Config;
 use crate::engine::Deadlines;
 use ringlet_core::{Error, JobToken, Result};
-use ringlet_store::{StoreClient, StoreServer};
+use ringlet_store::{lookup, StoreClient, StoreServer};
 use ringlet_transport::{join, JoinOptions, PeerInfo};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 impl Communicator {
     /// Joins the job described by the environment (see [`Config::from_env`]); a replacement
@@ -38,7 +38,7 @@ impl Communicator {
     pub fn new(config: Config) -> Result<Communicator> {
         check_config(&config)?;
         let token = effective_token(&config);
-        let store_sock = resolve(&config.store_addr)?;
+        let store_sock = resolve(&config.store_addr, config.timeout)?;
         let store = if config.serve_store && config.world_size > 1 {
             let bind_ip = if store_sock.ip().is_loopback() {
                 store_sock.ip()
@@ -273,11 +273,40 @@ pub(crate) fn effective_token(config: &Config) -> JobToken {
     })
 }
 
-pub(crate) fn resolve(addr: &str) -> Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .map_err(|e| Error::Config(format!("cannot resolve the store address {addr}: {e}")))?
-        .next()
-        .ok_or_else(|| Error::Config(format!("the store address {addr} resolves to nothing")))
+/// The store's address, looked up again until it resolves or `timeout` is over: under
+/// Kubernetes, rank 0's pod gets its DNS name (`<job>-0.<service>`) only once it runs, after the
+/// other pods may have started, and rank 0 itself may start before its own name is published.
+pub(crate) fn resolve(addr: &str, timeout: Duration) -> Result<SocketAddr> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let why = match lookup(addr, left.max(Duration::from_millis(1))) {
+            Ok(found) => match found.into_iter().next() {
+                Some(sock) => return Ok(sock),
+                None => "it resolves to no address".to_string(),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(Error::Config(format!(
+                    "cannot resolve the store address {addr}: {e}"
+                )))
+            }
+            Err(e) => e.to_string(),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Deadline {
+                waiting_for: format!("the store address {addr} to resolve (last lookup: {why})"),
+                after: started.elapsed(),
+            });
+        }
+        if backoff == Duration::from_millis(50) {
+            tracing::info!("the store address {addr} does not resolve yet ({why}): looking it up again until the deadline");
+        }
+        std::thread::sleep(backoff.min(left));
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// The local address this host uses to reach `dest`: what our peers, who reach the same store,
@@ -295,4 +324,38 @@ fn route_to(dest: SocketAddr) -> Result<IpAddr> {
         .and_then(|s| s.local_addr())
         .map_err(|e| Error::io(format!("finding the local address that reaches {dest}"), e))?;
     Ok(probe.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_name_that_never_resolves_fails_at_the_deadline_naming_it() {
+        assert_eq!(
+            resolve("127.0.0.1:29500", Duration::from_millis(1)).unwrap(),
+            "127.0.0.1:29500".parse().unwrap()
+        );
+        let started = Instant::now();
+        // `.invalid` never resolves (RFC 2606): it is looked up again until the deadline.
+        let e = resolve(
+            "rank-0.no-such-service.invalid:29500",
+            Duration::from_millis(400),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Deadline { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("rank-0.no-such-service.invalid:29500"),
+            "{e}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let e = resolve("no-port", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+    }
 }
