@@ -380,6 +380,7 @@ where
                 &balancer,
                 opts.seed,
                 opts.config.clone(),
+                loss,
             );
             let (model, optim) = (run.model.as_ref().expect(PUT_BACK), &run.optim);
             stall = saver.save(comm, || snapshot(model, optim, dp.params(), state))?;

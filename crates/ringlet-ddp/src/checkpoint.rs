@@ -120,6 +120,10 @@ pub struct State {
     /// in checkpoints written before it existed.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub extra: serde_json::Value,
+    /// What training measured at this step (`{"train_loss": ...}`), for choosing a version to
+    /// serve; absent in checkpoints written before it existed.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub metrics: serde_json::Value,
 }
 
 /// A checkpoint in memory.
@@ -538,6 +542,35 @@ fn within<T: Send + 'static>(
 
 fn step_dir_name(step: u64) -> String {
     format!("{STEP_PREFIX}{step:012}")
+}
+
+/// The checkpoints of `dir` by name (`step-<number>` directories, asides left out), newest first:
+/// what [`load`] may be asked for. Nothing is verified here.
+pub fn steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let (candidates, _) = list_candidates(dir)?;
+    Ok(candidates
+        .into_iter()
+        .filter(|c| !c.replaced)
+        .map(|c| (c.step, c.path))
+        .collect())
+}
+
+/// The SHA-256 (hex) of the model file that the manifest of checkpoint `path` records: a
+/// version's identity. Call it after [`load`] verified the files against the manifest.
+pub fn model_digest(path: &Path) -> Result<String> {
+    let manifest_path = path.join(MANIFEST_FILE);
+    let file = open_regular(&manifest_path)?;
+    let raw = read_capped(file, &manifest_path, MAX_MANIFEST_BYTES).map_err(|e| match e {
+        ReadCapped::Io(e) => e,
+        ReadCapped::Over => corrupt(&manifest_path, "manifest over its size limit"),
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&raw)
+        .map_err(|e| corrupt(&manifest_path, format!("unreadable manifest: {e}")))?;
+    manifest
+        .files
+        .get(MODEL_FILE)
+        .map(|e| e.sha256.clone())
+        .ok_or_else(|| corrupt(&manifest_path, format!("does not list {MODEL_FILE}")))
 }
 
 /// `step-<digits>` (primary) or `step-<digits>.replaced-…` (an aside kept during a re-save).
@@ -1264,6 +1297,7 @@ mod tests {
                     "optimizer": {"kind": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
                 }),
                 extra: serde_json::json!({"scalars": {"conv.weight.time": {"uint": 7}}}),
+                metrics: serde_json::json!({"train_loss": 0.25}),
             },
             // Deliberately not in name order: the order must survive the round trip.
             model: vec![

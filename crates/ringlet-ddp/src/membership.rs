@@ -603,6 +603,7 @@ mod tests {
                 world_size: 2,
                 model: serde_json::json!({"model": "mlp"}),
                 extra: serde_json::Value::Null,
+                metrics: serde_json::Value::Null,
             },
             model: vec![Tensor {
                 name: "w".into(),

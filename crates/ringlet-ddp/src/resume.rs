@@ -152,13 +152,15 @@ pub fn resume_loop(
 }
 
 /// What a checkpoint after step `step` records of the loop: the sampler's position, the split,
-/// the world size and the caller's `config` (the caller adds its `extra` state and `rng`).
+/// the world size, the caller's `config` and the step's mean training loss (the caller adds its
+/// `extra` state and `rng`).
 pub fn loop_state(
     step: u64,
     sampler: &crate::Sampler,
     balancer: &crate::Balancer,
     seed: u64,
     config: serde_json::Value,
+    loss: f64,
 ) -> State {
     State {
         step,
@@ -170,6 +172,7 @@ pub fn loop_state(
         world_size: balancer.batches().len(),
         model: config,
         extra: serde_json::Value::Null,
+        metrics: serde_json::json!({ "train_loss": loss }),
     }
 }
 
@@ -343,6 +346,7 @@ mod tests {
                 world_size,
                 model: serde_json::json!({"sizes": [64, 10], "optimizer": "sgd"}),
                 extra: serde_json::Value::Null,
+                metrics: serde_json::Value::Null,
             },
             model: Vec::new(),
             optimizer: Vec::new(),

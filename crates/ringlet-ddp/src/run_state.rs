@@ -137,6 +137,7 @@ impl RunState {
                     world_size: p.batches.len(),
                     model: setup.config.clone(),
                     extra: serde_json::Value::Null,
+                    metrics: serde_json::Value::Null,
                 })?),
                 false => None,
             };

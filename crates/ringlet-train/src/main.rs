@@ -7,6 +7,7 @@ use ringlet_ddp::agree::at_start;
 use ringlet_ddp::report::{metrics_path, Metrics, Progress};
 use ringlet_ddp::{Balance, CheckpointOptions, Resume, StepReport};
 use ringlet_train::burn_models::{self, CnnShape, LmShape, OptimizerChoice, Outcome};
+use ringlet_train::models::cnn::Cnn;
 use ringlet_train::models::transformer::{CharText, TEXT};
 use ringlet_train::optim::{AdamW, Sgd};
 use ringlet_train::train::{self, DeviceChoice, OptimizerKind, Options};
@@ -388,9 +389,12 @@ fn run(args: &Args) -> Result<(), Error> {
                         channels: args.cnn_channels,
                         hidden: args.cnn_hidden,
                     };
+                    // side and classes: what ringlet-serve needs to rebuild the model.
+                    let side = Cnn::side_of(d).map_err(Error::InvalidArgument)?;
                     opts.config = serde_json::json!({
                         "model": model, "channels": shape.channels, "hidden": shape.hidden,
-                        "optimizer": optim.kind, "dataset": d.name,
+                        "optimizer": optim.kind, "dataset": d.name, "side": side,
+                        "classes": d.classes,
                     });
                     opts.config_keys = ["model", "channels", "hidden", "optimizer"]
                         .map(String::from)

@@ -121,11 +121,54 @@ impl Mlp {
                 x.len()
             )));
         }
+        ws.labels = Some(be.labels(y)?);
+        self.layers_forward(be, params, x, batch, ws)?;
+        let logits = ws.acts[self.sizes.len() - 1]
+            .as_ref()
+            .expect("the last layer's");
+        let labels = ws.labels.as_ref().expect("set above");
+        be.softmax_loss(logits, labels, batch, self.classes())
+    }
+
+    /// The logits (batch × classes, row-major) of `batch` samples, for inference: the forward
+    /// pass without a loss.
+    pub fn logits<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &[f32],
+        ws: &mut Workspace<B>,
+    ) -> Result<Vec<f32>, Error> {
+        let batch = x.len() / self.sizes[0];
+        if x.len() != batch * self.sizes[0] {
+            return Err(Error::InvalidArgument(format!(
+                "{} inputs are not whole samples of {}",
+                x.len(),
+                self.sizes[0]
+            )));
+        }
+        self.layers_forward(be, params, x, batch, ws)?;
+        let logits = ws.acts[self.sizes.len() - 1]
+            .as_ref()
+            .expect("the last layer's");
+        let mut out = vec![0.0f32; batch * self.classes()];
+        be.read(logits, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Every layer's activations into `ws.acts`, the last one's logits.
+    fn layers_forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &[f32],
+        batch: usize,
+        ws: &mut Workspace<B>,
+    ) -> Result<(), Error> {
         let layers = self.layers();
         ws.acts.resize_with(layers.len() + 1, || None);
         ws.batch = batch;
         be.write(x, be.ensure(&mut ws.acts[0], x.len())?, 0)?;
-        ws.labels = Some(be.labels(y)?);
         for (i, l) in layers.iter().enumerate() {
             let (done, rest) = ws.acts.split_at_mut(i + 1);
             let input = done[i].as_ref().expect("filled by the previous layer");
@@ -144,9 +187,7 @@ impl Mlp {
                 be.relu(out, batch * l.outputs)?;
             }
         }
-        let logits = ws.acts[layers.len()].as_ref().expect("the last layer's");
-        let labels = ws.labels.as_ref().expect("set above");
-        be.softmax_loss(logits, labels, batch, self.classes())
+        Ok(())
     }
 
     /// Backward pass after [`forward`](Mlp::forward): writes the summed gradient of each layer
@@ -202,7 +243,7 @@ impl Mlp {
         Ok(())
     }
 
-    fn classes(&self) -> usize {
+    pub fn classes(&self) -> usize {
         self.sizes[self.sizes.len() - 1]
     }
 }

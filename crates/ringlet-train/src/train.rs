@@ -404,6 +404,7 @@ fn steps<B: Backend>(
                 &balancer,
                 opts.seed,
                 job.model_config.clone(),
+                global_loss,
             );
             let (params, optim) = (&run.params, &run.optim);
             stall = saver.save(comm, || snapshot(be, &job.layers, params, optim, state))?;

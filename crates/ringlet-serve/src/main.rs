@@ -1,0 +1,199 @@
+//! `ringlet-serve run` scores a stream; `ringlet-serve versions DIR` lists model versions.
+
+use clap::{Parser, Subcommand};
+use ringlet_serve::redis_streams::{RedisStreams, Streams};
+use ringlet_serve::serve::{self, Options};
+use ringlet_serve::versions::{self, Source};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Score records of a stream with a model trained by ringlet-train, and list model versions.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume records as one replica of a consumer group, score them in micro-batches and
+    /// write each prediction (record id, class, confidence, model version, batch) to the output
+    /// stream, acknowledging the record in the same atomic step. Malformed records go to the
+    /// dead-letter stream with the reason. Runs until SIGINT/SIGTERM (the batch in hand is
+    /// finished) or --exit-when-idle, then prints records/s and latency percentiles.
+    Run(RunArgs),
+    /// List the checkpoints of DIR, newest first: step, epoch, model, training loss and the
+    /// model file's SHA-256, or why one would be refused. Each is verified as resume verifies.
+    Versions {
+        dir: PathBuf,
+        /// Seconds the storage has to answer, per checkpoint.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The Redis server (redis://host:port[/db]).
+    #[arg(
+        long,
+        env = "RINGLET_SERVE_REDIS",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis: String,
+    /// The input stream.
+    #[arg(long, default_value = "records")]
+    input: String,
+    /// The output stream: one entry per scored record.
+    #[arg(long, default_value = "predictions")]
+    output: String,
+    /// The dead-letter stream: one entry per malformed record, with the reason.
+    #[arg(long, default_value = "records-dead")]
+    dead_letter: String,
+    /// The consumer group the replicas share (made if missing, from the stream's start).
+    #[arg(long, default_value = "ringlet-serve")]
+    group: String,
+    /// This replica's consumer name. Default: host name, process id and a nonce.
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Serve the newest committed checkpoint of this directory, and each newer one committed
+    /// later (swapped in between batches).
+    #[arg(long, conflicts_with = "pin", required_unless_present = "pin")]
+    checkpoints: Option<PathBuf>,
+    /// Serve this checkpoint (a step-N directory) and no other.
+    #[arg(long)]
+    pin: Option<PathBuf>,
+    /// The record field with the features: a JSON array of numbers.
+    #[arg(long, default_value = "features")]
+    field: String,
+    /// Records per micro-batch, at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    batch: u32,
+    /// Milliseconds a batch waits to fill once its first record is in.
+    #[arg(long, default_value_t = 5)]
+    max_wait_ms: u64,
+    /// Milliseconds a record may stay pending with another replica before this one takes it
+    /// over (that replica died mid-batch).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    claim_idle_ms: u64,
+    /// Milliseconds between looks for a newer version.
+    #[arg(long, default_value_t = 500)]
+    poll_versions_ms: u64,
+    /// Seconds any one operation on Redis or the checkpoint storage may take.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Exit after no record came for this many seconds.
+    #[arg(long)]
+    exit_when_idle: Option<f64>,
+}
+
+fn seconds(v: f64, what: &str) -> Result<Duration, String> {
+    match v {
+        v if v.is_finite() && v > 0.0 && v <= 1e6 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{what} {v}: between 0 and 1e6 seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Versions { dir, timeout } => seconds(timeout, "--timeout").and_then(|t| {
+            for line in versions::list(&dir, t)? {
+                println!("{line}");
+            }
+            Ok(())
+        }),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringlet-serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let timeout = seconds(args.timeout, "--timeout")?;
+    if timeout < Duration::from_secs(2) {
+        return Err("--timeout: at least 2 seconds (reads wait up to 1 s)".into());
+    }
+    let max_wait = Duration::from_millis(args.max_wait_ms.min(1000));
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| format!("installing a signal handler: {e}"))?;
+    }
+    let consumer = args.consumer.unwrap_or_else(default_consumer);
+    let mut source = Source::new(
+        args.checkpoints.clone(),
+        Duration::from_millis(args.poll_versions_ms),
+        timeout,
+    );
+    let version = match (&args.pin, &args.checkpoints) {
+        (Some(pin), _) => versions::load(pin, timeout)
+            .map_err(|e| format!("the pinned version cannot be served: {e}"))?,
+        _ => source.first()?,
+    };
+    let streams = Streams {
+        input: args.input,
+        output: args.output,
+        dead_letter: args.dead_letter,
+        group: args.group,
+        consumer: consumer.clone(),
+    };
+    let mut engine =
+        RedisStreams::connect(&args.redis, streams, timeout).map_err(|e| e.to_string())?;
+    let opts = Options {
+        batch: args.batch as usize,
+        max_wait,
+        claim_idle: Duration::from_millis(args.claim_idle_ms),
+        exit_when_idle: args
+            .exit_when_idle
+            .map(|s| seconds(s, "--exit-when-idle"))
+            .transpose()?,
+        field: args.field,
+        replica: consumer.clone(),
+    };
+    let started = Instant::now();
+    let report = serve::run(&mut engine, &mut source, version, &opts, &stop)?;
+    let busy = report.busy.as_secs_f64().max(1e-9);
+    let ms = |q| report.percentile(q).map_or("-".into(), |v| v.to_string());
+    println!(
+        "ringlet-serve: {consumer} scored {} records ({} dead-lettered, {} left to other replicas) \
+         in {} batches, {:.1} s running: {:.0} records/s while busy; latency p50 {} ms p99 {} ms; \
+         versions {}",
+        report.scored,
+        report.dead,
+        report.lost,
+        report.batches,
+        started.elapsed().as_secs_f64(),
+        (report.scored + report.dead) as f64 / busy,
+        ms(0.5),
+        ms(0.99),
+        report.versions.join(" ")
+    );
+    Ok(())
+}
+
+fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "replica".into());
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{host}-{}-{nonce:08x}", std::process::id())
+}

@@ -1,0 +1,196 @@
+//! [`StreamEngine`] on Redis Streams: a consumer group on the input stream (made with
+//! `MKSTREAM` if missing), `XREADGROUP` for new records, `XAUTOCLAIM` for a dead consumer's, and
+//! a Lua script (atomic in Redis) that writes each result and acknowledges its record only while
+//! the record is still pending for this consumer.
+
+use crate::engine::{Committed, EngineError, Outcome, Record, Result, StreamEngine};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::Value;
+use std::time::Duration;
+
+/// Where the service reads and writes.
+#[derive(Clone, Debug)]
+pub struct Streams {
+    pub input: String,
+    pub output: String,
+    pub dead_letter: String,
+    pub group: String,
+    pub consumer: String,
+}
+
+pub struct RedisStreams {
+    url: String,
+    conn: redis::Connection,
+    streams: Streams,
+    commit: redis::Script,
+    /// Where the next `XAUTOCLAIM` scan starts.
+    claim_cursor: String,
+}
+
+/// KEYS: input, output, dead letters. ARGV: group, consumer, outputs count, then per result its
+/// record id, field count and fields (outputs first, then dead letters). A result is written and
+/// its record acknowledged only if the record is pending for this consumer: one that another
+/// consumer claimed meanwhile is left to it.
+const COMMIT: &str = r#"
+local group, consumer = ARGV[1], ARGV[2]
+local outputs = tonumber(ARGV[3])
+local i, n, written, dead, lost = 4, 0, 0, 0, 0
+while i <= #ARGV do
+  local id, count = ARGV[i], tonumber(ARGV[i + 1])
+  local mine = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+  if #mine == 1 then
+    local args = {}
+    for j = 1, count * 2 do args[j] = ARGV[i + 1 + j] end
+    local target = KEYS[2]
+    if n >= outputs then target = KEYS[3]; dead = dead + 1 else written = written + 1 end
+    redis.call('XADD', target, '*', 'id', id, unpack(args))
+    redis.call('XACK', KEYS[1], group, id)
+  else
+    lost = lost + 1
+  end
+  n = n + 1
+  i = i + 2 + count * 2
+end
+local t = redis.call('TIME')
+return {written, dead, lost, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+"#;
+
+impl RedisStreams {
+    /// Connects (within `timeout`, which also bounds every later reply beyond a read's own wait)
+    /// and makes the group if it does not exist.
+    pub fn connect(url: &str, streams: Streams, timeout: Duration) -> Result<RedisStreams> {
+        let fail = |what: String| EngineError::Failed {
+            endpoint: url.to_string(),
+            what,
+        };
+        let client = redis::Client::open(url).map_err(|e| fail(format!("bad address: {e}")))?;
+        let conn = client
+            .get_connection_with_timeout(timeout)
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        conn.set_write_timeout(Some(timeout))
+            .and_then(|_| conn.set_read_timeout(Some(timeout)))
+            .map_err(|e| fail(format!("setting timeouts: {e}")))?;
+        let mut engine = RedisStreams {
+            url: url.to_string(),
+            conn,
+            streams,
+            commit: redis::Script::new(COMMIT),
+            claim_cursor: "0-0".into(),
+        };
+        let made: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&engine.streams.input)
+            .arg(&engine.streams.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query(&mut engine.conn);
+        match made {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(engine.fail("making the consumer group", e)),
+        }
+        Ok(engine)
+    }
+
+    fn fail(&self, doing: &str, e: redis::RedisError) -> EngineError {
+        EngineError::Failed {
+            endpoint: self.url.clone(),
+            what: format!("{doing}: {e}"),
+        }
+    }
+
+    fn records(ids: Vec<StreamId>) -> Vec<Record> {
+        ids.into_iter()
+            .map(|s| Record {
+                id: s.id,
+                fields: s
+                    .map
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let bytes = match v {
+                            Value::BulkString(b) => b,
+                            Value::SimpleString(s) => s.into_bytes(),
+                            other => format!("{other:?}").into_bytes(),
+                        };
+                        (k, bytes)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl StreamEngine for RedisStreams {
+    fn read(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
+        let s = &self.streams;
+        // BLOCK 0 would wait forever: at least 1 ms.
+        let block = wait.as_millis().clamp(1, u32::MAX as u128) as u64;
+        let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&s.group)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(max.max(1))
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&s.input)
+            .arg(">")
+            .query(&mut self.conn);
+        let reply = reply.map_err(|e| self.fail("reading records", e))?;
+        Ok(reply
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .flat_map(|k| Self::records(k.ids))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn claim_stale(&mut self, max: usize, idle: Duration) -> Result<Vec<Record>> {
+        let s = &self.streams;
+        let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
+            .arg(&s.input)
+            .arg(&s.group)
+            .arg(&s.consumer)
+            .arg(idle.as_millis() as u64)
+            .arg(&self.claim_cursor)
+            .arg("COUNT")
+            .arg(max.max(1))
+            .query(&mut self.conn);
+        let reply = reply.map_err(|e| self.fail("claiming stale records", e))?;
+        self.claim_cursor = reply.next_stream_id;
+        Ok(Self::records(reply.claimed))
+    }
+
+    fn commit(&mut self, outputs: &[Outcome], dead: &[Outcome]) -> Result<Committed> {
+        if outputs.is_empty() && dead.is_empty() {
+            return Ok(Committed {
+                written: 0,
+                dead: 0,
+                lost: 0,
+                at_ms: 0,
+            });
+        }
+        let s = &self.streams;
+        let mut inv = self.commit.prepare_invoke();
+        inv.key(&s.input).key(&s.output).key(&s.dead_letter);
+        inv.arg(&s.group).arg(&s.consumer).arg(outputs.len());
+        for o in outputs.iter().chain(dead) {
+            inv.arg(&o.id).arg(o.fields.len());
+            for (k, v) in &o.fields {
+                inv.arg(k).arg(v);
+            }
+        }
+        let (written, dead, lost, at_ms): (usize, usize, usize, u64) =
+            inv.invoke(&mut self.conn)
+                .map_err(|e| self.fail("writing results", e))?;
+        Ok(Committed {
+            written,
+            dead,
+            lost,
+            at_ms,
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! The scoring loop: gather a micro-batch (new records, or a dead replica's taken over), check
+//! each record, score the good ones with the version being served, and commit predictions and
+//! dead letters with the records' acknowledgement in one step. A newer version is swapped in
+//! between batches only, so a batch is scored by one version.
+
+use crate::engine::{id_millis, Outcome, Record, StreamEngine};
+use crate::versions::{Source, Version};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The longest a record's features field may be: a malformed record must not cost unbounded
+/// parsing (16 bytes per number is far more than `-0.12345678e-10,` needs).
+fn max_field_bytes(features: usize) -> usize {
+    features.saturating_mul(32).saturating_add(64)
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Records per micro-batch, at most.
+    pub batch: usize,
+    /// How long a batch waits to fill once its first record is in.
+    pub max_wait: Duration,
+    /// A record pending this long with another replica is taken over (that replica died).
+    pub claim_idle: Duration,
+    /// Stop after no record came for this long (benchmarks, tests); `None`: until a signal.
+    pub exit_when_idle: Option<Duration>,
+    /// The record field holding the features (a JSON array of numbers).
+    pub field: String,
+    /// This replica's name (the consumer's), written with every result.
+    pub replica: String,
+}
+
+/// What a replica did, for its closing line.
+#[derive(Default, Debug)]
+pub struct Report {
+    pub scored: usize,
+    pub dead: usize,
+    /// Records another replica had taken over before this one committed them.
+    pub lost: usize,
+    pub batches: usize,
+    /// From each record's id (its arrival at the engine) to the commit of its prediction.
+    pub latencies_ms: Vec<u64>,
+    pub versions: Vec<String>,
+    pub busy: Duration,
+}
+
+impl Report {
+    /// The q-quantile (0..=1) of the latencies, in milliseconds.
+    pub fn percentile(&self, q: f64) -> Option<u64> {
+        let mut l = self.latencies_ms.clone();
+        l.sort_unstable();
+        let i = ((l.len() as f64 - 1.0) * q).round() as usize;
+        l.get(i).copied()
+    }
+}
+
+/// Serves until `stop` is set (between batches) or, with `exit_when_idle`, the input stays empty.
+pub fn run(
+    engine: &mut dyn StreamEngine,
+    source: &mut Source,
+    mut version: Version,
+    opts: &Options,
+    stop: &AtomicBool,
+) -> Result<Report, String> {
+    let mut report = Report {
+        versions: vec![version.label.clone()],
+        ..Report::default()
+    };
+    eprintln!("ringlet-serve: {} serving {}", opts.replica, version.label);
+    let mut last_claim: Option<Instant> = None;
+    let mut idle_since = Instant::now();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(newer) = source.newer(version.step) {
+            eprintln!(
+                "ringlet-serve: {} now serving {} (was {})",
+                opts.replica, newer.label, version.label
+            );
+            report.versions.push(newer.label.clone());
+            version = newer;
+        }
+        let records = gather(engine, opts, &mut last_claim)?;
+        if records.is_empty() {
+            if opts
+                .exit_when_idle
+                .is_some_and(|d| idle_since.elapsed() >= d)
+            {
+                break;
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        seq += 1;
+        let batch_id = format!("{}:{seq}", opts.replica);
+        let (outputs, dead) = score(&mut version, &records, opts, &batch_id)?;
+        let done = engine.commit(&outputs, &dead).map_err(|e| e.to_string())?;
+        report.busy += t0.elapsed();
+        report.batches += 1;
+        report.lost += done.lost;
+        report.scored += done.written;
+        report.dead += done.dead;
+        if done.lost == 0 {
+            report.latencies_ms.extend(
+                outputs
+                    .iter()
+                    .filter_map(|o| id_millis(&o.id))
+                    .map(|t| done.at_ms.saturating_sub(t)),
+            );
+        }
+        idle_since = Instant::now();
+    }
+    Ok(report)
+}
+
+/// A micro-batch: stale records of a dead replica when it is time to look for them, else new
+/// ones, filling until `batch` records or `max_wait` after the first.
+fn gather(
+    engine: &mut dyn StreamEngine,
+    opts: &Options,
+    last_claim: &mut Option<Instant>,
+) -> Result<Vec<Record>, String> {
+    if last_claim.is_none_or(|t| t.elapsed() >= opts.claim_idle / 2) {
+        *last_claim = Some(Instant::now());
+        let stale = engine
+            .claim_stale(opts.batch, opts.claim_idle)
+            .map_err(|e| e.to_string())?;
+        if !stale.is_empty() {
+            eprintln!(
+                "ringlet-serve: {} took over {} records left pending by another replica",
+                opts.replica,
+                stale.len()
+            );
+            return Ok(stale);
+        }
+    }
+    // Until the first record: short waits, so that a signal or a new version is seen soon.
+    let mut records = engine
+        .read(opts.batch, Duration::from_millis(200))
+        .map_err(|e| e.to_string())?;
+    let first = Instant::now();
+    while !records.is_empty() && records.len() < opts.batch {
+        let left = opts.max_wait.saturating_sub(first.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let more = engine
+            .read(opts.batch - records.len(), left)
+            .map_err(|e| e.to_string())?;
+        if more.is_empty() {
+            break;
+        }
+        records.extend(more);
+    }
+    Ok(records)
+}
+
+/// Predictions for the good records and dead letters (with the reason) for the others.
+fn score(
+    version: &mut Version,
+    records: &[Record],
+    opts: &Options,
+    batch_id: &str,
+) -> Result<(Vec<Outcome>, Vec<Outcome>), String> {
+    let features = version.scorer.features();
+    let mut x = Vec::with_capacity(records.len() * features);
+    let (mut good, mut dead) = (Vec::new(), Vec::new());
+    for r in records {
+        match parse(r, &opts.field, features) {
+            Ok(v) => {
+                x.extend_from_slice(&v);
+                good.push(r);
+            }
+            Err(reason) => {
+                let original = r.fields.iter().map(|(k, v)| {
+                    (
+                        format!("field.{k}"),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                });
+                dead.push(Outcome {
+                    id: r.id.clone(),
+                    fields: [
+                        ("reason".to_string(), reason),
+                        ("replica".to_string(), opts.replica.clone()),
+                    ]
+                    .into_iter()
+                    .chain(original)
+                    .collect(),
+                });
+            }
+        }
+    }
+    let predictions = version.scorer.score(&x)?;
+    let outputs = good
+        .iter()
+        .zip(predictions)
+        .map(|(r, p)| Outcome {
+            id: r.id.clone(),
+            fields: vec![
+                ("class".into(), p.class.to_string()),
+                ("confidence".into(), format!("{:.6}", p.confidence)),
+                ("version".into(), version.label.clone()),
+                ("batch".into(), batch_id.to_string()),
+            ],
+        })
+        .collect();
+    Ok((outputs, dead))
+}
+
+/// The features of a record: its field `field`, a JSON array of `features` finite numbers.
+pub fn parse(r: &Record, field: &str, features: usize) -> Result<Vec<f32>, String> {
+    let raw = r
+        .field(field)
+        .ok_or_else(|| format!("no field {field:?}"))?;
+    if raw.len() > max_field_bytes(features) {
+        return Err(format!(
+            "field {field:?} is {} bytes, more than {features} numbers need",
+            raw.len()
+        ));
+    }
+    let values: Vec<f64> = serde_json::from_slice(raw)
+        .map_err(|e| format!("field {field:?} is not a JSON array of numbers: {e}"))?;
+    if values.len() != features {
+        return Err(format!(
+            "field {field:?} has {} numbers, the model takes {features}",
+            values.len()
+        ));
+    }
+    values
+        .into_iter()
+        .map(|v| match v as f32 {
+            f if f.is_finite() => Ok(f),
+            _ => Err(format!("field {field:?} holds {v}, out of range")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(v: &str) -> Record {
+        Record {
+            id: "1-0".into(),
+            fields: vec![("features".into(), v.as_bytes().to_vec())],
+        }
+    }
+
+    #[test]
+    fn malformed_records_are_refused_with_the_reason() {
+        assert_eq!(
+            parse(&record("[1, 2.5]"), "features", 2).unwrap(),
+            [1.0, 2.5]
+        );
+        for (text, why) in [
+            ("[1, 2, 3]", "has 3 numbers"),
+            ("[1, \"a\"]", "not a JSON array"),
+            ("{}", "not a JSON array"),
+            ("[1, 1e300]", "out of range"),
+            (&"1,".repeat(100), "bytes"),
+        ] {
+            let e = parse(&record(text), "features", 2).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        let e = parse(&record("[1]"), "x", 1).unwrap_err();
+        assert!(e.contains("no field \"x\""), "{e}");
+    }
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let r = Report {
+            latencies_ms: (1..=100).rev().collect(),
+            ..Report::default()
+        };
+        assert_eq!(r.percentile(0.5), Some(51));
+        assert_eq!(r.percentile(0.99), Some(99));
+        assert_eq!(Report::default().percentile(0.5), None);
+    }
+}

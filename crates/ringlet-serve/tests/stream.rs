@@ -1,0 +1,470 @@
+//! End to end on a real Redis (`redis-server`, started here): ringlet-train writes checkpoints,
+//! three ringlet-serve replicas score 10,000 records pushed meanwhile; one replica is killed
+//! (`kill -9`) while it holds records, a newer version is committed mid-stream and then a
+//! corrupt one. Every good record must be scored exactly once (by id), both good versions
+//! must appear and no batch mix them, the corrupt version must be refused, malformed records
+//! dead-lettered.
+
+use redis::streams::StreamRangeReply;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SERVE: &str = env!("CARGO_BIN_EXE_ringlet-serve");
+
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(SERVE).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: cargo test --workspace --release",
+        p.display()
+    );
+    p
+}
+
+/// A private redis-server on a free port, stopped on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// `None` (and a visible skip) where redis-server is not installed, except in CI.
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
+                "CI: redis-server is missing (.ci/run installs it)"
+            );
+            println!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.conn_result().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn conn_result(&self) -> redis::RedisResult<redis::Connection> {
+        let c = redis::Client::open(self.url())?;
+        let mut conn = c.get_connection_with_timeout(Duration::from_secs(5))?;
+        redis::cmd("PING").query::<String>(&mut conn)?;
+        Ok(conn)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        let conn = self.conn_result().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Commits checkpoint `from` into `dir` as the trainer does: complete under a temporary name,
+/// then renamed into place; `corrupt` flips one byte of the model file first.
+fn commit(from: &Path, dir: &Path, corrupt: bool) {
+    let name = from.file_name().unwrap();
+    let tmp = dir.join(format!(".tmp-{}", name.to_string_lossy()));
+    copy_dir(from, &tmp);
+    if corrupt {
+        let f = tmp.join("model.safetensors");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x40;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// Every entry of `stream` as (entry id, fields).
+fn entries(conn: &mut redis::Connection, stream: &str) -> Vec<(String, HashMap<String, String>)> {
+    let mut out = Vec::new();
+    let mut from = "-".to_string();
+    loop {
+        let r: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .unwrap();
+        let n = r.ids.len();
+        for e in r.ids {
+            from = format!("({}", e.id);
+            let fields = e
+                .map
+                .iter()
+                .map(|(k, _)| (k.clone(), e.get::<String>(k).unwrap_or_default()))
+                .collect();
+            out.push((e.id, fields));
+        }
+        if n < 1000 {
+            return out;
+        }
+    }
+}
+
+struct Replica {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(name: &str, redis: &Redis, dir: &Path, work: &Path) -> Replica {
+        let log = work.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(SERVE)
+            .args(["run", "--redis", &redis.url(), "--consumer", name])
+            .arg("--checkpoints")
+            .arg(dir)
+            .args([
+                "--batch",
+                "32",
+                "--max-wait-ms",
+                "5",
+                "--claim-idle-ms",
+                "1000",
+            ])
+            .args(["--poll-versions-ms", "50", "--exit-when-idle", "4"])
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Replica { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pending_of(conn: &mut redis::Connection, consumer: &str) -> usize {
+    let v: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg("records")
+        .arg("ringlet-serve")
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .arg(consumer)
+        .query(conn)
+        .unwrap();
+    v.len()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn replicas_score_every_record_once_across_a_kill_and_two_new_versions() {
+    let Some(redis) = Redis::start() else { return };
+    let work = std::env::temp_dir().join(format!("ringlet-serve-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let (trained, served) = (work.join("trained"), work.join("served"));
+    std::fs::create_dir_all(&served).unwrap();
+    let out = Command::new(sibling("ringlet-train"))
+        .args(["--epochs", "2", "--checkpoint-every", "20", "--keep", "5"])
+        .arg("--checkpoint-dir")
+        .arg(&trained)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let step = |n: u64| trained.join(format!("step-{n:012}"));
+    commit(&step(20), &served, false);
+
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start(&format!("r{i}"), &redis, &served, &work))
+        .collect();
+    let mut conn = redis.conn();
+    let (total, chunk) = (10_000usize, 250usize);
+    let mut malformed = HashSet::new();
+    let mut good = HashSet::new();
+    let mut killed_holding = 0;
+    let mut r1_stopped = false;
+    for start in (0..total).step_by(chunk) {
+        // From 3000 on, until it happens: r1 is stopped while it waits in its blocking read,
+        // Redis hands it records of the next chunk, and it is killed holding them.
+        if start >= 3000 && killed_holding == 0 {
+            signal(&replicas[1].child, "-STOP");
+            r1_stopped = true;
+        }
+        let mut pipe = redis::pipe();
+        for i in start..start + chunk {
+            let features = if i % 397 == 5 {
+                "[1, 2, \"not a number\"]".to_string()
+            } else {
+                let v: Vec<f32> = (0..64).map(|j| ((i * 7 + j) % 17) as f32 / 16.0).collect();
+                serde_json::to_string(&v).unwrap()
+            };
+            pipe.cmd("XADD")
+                .arg("records")
+                .arg("*")
+                .arg("features")
+                .arg(features);
+        }
+        let ids: Vec<String> = pipe.query(&mut conn).unwrap();
+        for (k, id) in ids.into_iter().enumerate() {
+            if (start + k) % 397 == 5 {
+                malformed.insert(id);
+            } else {
+                good.insert(id);
+            }
+        }
+        if r1_stopped {
+            std::thread::sleep(Duration::from_millis(20));
+            killed_holding = pending_of(&mut conn, "r1");
+            signal(
+                &replicas[1].child,
+                if killed_holding > 0 { "-KILL" } else { "-CONT" },
+            );
+            r1_stopped = false;
+        }
+        match start {
+            5000 => commit(&step(40), &served, false),
+            6500 => commit(&step(44), &served, true),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(killed_holding > 0, "r1 never held a record when stopped");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (i, r) in replicas.iter_mut().enumerate() {
+        loop {
+            if let Some(st) = r.child.try_wait().unwrap() {
+                assert!(i == 1 || st.success(), "replica r{i}: {st}\n{}", r.output());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica r{i} did not finish:\n{}",
+                r.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let logs: Vec<String> = replicas.iter().map(Replica::output).collect();
+    let all = logs.join("\n---\n");
+
+    // Every good record scored exactly once, nothing else.
+    let predictions = entries(&mut conn, "predictions");
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (_, f) in &predictions {
+        *seen.entry(f["id"].as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "scored more than once: {twice:?}");
+    let scored: HashSet<String> = seen.keys().map(|s| s.to_string()).collect();
+    assert_eq!(scored.len(), good.len(), "{all}");
+    assert_eq!(scored, good);
+    // Malformed ones dead-lettered once each, with the reason.
+    let dead = entries(&mut conn, "records-dead");
+    let dead_ids: Vec<&str> = dead.iter().map(|(_, f)| f["id"].as_str()).collect();
+    assert_eq!(dead_ids.len(), malformed.len());
+    assert_eq!(
+        dead_ids
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<HashSet<_>>(),
+        malformed
+    );
+    assert!(dead
+        .iter()
+        .all(|(_, f)| f["reason"].contains("not a JSON array")));
+    // Both good versions served, the corrupt one never; one version per batch.
+    let mut by_version: HashMap<&str, usize> = HashMap::new();
+    let mut batch_version: HashMap<&str, &str> = HashMap::new();
+    for (_, f) in &predictions {
+        *by_version.entry(f["version"].as_str()).or_default() += 1;
+        let v = batch_version
+            .entry(f["batch"].as_str())
+            .or_insert(f["version"].as_str());
+        assert_eq!(*v, f["version"], "batch {} mixes versions", f["batch"]);
+    }
+    let mut versions: Vec<&str> = by_version.keys().copied().collect();
+    versions.sort();
+    assert_eq!(versions.len(), 2, "{by_version:?}");
+    assert!(
+        versions[0].starts_with("step-20@") && versions[1].starts_with("step-40@"),
+        "{versions:?}"
+    );
+    assert!(
+        all.contains("refused version") && all.contains("step-000000000044"),
+        "{all}"
+    );
+    // The killed replica's records were taken over by the others.
+    assert!(all.contains("took over"), "{all}");
+    // The pending list is empty: everything was acknowledged.
+    assert_eq!(pending_of(&mut conn, "r1"), 0);
+    // `versions` lists the served directory: the corrupt one refused, the others with their
+    // training loss and hash.
+    let listed = Command::new(SERVE)
+        .arg("versions")
+        .arg(&served)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(
+        lines[0].starts_with("step 44 refused:") && lines[0].contains("SHA-256 checksum mismatch"),
+        "{listed}"
+    );
+    for (line, step) in lines[1..].iter().zip([40, 20]) {
+        assert!(line.starts_with(&format!("step {step} epoch ")), "{listed}");
+        assert!(
+            line.contains("model mlp metrics {\"train_loss\":") && line.contains(" sha256 "),
+            "{listed}"
+        );
+    }
+    let summaries: Vec<&str> = all.lines().filter(|l| l.contains(" scored ")).collect();
+    println!(
+        "{} records ({} malformed), r1 killed holding {killed_holding}; versions {by_version:?}\n{listed}{}",
+        good.len() + malformed.len(),
+        malformed.len(),
+        summaries.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A CNN (Burn) served from a pinned checkpoint scores the held-out digits exactly as training
+/// evaluated them: the accuracy over the output stream equals the one ringlet-train printed.
+#[test]
+fn a_served_cnn_scores_the_held_out_digits_as_training_did() {
+    served_accuracy_is_trained_accuracy("cnn");
+}
+
+/// The same for the MLP (ringlet-train's own forward pass, on the CPU).
+#[test]
+fn a_served_mlp_scores_the_held_out_digits_as_training_did() {
+    served_accuracy_is_trained_accuracy("mlp");
+}
+
+fn served_accuracy_is_trained_accuracy(model: &str) {
+    let Some(redis) = Redis::start() else { return };
+    let work = std::env::temp_dir().join(format!("ringlet-serve-{model}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = Command::new(sibling("ringlet-train"))
+        .args(["--model", model, "--checkpoint-every", "100000"])
+        .arg("--checkpoint-dir")
+        .arg(&work)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "test accuracy 95.82% (loss ...) on 359 held-out samples"
+    let trained: f64 = printed
+        .split("test accuracy ")
+        .nth(1)
+        .and_then(|r| r.split('%').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {printed}"));
+    let (_, newest) = ringlet_ddp::checkpoint::steps(&work).unwrap()[0].clone();
+
+    let data = ringlet_train::data::load("digits").unwrap();
+    let mut conn = redis.conn();
+    let mut pipe = redis::pipe();
+    let f = data.features;
+    for i in 0..data.test_len() {
+        let v = &data.test_x[i * f..(i + 1) * f];
+        pipe.cmd("XADD")
+            .arg("records")
+            .arg("*")
+            .arg("features")
+            .arg(serde_json::to_string(v).unwrap());
+    }
+    let ids: Vec<String> = pipe.query(&mut conn).unwrap();
+    let out = Command::new(SERVE)
+        .args(["run", "--redis", &redis.url(), "--exit-when-idle", "1"])
+        .arg("--pin")
+        .arg(&newest)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let predictions: HashMap<String, usize> = entries(&mut conn, "predictions")
+        .into_iter()
+        .map(|(_, f)| (f["id"].clone(), f["class"].parse().unwrap()))
+        .collect();
+    assert_eq!(predictions.len(), ids.len(), "{log}");
+    let right = ids
+        .iter()
+        .zip(&data.test_y)
+        .filter(|(id, &y)| predictions[*id] == y as usize)
+        .count();
+    let served = 100.0 * right as f64 / ids.len() as f64;
+    println!(
+        "cnn: trained {trained:.2}%, served {served:.2}% on {} records\n{log}",
+        ids.len()
+    );
+    assert!(
+        (served - trained).abs() < 0.01,
+        "trained {trained}%, served {served}%"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
