@@ -120,8 +120,47 @@ fn is_elf64(p: &Path) -> bool {
         && head[4] == elf::ELFCLASS64
 }
 
-/// The build context: a Dockerfile and `rootfs/` with every file at its path in the image.
-pub fn context(binaries: &[PathBuf]) -> Result<Vec<u8>, String> {
+/// A model version baked into an image: a verified checkpoint of ringlet-train.
+pub struct Baked {
+    /// The checkpoint (`.../step-N`), copied to `/models/step-N`.
+    pub dir: PathBuf,
+    /// `step-N@<first 12 hex digits of the model file's SHA-256>`.
+    pub version: String,
+}
+
+impl Baked {
+    /// Verifies `dir` as resume does (manifest, sizes, SHA-256 of every file) and names it.
+    pub fn verify(dir: &Path) -> Result<Baked, String> {
+        use ringlet_ddp::checkpoint;
+        let snap = checkpoint::load(dir).map_err(|e| format!("--model: {e}"))?;
+        let digest = checkpoint::model_digest(dir).map_err(|e| format!("--model: {e}"))?;
+        Ok(Baked {
+            dir: dir.to_path_buf(),
+            version: format!(
+                "step-{}@{}",
+                snap.state.step,
+                &digest[..12.min(digest.len())]
+            ),
+        })
+    }
+
+    /// The image tag for this version: `step-N-<hash>` (a tag may not hold '@').
+    pub fn tag(&self) -> String {
+        self.version.replace('@', "-")
+    }
+
+    fn inside(&self) -> String {
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        format!("/models/{}", name.unwrap_or_default())
+    }
+}
+
+/// The build context: a Dockerfile and `rootfs/` with every file at its path in the image (and
+/// the baked model version's files under `/models/`).
+pub fn context(binaries: &[PathBuf], model: Option<&Baked>) -> Result<Vec<u8>, String> {
     let mut tar = tar::Builder::new(Vec::new());
     let mut files = BTreeSet::new();
     let mut interpreters = BTreeSet::new();
@@ -158,8 +197,26 @@ pub fn context(binaries: &[PathBuf]) -> Result<Vec<u8>, String> {
         };
         append(&mut tar, f, &inside)?;
     }
-    let dockerfile =
-        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin LD_LIBRARY_PATH=/usr/local/lib\n";
+    let mut dockerfile =
+        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin LD_LIBRARY_PATH=/usr/local/lib\n"
+            .to_string();
+    if let Some(m) = model {
+        for entry in std::fs::read_dir(&m.dir).map_err(|e| format!("{}: {e}", m.dir.display()))? {
+            let entry = entry.map_err(|e| format!("{}: {e}", m.dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            append(
+                &mut tar,
+                &entry.path(),
+                &format!("rootfs{}/{name}", m.inside()),
+            )?;
+        }
+        // ringlet-serve run serves it without --pin or --checkpoints.
+        dockerfile.push_str(&format!(
+            "LABEL ringlet.model.version=\"{}\"\nENV RINGLET_SERVE_PIN={}\n",
+            m.version,
+            m.inside()
+        ));
+    }
     let mut header = tar::Header::new_gnu();
     header.set_size(dockerfile.len() as u64);
     header.set_mode(0o644);
@@ -188,9 +245,15 @@ fn append(tar: &mut tar::Builder<Vec<u8>>, from: &Path, to: &str) -> Result<(), 
         .map_err(|e| format!("adding {}: {e}", from.display()))
 }
 
-/// Builds the image `tag` from `binaries` on the engine `DOCKER_HOST` names.
-pub fn build(tag: &str, binaries: &[PathBuf], insecure_engines: bool) -> Result<(), String> {
-    let ctx = context(binaries)?;
+/// Builds the image `tag` from `binaries` (and `model`) on the engine `DOCKER_HOST` names; with a
+/// model it is also tagged `<repository>:<version>`. Returns the tags.
+pub fn build(
+    tag: &str,
+    binaries: &[PathBuf],
+    model: Option<&Baked>,
+    insecure_engines: bool,
+) -> Result<Vec<String>, String> {
+    let ctx = context(binaries, model)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -217,7 +280,24 @@ pub fn build(tag: &str, binaries: &[PathBuf], insecure_engines: bool) -> Result<
                 Err(e) => return Err(format!("docker build: {e}")),
             }
         }
-        Ok(())
+        let mut tags = vec![tag.to_string()];
+        if let Some(m) = model {
+            // The repository is the tag without its own `:tag` (a registry's `host:port/` stays).
+            let repo = match tag.rsplit_once(':') {
+                Some((repo, t)) if !t.contains('/') => repo,
+                _ => tag,
+            };
+            let opts = bollard::query_parameters::TagImageOptions {
+                repo: Some(repo.to_string()),
+                tag: Some(m.tag()),
+            };
+            docker
+                .tag_image(tag, Some(opts))
+                .await
+                .map_err(|e| format!("docker tag: {e}"))?;
+            tags.push(format!("{repo}:{}", m.tag()));
+        }
+        Ok(tags)
     })
 }
 

@@ -88,13 +88,13 @@ Exit status:
 /// through the environment, relays their output with a "[RANK] " prefix, and supervises them:
 /// when one rank fails the others are stopped (and, with --max-restarts, all are started again),
 /// and no process or container is left behind. `ringrun image build --tag T BINARY...` makes a
-/// minimal image from local binaries; `ringrun k8s train` renders the Kubernetes manifests of a
-/// training job instead of running it.
+/// minimal image from local binaries (and a model version); `ringrun k8s train` and `serve`
+/// render the Kubernetes manifests of a training job and of a scoring service instead.
 #[derive(Debug, Parser)]
 #[command(
     name = "ringrun",
     version,
-    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...\n       ringrun image build --tag <T> <BINARY>...\n       ringrun k8s train --name <NAME> --image <IMAGE> -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...",
+    override_usage = "ringrun -n <N> [OPTIONS] -- <PROGRAM> [ARGS]...\n       ringrun image build --tag <T> [--model <CHECKPOINT>] <BINARY>...\n       ringrun k8s train|serve --name <NAME> --image <IMAGE> [OPTIONS] ...",
     after_long_help = AFTER_HELP
 )]
 struct Cli {
@@ -284,6 +284,11 @@ struct ImageBuild {
     /// Allow DOCKER_HOST to be a plaintext tcp:// engine on another machine (see ringrun --help).
     #[arg(long)]
     insecure_engines: bool,
+    /// Bake this model version (a ringlet-train checkpoint, `DIR/step-N`, verified first) into
+    /// the image at /models/step-N, with RINGLET_SERVE_PIN pointing there, the label
+    /// ringlet.model.version=step-N@<hash>, and a second tag <repository>:step-N-<hash>.
+    #[arg(long, value_name = "CHECKPOINT")]
+    model: Option<std::path::PathBuf>,
     /// Binaries to put in /usr/local/bin, with the shared libraries they link.
     #[arg(required = true)]
     binaries: Vec<std::path::PathBuf>,
@@ -297,9 +302,24 @@ fn image_command(args: &[OsString]) -> ExitCode {
     let cli = ImageBuild::parse_from(
         std::iter::once(OsString::from("ringrun image build")).chain(args[1..].iter().cloned()),
     );
-    match image::build(&cli.tag, &cli.binaries, cli.insecure_engines) {
-        Ok(()) => {
-            note!("built image {}", cli.tag);
+    let model = match cli.model.as_deref().map(image::Baked::verify).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            note!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match image::build(
+        &cli.tag,
+        &cli.binaries,
+        model.as_ref(),
+        cli.insecure_engines,
+    ) {
+        Ok(tags) => {
+            let with = model
+                .map(|m| format!(" with model {}", m.version))
+                .unwrap_or_default();
+            note!("built image {}{with}", tags.join(", "));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,4 +1,4 @@
-//! `ringrun k8s train`: the rendered objects are checked against the Kubernetes API's own models
+//! `ringrun k8s train` and `serve`: the rendered objects are checked against the Kubernetes API's own models
 //! (the official Python client, `scripts/k8s-check.py`), and the training Jobs' pods run for real
 //! as containers on the local Docker engine, each given what Kubernetes would give it: the
 //! container's command, arguments and environment from the manifest (the token resolved from the
@@ -15,9 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// `ringrun k8s train ARGS` (or `serve ...` when `args` starts with it).
 fn render(args: &str) -> Value {
+    let (what, args) = match args.strip_prefix("serve ") {
+        Some(rest) => ("serve", rest),
+        None => ("train", args),
+    };
     let out = Command::new(RINGRUN)
-        .args(["k8s", "train"])
+        .args(["k8s", what])
         .args(args.split_whitespace())
         .output()
         .unwrap();
@@ -66,6 +71,12 @@ fn rendered_objects_match_the_kubernetes_api_models() {
             "plain",
             "--name tiny --image ringlet:local -n 2 --token-secret shared -- ringlet-train",
             2,
+        ),
+        (
+            "serve",
+            "serve --name digits --image registry.example/ringlet:1 --replicas 3 \
+             --redis redis://redis:6379 --checkpoint-claim mnist-ck --cpus 1 --memory 1Gi -- --batch 128",
+            1,
         ),
     ] {
         let file = std::env::temp_dir().join(format!("ringrun-k8s-{tag}-{}.json", std::process::id()));

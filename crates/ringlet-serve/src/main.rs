@@ -25,7 +25,7 @@ enum Command {
     /// stream, acknowledging the record in the same atomic step. Malformed records go to the
     /// dead-letter stream with the reason. Runs until SIGINT/SIGTERM (the batch in hand is
     /// finished) or --exit-when-idle, then prints records/s and latency percentiles.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the checkpoints of DIR, newest first: step, epoch, model, training loss and the
     /// model file's SHA-256, or why one would be refused. Each is verified as resume verifies.
     Versions {
@@ -64,8 +64,9 @@ struct RunArgs {
     /// later (swapped in between batches).
     #[arg(long, conflicts_with = "pin", required_unless_present = "pin")]
     checkpoints: Option<PathBuf>,
-    /// Serve this checkpoint (a step-N directory) and no other.
-    #[arg(long)]
+    /// Serve this checkpoint (a step-N directory) and no other (an image made with `ringrun image
+    /// build --model` sets RINGLET_SERVE_PIN to the one it holds).
+    #[arg(long, env = "RINGLET_SERVE_PIN")]
     pin: Option<PathBuf>,
     /// The record field with the features: a JSON array of numbers.
     #[arg(long, default_value = "features")]
@@ -73,8 +74,9 @@ struct RunArgs {
     /// Records per micro-batch, at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     batch: u32,
-    /// Milliseconds a batch waits to fill once its first record is in.
-    #[arg(long, default_value_t = 5)]
+    /// Milliseconds a batch waits to fill once its first record is in (at most 1000). 0: a
+    /// batch is what has arrived, up to --batch (lowest latency; batches grow with the load).
+    #[arg(long, default_value_t = 0)]
     max_wait_ms: u64,
     /// Milliseconds a record may stay pending with another replica before this one takes it
     /// over (that replica died mid-batch).
@@ -114,7 +116,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

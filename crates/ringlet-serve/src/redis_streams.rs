@@ -27,30 +27,37 @@ pub struct RedisStreams {
     claim_cursor: String,
 }
 
-/// KEYS: input, output, dead letters. ARGV: group, consumer, outputs count, then per result its
+/// KEYS: input, output, dead letters. ARGV: group, consumer, outputs count, the batch's lowest
+/// and highest record id and how many pending entries to list between them, then per result its
 /// record id, field count and fields (outputs first, then dead letters). A result is written and
 /// its record acknowledged only if the record is pending for this consumer: one that another
 /// consumer claimed meanwhile is left to it.
 const COMMIT: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
 local outputs = tonumber(ARGV[3])
-local i, n, written, dead, lost = 4, 0, 0, 0, 0
+local lo, hi = ARGV[4], ARGV[5]
+-- This consumer's pending records in the batch's id range, in one call: its own records in
+-- flight are only this batch's, so the count bounds the reply.
+local mine = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, lo, hi, tonumber(ARGV[6]), consumer)) do
+  mine[p[1]] = true
+end
+local i, n, written, dead, lost = 7, 0, 0, 0, 0
+local acks = {}
 while i <= #ARGV do
   local id, count = ARGV[i], tonumber(ARGV[i + 1])
-  local mine = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
-  if #mine == 1 then
-    local args = {}
-    for j = 1, count * 2 do args[j] = ARGV[i + 1 + j] end
+  if mine[id] then
     local target = KEYS[2]
     if n >= outputs then target = KEYS[3]; dead = dead + 1 else written = written + 1 end
-    redis.call('XADD', target, '*', 'id', id, unpack(args))
-    redis.call('XACK', KEYS[1], group, id)
+    redis.call('XADD', target, '*', 'id', id, unpack(ARGV, i + 2, i + 1 + count * 2))
+    acks[#acks + 1] = id
   else
     lost = lost + 1
   end
   n = n + 1
   i = i + 2 + count * 2
 end
+if #acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
 local t = redis.call('TIME')
 return {written, dead, lost, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 "#;
@@ -176,7 +183,19 @@ impl StreamEngine for RedisStreams {
         let s = &self.streams;
         let mut inv = self.commit.prepare_invoke();
         inv.key(&s.input).key(&s.output).key(&s.dead_letter);
+        // The batch's id range (ids compare as <milliseconds>-<sequence> number pairs).
+        let key = |id: &str| -> (u64, u64) {
+            let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+            (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+        };
+        let all = || outputs.iter().chain(dead).map(|o| o.id.as_str());
+        let lo = all().min_by_key(|id| key(id)).expect("not empty");
+        let hi = all().max_by_key(|id| key(id)).expect("not empty");
+        let n = outputs.len() + dead.len();
         inv.arg(&s.group).arg(&s.consumer).arg(outputs.len());
+        inv.arg(lo)
+            .arg(hi)
+            .arg(n.saturating_mul(4).saturating_add(1024));
         for o in outputs.iter().chain(dead) {
             inv.arg(&o.id).arg(o.fields.len());
             for (k, v) in &o.fields {

@@ -132,8 +132,8 @@ fn entries(conn: &mut redis::Connection, stream: &str) -> Vec<(String, HashMap<S
             from = format!("({}", e.id);
             let fields = e
                 .map
-                .iter()
-                .map(|(k, _)| (k.clone(), e.get::<String>(k).unwrap_or_default()))
+                .keys()
+                .map(|k| (k.clone(), e.get::<String>(k).unwrap_or_default()))
                 .collect();
             out.push((e.id, fields));
         }
@@ -467,4 +467,97 @@ fn served_accuracy_is_trained_accuracy(model: &str) {
         "trained {trained}%, served {served}%"
     );
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// `ringrun image build --model` bakes a verified version into an image: a container of it
+/// (host network, to reach this Redis) serves that version with no flag naming it.
+#[test]
+fn a_version_baked_into_an_image_serves_from_a_container() {
+    let docker = |args: &[&str]| Command::new("docker").args(args).output().unwrap();
+    let up = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
+            "CI: no Docker engine answers"
+        );
+        println!("SKIPPED: no Docker engine answers here");
+        return;
+    }
+    let Some(redis) = Redis::start() else { return };
+    let work = std::env::temp_dir().join(format!("ringlet-serve-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = Command::new(sibling("ringlet-train"))
+        .args(["--epochs", "2", "--checkpoint-every", "100000"])
+        .arg("--checkpoint-dir")
+        .arg(&work)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (step, dir) = ringlet_ddp::checkpoint::steps(&work).unwrap()[0].clone();
+    let tag = format!("ringlet-serve-ci:{}", std::process::id());
+    let built = Command::new(sibling("ringrun"))
+        .args(["image", "build", "--tag", &tag, "--model"])
+        .arg(&dir)
+        .arg(SERVE)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&built.stderr).to_string();
+    assert!(built.status.success(), "{said}");
+    let label = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"ringlet.model.version\"}}",
+        &tag,
+    ]);
+    let version = String::from_utf8_lossy(&label.stdout).trim().to_string();
+    assert!(version.starts_with(&format!("step-{step}@")), "{version}");
+    let by_version = format!("ringlet-serve-ci:{}", version.replace('@', "-"));
+    assert!(said.contains(&by_version), "{said}");
+
+    let mut conn = redis.conn();
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        let v: Vec<f32> = (0..64).map(|j| ((i + j) % 16) as f32).collect();
+        pipe.cmd("XADD")
+            .arg("records")
+            .arg("*")
+            .arg("features")
+            .arg(serde_json::to_string(&v).unwrap());
+    }
+    let _: Vec<String> = pipe.query(&mut conn).unwrap();
+    let url = redis.url();
+    let ran = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        &by_version,
+        "ringlet-serve",
+        "run",
+        "--redis",
+        &url,
+        "--exit-when-idle",
+        "1",
+    ]);
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let _ = docker(&["rmi", &tag, &by_version]);
+    let _ = std::fs::remove_dir_all(&work);
+    assert!(ran.status.success(), "{log}");
+    let predictions = entries(&mut conn, "predictions");
+    assert_eq!(predictions.len(), 100, "{log}");
+    assert!(
+        predictions.iter().all(|(_, f)| f["version"] == version),
+        "{log}"
+    );
+    println!("{said}{log}");
 }

@@ -5,14 +5,10 @@
 //! Secret; checkpoints on a PersistentVolumeClaim. Ranks learn their place from the variables
 //! `ringlet::bootstrap` reads for Indexed Jobs: the pod's `JOB_COMPLETION_INDEX` plus its pool's
 //! `RINGLET_RANK_OFFSET`, and `WORLD_SIZE` (Kubernetes does not tell a pod its Job's size).
-//!
-//! The output is JSON (a `v1` `List`), which kubectl reads as it reads YAML; CI checks it against
-//! the Kubernetes API's own models and runs its containers on Docker (`launcher/tests/k8s.rs`).
 
 use clap::Parser;
 use ringlet_core::JobToken;
 use serde_json::{json, Map, Value};
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -81,10 +77,10 @@ pub struct TrainManifest {
     #[arg(long, value_name = "G", default_value_t = 0)]
     gpus_per_pod: u32,
     /// CPU cores per pod (requests and limits), a Kubernetes quantity: `2`, `500m`.
-    #[arg(long, value_name = "QUANTITY", value_parser = parse_quantity)]
+    #[arg(long, value_name = "QUANTITY", value_parser = super::parse_quantity)]
     cpus: Option<String>,
     /// Memory per pod (requests and limits), a Kubernetes quantity: `4Gi`.
-    #[arg(long, value_name = "QUANTITY", value_parser = parse_quantity)]
+    #[arg(long, value_name = "QUANTITY", value_parser = super::parse_quantity)]
     memory: Option<String>,
     /// MASTER_PORT: where rank 0's pod serves the rendezvous store.
     #[arg(long, default_value_t = 29500, value_parser = clap::value_parser!(u16).range(1..))]
@@ -96,7 +92,7 @@ pub struct TrainManifest {
     #[arg(long, value_name = "CLAIM")]
     checkpoint_claim: Option<String>,
     /// Also render the claim, of this size (`10Gi`).
-    #[arg(long, value_name = "QUANTITY", requires = "checkpoint_claim", value_parser = parse_quantity)]
+    #[arg(long, value_name = "QUANTITY", requires = "checkpoint_claim", value_parser = super::parse_quantity)]
     checkpoint_size: Option<String>,
     /// storageClassName of the rendered claim.
     #[arg(long, requires = "checkpoint_size")]
@@ -112,7 +108,7 @@ pub struct TrainManifest {
     env: Vec<(String, String)>,
     /// Write the manifests here instead of standard output.
     #[arg(long, short = 'o', value_name = "FILE")]
-    output: Option<PathBuf>,
+    pub output: Option<PathBuf>,
     /// The program every pod runs (its container's command), then its arguments.
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true,
           allow_hyphen_values = true)]
@@ -191,29 +187,11 @@ fn parse_pool(s: &str) -> Result<Pool, String> {
             }
         }
     }
-    dns_label(&pool.name).map_err(|e| format!("--pool {s:?}: name {e}"))?;
+    super::dns_label(&pool.name).map_err(|e| format!("--pool {s:?}: name {e}"))?;
     if pool.ranks == 0 {
         return Err(format!("--pool {s:?}: ranks=N is missing"));
     }
     Ok(pool)
-}
-
-/// A decimal number with one of Kubernetes' suffixes (the API server checks the rest).
-fn parse_quantity(s: &str) -> Result<String, String> {
-    const SUFFIXES: [&str; 14] = [
-        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
-    ];
-    let number_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(number_end);
-    let ok = number.parse::<f64>().is_ok_and(|v| v > 0.0) && SUFFIXES.contains(&suffix);
-    match ok {
-        true => Ok(s.to_string()),
-        false => Err(format!(
-            "{s:?} is not a Kubernetes quantity (`2`, `500m`, `4Gi`)"
-        )),
-    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -228,77 +206,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// An RFC 1123 label, as Kubernetes requires of Service names and pod host names.
-fn dns_label(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    match ok {
-        true => Ok(()),
-        false => Err(format!(
-            "{s:?} must be 1 to 63 lower-case letters, digits or '-', not starting or ending with '-'"
-        )),
-    }
-}
-
-/// `ringrun k8s ARGS`: exit status 0, 1 (could not write) or 2 (bad command line).
-pub fn command(args: &[OsString]) -> u8 {
-    if args.first().is_some_and(|a| a == "--help" || a == "-h") {
-        println!("ringrun k8s train: render the Kubernetes manifests of a training job (see ringrun k8s train --help)");
-        return 0;
-    }
-    if args.first().is_none_or(|a| a != "train") {
-        note!("usage: ringrun k8s train --name NAME --image IMAGE -n N -- PROGRAM [ARGS]... (see ringrun k8s train --help)");
-        return 2;
-    }
-    let cli = TrainManifest::parse_from(
-        std::iter::once(OsString::from("ringrun k8s train")).chain(args[1..].iter().cloned()),
-    );
-    let list = match render(&cli) {
-        Ok(list) => list,
-        Err(e) => {
-            note!("{e}");
-            return 2;
-        }
-    };
-    let text = serde_json::to_string_pretty(&list).expect("JSON values serialise") + "\n";
-    let written = match &cli.output {
-        // The Secret holds the job token: readable by the owner only.
-        Some(path) => write_private(path, &text).map_err(|e| format!("{}: {e}", path.display())),
-        None => {
-            use std::io::Write;
-            std::io::stdout()
-                .write_all(text.as_bytes())
-                .map_err(|e| format!("standard output: {e}"))
-        }
-    };
-    match written {
-        Ok(()) => 0,
-        Err(e) => {
-            note!("cannot write the manifests: {e}");
-            1
-        }
-    }
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
-}
-
 /// The objects, as a `v1` `List`.
 pub fn render(t: &TrainManifest) -> Result<Value, String> {
-    dns_label(&t.name).map_err(|e| format!("--name {e}"))?;
+    super::dns_label(&t.name).map_err(|e| format!("--name {e}"))?;
     // A Service's name is an RFC 1035 label: a letter first.
     if !t.name.starts_with(|c: char| c.is_ascii_lowercase()) {
         return Err(format!(
@@ -330,7 +240,7 @@ pub fn render(t: &TrainManifest) -> Result<Value, String> {
     for p in &pools {
         // The pod's host name is `<job>-<index>`.
         let host = format!("{}-{}", job_name(p), p.ranks - 1);
-        dns_label(&host).map_err(|_| {
+        super::dns_label(&host).map_err(|_| {
             format!(
                 "pod host name {host:?} is over 63 characters: shorten --name or the pool's name"
             )
@@ -446,26 +356,16 @@ fn metadata(t: &TrainManifest, name: &str) -> Value {
 }
 
 fn object_meta(t: &TrainManifest, name: &str, label: &str) -> Value {
-    let mut m = json!({ "name": name, "labels": { label: t.name } });
-    if let Some(ns) = &t.namespace {
-        m["namespace"] = json!(ns);
-    }
-    m
+    super::object_meta(name, label, &t.name, t.namespace.as_deref())
 }
 
 /// One pool's Indexed Job.
 fn job(t: &TrainManifest, p: &Pool, name: &str, env: Vec<Value>) -> Value {
-    let mut resources = Map::new();
-    let gpus = p.gpus.unwrap_or(t.gpus_per_pod);
-    for (key, value) in [
-        ("nvidia.com/gpu", (gpus > 0).then(|| gpus.to_string())),
-        ("cpu", t.cpus.clone()),
-        ("memory", t.memory.clone()),
-    ] {
-        if let Some(v) = value {
-            resources.insert(key.into(), json!(v));
-        }
-    }
+    let resources = super::resources(
+        p.gpus.unwrap_or(t.gpus_per_pod),
+        t.cpus.as_deref(),
+        t.memory.as_deref(),
+    );
     let mut container = json!({
         "name": "rank",
         "image": t.image,
@@ -474,10 +374,8 @@ fn job(t: &TrainManifest, p: &Pool, name: &str, env: Vec<Value>) -> Value {
         "env": env,
         "ports": [{ "name": "rendezvous", "containerPort": t.port }],
     });
-    if !resources.is_empty() {
-        // Equal requests and limits (with both cpu and memory given: the Guaranteed class,
-        // whose pods are evicted last).
-        container["resources"] = json!({ "requests": resources, "limits": resources });
+    if let Some(r) = resources {
+        container["resources"] = r;
     }
     let mut pod = json!({
         "subdomain": t.name,
