@@ -9,6 +9,9 @@ use std::time::Duration;
 pub struct Record {
     pub id: String,
     pub fields: Vec<(String, Vec<u8>)>,
+    /// How many times the engine has handed this record out, this time included: above 1 it was
+    /// taken over from a consumer that died holding it.
+    pub deliveries: u64,
 }
 
 impl Record {

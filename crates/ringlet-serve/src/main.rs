@@ -82,6 +82,10 @@ struct RunArgs {
     /// over (that replica died mid-batch).
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     claim_idle_ms: u64,
+    /// A record handed out more than this many times (each replica holding it died: a poison
+    /// record) goes to the dead-letter stream instead of being scored again.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    max_deliveries: u64,
     /// Milliseconds between looks for a newer version.
     #[arg(long, default_value_t = 500)]
     poll_versions_ms: u64,
@@ -168,6 +172,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             .transpose()?,
         field: args.field,
         replica: consumer.clone(),
+        max_deliveries: args.max_deliveries,
     };
     let started = Instant::now();
     let report = serve::run(&mut engine, &mut source, version, &opts, &stop)?;

@@ -109,6 +109,7 @@ impl RedisStreams {
     fn records(ids: Vec<StreamId>) -> Vec<Record> {
         ids.into_iter()
             .map(|s| Record {
+                deliveries: 1,
                 id: s.id,
                 fields: s
                     .map
@@ -168,7 +169,20 @@ impl StreamEngine for RedisStreams {
             .query(&mut self.conn);
         let reply = reply.map_err(|e| self.fail("claiming stale records", e))?;
         self.claim_cursor = reply.next_stream_id;
-        Ok(Self::records(reply.claimed))
+        let mut records = Self::records(reply.claimed);
+        // How often each was handed out (a rare path: only records a dead replica left).
+        for r in &mut records {
+            let entry: redis::RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
+                .arg(&self.streams.input)
+                .arg(&self.streams.group)
+                .arg(&r.id)
+                .arg(&r.id)
+                .arg(1)
+                .query(&mut self.conn);
+            let entry = entry.map_err(|e| self.fail("reading delivery counts", e))?;
+            r.deliveries = entry.first().map_or(1, |e| e.3);
+        }
+        Ok(records)
     }
 
     fn commit(&mut self, outputs: &[Outcome], dead: &[Outcome]) -> Result<Committed> {

@@ -28,6 +28,9 @@ pub struct Options {
     pub field: String,
     /// This replica's name (the consumer's), written with every result.
     pub replica: String,
+    /// A record handed out more often than this (every replica holding it died: a poison
+    /// record) is dead-lettered instead of scored.
+    pub max_deliveries: u64,
 }
 
 /// What a replica did, for its closing line.
@@ -165,7 +168,15 @@ fn score(
     let mut x = Vec::with_capacity(records.len() * features);
     let (mut good, mut dead) = (Vec::new(), Vec::new());
     for r in records {
-        match parse(r, &opts.field, features) {
+        let checked = match r.deliveries > opts.max_deliveries {
+            true => Err(format!(
+                "handed out {} times without a result: every replica holding it died \
+                 (--max-deliveries {})",
+                r.deliveries, opts.max_deliveries
+            )),
+            false => parse(r, &opts.field, features),
+        };
+        match checked {
             Ok(v) => {
                 x.extend_from_slice(&v);
                 good.push(r);
@@ -241,6 +252,7 @@ mod tests {
 
     fn record(v: &str) -> Record {
         Record {
+            deliveries: 1,
             id: "1-0".into(),
             fields: vec![("features".into(), v.as_bytes().to_vec())],
         }

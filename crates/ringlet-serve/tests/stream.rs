@@ -23,6 +23,25 @@ fn sibling(name: &str) -> PathBuf {
     p
 }
 
+/// One ringlet-train process (a world of one) with checkpoints in `dir`; its standard output.
+fn train(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(sibling("ringlet-train"))
+        .args(args)
+        .arg("--checkpoint-dir")
+        .arg(dir)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "ringlet-train {args:?}: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    printed
+}
+
 /// A private redis-server on a free port, stopped on drop.
 struct Redis {
     child: Child,
@@ -212,18 +231,9 @@ fn replicas_score_every_record_once_across_a_kill_and_two_new_versions() {
     let _ = std::fs::remove_dir_all(&work);
     let (trained, served) = (work.join("trained"), work.join("served"));
     std::fs::create_dir_all(&served).unwrap();
-    let out = Command::new(sibling("ringlet-train"))
-        .args(["--epochs", "2", "--checkpoint-every", "20", "--keep", "5"])
-        .arg("--checkpoint-dir")
-        .arg(&trained)
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    train(
+        &["--epochs", "2", "--checkpoint-every", "20", "--keep", "5"],
+        &trained,
     );
     let step = |n: u64| trained.join(format!("step-{n:012}"));
     commit(&step(20), &served, false);
@@ -399,20 +409,7 @@ fn served_accuracy_is_trained_accuracy(model: &str) {
     let Some(redis) = Redis::start() else { return };
     let work = std::env::temp_dir().join(format!("ringlet-serve-{model}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let out = Command::new(sibling("ringlet-train"))
-        .args(["--model", model, "--checkpoint-every", "100000"])
-        .arg("--checkpoint-dir")
-        .arg(&work)
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "1")
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let printed = train(&["--model", model, "--checkpoint-every", "100000"], &work);
     // "test accuracy 95.82% (loss ...) on 359 held-out samples"
     let trained: f64 = printed
         .split("test accuracy ")
@@ -489,15 +486,7 @@ fn a_version_baked_into_an_image_serves_from_a_container() {
     let Some(redis) = Redis::start() else { return };
     let work = std::env::temp_dir().join(format!("ringlet-serve-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let out = Command::new(sibling("ringlet-train"))
-        .args(["--epochs", "2", "--checkpoint-every", "100000"])
-        .arg("--checkpoint-dir")
-        .arg(&work)
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    train(&["--epochs", "2", "--checkpoint-every", "100000"], &work);
     let (step, dir) = ringlet_ddp::checkpoint::steps(&work).unwrap()[0].clone();
     let tag = format!("ringlet-serve-ci:{}", std::process::id());
     let built = Command::new(sibling("ringrun"))
@@ -560,4 +549,98 @@ fn a_version_baked_into_an_image_serves_from_a_container() {
         "{log}"
     );
     println!("{said}{log}");
+}
+
+/// A record whose replicas all died holding it (here: claimed over and over by a consumer that
+/// never commits) is dead-lettered once it was handed out more than --max-deliveries times.
+#[test]
+fn a_record_every_replica_died_on_is_dead_lettered() {
+    let Some(redis) = Redis::start() else { return };
+    let work = std::env::temp_dir().join(format!("ringlet-serve-poison-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    train(&["--epochs", "1", "--checkpoint-every", "100000"], &work);
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("records")
+        .arg("ringlet-serve")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut conn)
+        .unwrap();
+    let features = serde_json::to_string(&vec![1.0f32; 64]).unwrap();
+    let poison: String = redis::cmd("XADD")
+        .arg("records")
+        .arg("*")
+        .arg("features")
+        .arg(&features)
+        .query(&mut conn)
+        .unwrap();
+    let fine: String = redis::cmd("XADD")
+        .arg("records")
+        .arg("*")
+        .arg("features")
+        .arg(&features)
+        .query(&mut conn)
+        .unwrap();
+    // "ghost" reads both and commits only the second; then takes the first over 4 more times,
+    // as replicas dying on it would: 5 deliveries.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("ringlet-serve")
+        .arg("ghost")
+        .arg("STREAMS")
+        .arg("records")
+        .arg(">")
+        .query(&mut conn)
+        .unwrap();
+    let _: u64 = redis::cmd("XACK")
+        .arg("records")
+        .arg("ringlet-serve")
+        .arg(&fine)
+        .query(&mut conn)
+        .unwrap();
+    for _ in 0..4 {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg("records")
+            .arg("ringlet-serve")
+            .arg("ghost")
+            .arg(0)
+            .arg(&poison)
+            .query(&mut conn)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let (_, dir) = ringlet_ddp::checkpoint::steps(&work).unwrap()[0].clone();
+    let out = Command::new(SERVE)
+        .args([
+            "run",
+            "--redis",
+            &redis.url(),
+            "--claim-idle-ms",
+            "100",
+            "--max-deliveries",
+            "5",
+        ])
+        .args(["--exit-when-idle", "1"])
+        .arg("--pin")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let dead = entries(&mut conn, "records-dead");
+    assert_eq!(dead.len(), 1, "{log}");
+    assert_eq!(dead[0].1["id"], poison);
+    assert!(
+        dead[0].1["reason"].contains("handed out 6 times"),
+        "{:?}",
+        dead[0].1
+    );
+    assert!(entries(&mut conn, "predictions").is_empty());
+    let _ = std::fs::remove_dir_all(&work);
 }
