@@ -139,7 +139,7 @@ impl Baked {
             version: format!(
                 "step-{}@{}",
                 snap.state.step,
-                &digest[..12.min(digest.len())]
+                digest.get(..12).unwrap_or(&digest)
             ),
         })
     }

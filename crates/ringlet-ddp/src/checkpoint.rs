@@ -512,7 +512,7 @@ pub fn load_latest_within(dir: &Path, deadline: Duration) -> Result<(Latest, Ski
 }
 
 /// Runs `work` on its own thread and waits at most `deadline` for it.
-fn within<T: Send + 'static>(
+pub fn within<T: Send + 'static>(
     path: &Path,
     deadline: Duration,
     op: &'static str,

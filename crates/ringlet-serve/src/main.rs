@@ -61,8 +61,8 @@ struct RunArgs {
     #[arg(long)]
     consumer: Option<String>,
     /// Serve the newest committed checkpoint of this directory, and each newer one committed
-    /// later (swapped in between batches).
-    #[arg(long, conflicts_with = "pin", required_unless_present = "pin")]
+    /// later (swapped in between batches). Wins over --pin.
+    #[arg(long, required_unless_present = "pin")]
     checkpoints: Option<PathBuf>,
     /// Serve this checkpoint (a step-N directory) and no other (an image made with `ringrun image
     /// build --model` sets RINGLET_SERVE_PIN to the one it holds).
@@ -72,22 +72,23 @@ struct RunArgs {
     #[arg(long, default_value = "features")]
     field: String,
     /// Records per micro-batch, at most.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     batch: u32,
     /// Milliseconds a batch waits to fill once its first record is in (at most 1000). 0: a
     /// batch is what has arrived, up to --batch (lowest latency; batches grow with the load).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     max_wait_ms: u64,
     /// Milliseconds a record may stay pending with another replica before this one takes it
     /// over (that replica died mid-batch).
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    /// At least 1000, and 2 x --max-wait-ms + 1000: a live replica's batch must never look dead.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     claim_idle_ms: u64,
     /// A record handed out more than this many times (each replica holding it died: a poison
     /// record) goes to the dead-letter stream instead of being scored again.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     max_deliveries: u64,
     /// Milliseconds between looks for a newer version.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     poll_versions_ms: u64,
     /// Seconds any one operation on Redis or the checkpoint storage may take.
     #[arg(long, default_value_t = 30.0)]
@@ -136,7 +137,16 @@ fn run(args: RunArgs) -> Result<(), String> {
     if timeout < Duration::from_secs(2) {
         return Err("--timeout: at least 2 seconds (reads wait up to 1 s)".into());
     }
-    let max_wait = Duration::from_millis(args.max_wait_ms.min(1000));
+    let max_wait = Duration::from_millis(args.max_wait_ms);
+    if args.claim_idle_ms < 2 * args.max_wait_ms + 1000 {
+        return Err(format!(
+            "--claim-idle-ms {} is too short for --max-wait-ms {}: at least {} (twice the wait, \
+             and a second to score), or live replicas' batches are taken over",
+            args.claim_idle_ms,
+            args.max_wait_ms,
+            2 * args.max_wait_ms + 1000
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -149,9 +159,11 @@ fn run(args: RunArgs) -> Result<(), String> {
         timeout,
     );
     let version = match (&args.pin, &args.checkpoints) {
-        (Some(pin), _) => versions::load(pin, timeout)
-            .map_err(|e| format!("the pinned version cannot be served: {e}"))?,
-        _ => source.first()?,
+        // --checkpoints wins: an image's RINGLET_SERVE_PIN then yields to the directory named.
+        (_, Some(_)) => source.first()?,
+        (Some(pin), None) => versions::load(pin, timeout)
+            .map_err(|r| format!("the pinned version cannot be served: {}", r.why))?,
+        (None, None) => unreachable!("clap requires one of them"),
     };
     let streams = Streams {
         input: args.input,
@@ -177,7 +189,12 @@ fn run(args: RunArgs) -> Result<(), String> {
     let started = Instant::now();
     let report = serve::run(&mut engine, &mut source, version, &opts, &stop)?;
     let busy = report.busy.as_secs_f64().max(1e-9);
-    let ms = |q| report.percentile(q).map_or("-".into(), |v| v.to_string());
+    let ms = |q| {
+        report
+            .latencies
+            .percentile(q)
+            .map_or("-".into(), |v| v.to_string())
+    };
     println!(
         "ringlet-serve: {consumer} scored {} records ({} dead-lettered, {} left to other replicas) \
          in {} batches, {:.1} s running: {:.0} records/s while busy; latency p50 {} ms p99 {} ms; \

@@ -20,6 +20,8 @@ pub struct Streams {
 
 pub struct RedisStreams {
     url: String,
+    client: redis::Client,
+    timeout: Duration,
     conn: redis::Connection,
     streams: Streams,
     commit: redis::Script,
@@ -47,6 +49,7 @@ local acks = {}
 while i <= #ARGV do
   local id, count = ARGV[i], tonumber(ARGV[i + 1])
   if mine[id] then
+    mine[id] = nil
     local target = KEYS[2]
     if n >= outputs then target = KEYS[3]; dead = dead + 1 else written = written + 1 end
     redis.call('XADD', target, '*', 'id', id, unpack(ARGV, i + 2, i + 1 + count * 2))
@@ -57,7 +60,10 @@ while i <= #ARGV do
   n = n + 1
   i = i + 2 + count * 2
 end
-if #acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
+-- In slices: Lua's unpack holds a few thousand values at most.
+for k = 1, #acks, 1000 do
+  redis.call('XACK', KEYS[1], group, unpack(acks, k, math.min(k + 999, #acks)))
+end
 local t = redis.call('TIME')
 return {written, dead, lost, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 "#;
@@ -71,14 +77,11 @@ impl RedisStreams {
             what,
         };
         let client = redis::Client::open(url).map_err(|e| fail(format!("bad address: {e}")))?;
-        let conn = client
-            .get_connection_with_timeout(timeout)
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
-        conn.set_write_timeout(Some(timeout))
-            .and_then(|_| conn.set_read_timeout(Some(timeout)))
-            .map_err(|e| fail(format!("setting timeouts: {e}")))?;
+        let conn = open(&client, timeout).map_err(|e| fail(format!("cannot connect: {e}")))?;
         let mut engine = RedisStreams {
             url: url.to_string(),
+            client,
+            timeout,
             conn,
             streams,
             commit: redis::Script::new(COMMIT),
@@ -97,6 +100,25 @@ impl RedisStreams {
             Err(e) => return Err(engine.fail("making the consumer group", e)),
         }
         Ok(engine)
+    }
+
+    /// `op` on the connection; after an I/O failure (a signal interrupting a blocked read, say
+    /// SIGSTOP and SIGCONT, or a dropped connection) once more on a new connection. Retrying is
+    /// safe: records a lost read handed out stay pending and are taken over (by this replica
+    /// too) after the idle time, and a commit that did run finds its records no longer pending.
+    fn retried<T>(
+        &mut self,
+        doing: &str,
+        mut op: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
+        match op(&mut self.conn) {
+            Err(e) if e.is_io_error() => {
+                tracing::info!("{doing}: {e}; connecting again");
+                self.conn = open(&self.client, self.timeout).map_err(|e| self.fail(doing, e))?;
+                op(&mut self.conn).map_err(|e| self.fail(doing, e))
+            }
+            r => r.map_err(|e| self.fail(doing, e)),
+        }
     }
 
     fn fail(&self, doing: &str, e: redis::RedisError) -> EngineError {
@@ -130,11 +152,11 @@ impl RedisStreams {
 
 impl StreamEngine for RedisStreams {
     fn read(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
-        let s = &self.streams;
+        let s = self.streams.clone();
         // BLOCK 0 would wait forever: at least 1 ms.
         let block = wait.as_millis().clamp(1, u32::MAX as u128) as u64;
-        let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(&s.group)
             .arg(&s.consumer)
             .arg("COUNT")
@@ -143,9 +165,8 @@ impl StreamEngine for RedisStreams {
             .arg(block)
             .arg("STREAMS")
             .arg(&s.input)
-            .arg(">")
-            .query(&mut self.conn);
-        let reply = reply.map_err(|e| self.fail("reading records", e))?;
+            .arg(">");
+        let reply: Option<StreamReadReply> = self.retried("reading records", |c| cmd.query(c))?;
         Ok(reply
             .map(|r| {
                 r.keys
@@ -158,28 +179,28 @@ impl StreamEngine for RedisStreams {
 
     fn claim_stale(&mut self, max: usize, idle: Duration) -> Result<Vec<Record>> {
         let s = &self.streams;
-        let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-            .arg(&s.input)
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&s.input)
             .arg(&s.group)
             .arg(&s.consumer)
             .arg(idle.as_millis() as u64)
             .arg(&self.claim_cursor)
             .arg("COUNT")
-            .arg(max.max(1))
-            .query(&mut self.conn);
-        let reply = reply.map_err(|e| self.fail("claiming stale records", e))?;
+            .arg(max.max(1));
+        let reply: StreamAutoClaimReply =
+            self.retried("claiming stale records", |c| cmd.query(c))?;
         self.claim_cursor = reply.next_stream_id;
         let mut records = Self::records(reply.claimed);
         // How often each was handed out (a rare path: only records a dead replica left).
         for r in &mut records {
-            let entry: redis::RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
-                .arg(&self.streams.input)
+            let mut cmd = redis::cmd("XPENDING");
+            cmd.arg(&self.streams.input)
                 .arg(&self.streams.group)
                 .arg(&r.id)
                 .arg(&r.id)
-                .arg(1)
-                .query(&mut self.conn);
-            let entry = entry.map_err(|e| self.fail("reading delivery counts", e))?;
+                .arg(1);
+            let entry: Vec<(String, String, u64, u64)> =
+                self.retried("reading delivery counts", |c| cmd.query(c))?;
             r.deliveries = entry.first().map_or(1, |e| e.3);
         }
         Ok(records)
@@ -194,8 +215,8 @@ impl StreamEngine for RedisStreams {
                 at_ms: 0,
             });
         }
-        let s = &self.streams;
-        let mut inv = self.commit.prepare_invoke();
+        let (s, script) = (self.streams.clone(), self.commit.clone());
+        let mut inv = script.prepare_invoke();
         inv.key(&s.input).key(&s.output).key(&s.dead_letter);
         // The batch's id range (ids compare as <milliseconds>-<sequence> number pairs).
         let key = |id: &str| -> (u64, u64) {
@@ -217,8 +238,7 @@ impl StreamEngine for RedisStreams {
             }
         }
         let (written, dead, lost, at_ms): (usize, usize, usize, u64) =
-            inv.invoke(&mut self.conn)
-                .map_err(|e| self.fail("writing results", e))?;
+            self.retried("writing results", |c| inv.invoke(c))?;
         Ok(Committed {
             written,
             dead,
@@ -226,4 +246,12 @@ impl StreamEngine for RedisStreams {
             at_ms,
         })
     }
+}
+
+/// A connection whose every reply is bounded by `timeout`.
+fn open(client: &redis::Client, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(timeout)?;
+    conn.set_write_timeout(Some(timeout))?;
+    conn.set_read_timeout(Some(timeout))?;
+    Ok(conn)
 }

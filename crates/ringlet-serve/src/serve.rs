@@ -42,18 +42,49 @@ pub struct Report {
     pub lost: usize,
     pub batches: usize,
     /// From each record's id (its arrival at the engine) to the commit of its prediction.
-    pub latencies_ms: Vec<u64>,
+    pub latencies: Latencies,
     pub versions: Vec<String>,
     pub busy: Duration,
 }
 
-impl Report {
-    /// The q-quantile (0..=1) of the latencies, in milliseconds.
+/// Latencies in whole milliseconds, counted per millisecond up to a minute (longer ones count
+/// as a minute): a fixed 480 KB however long the service runs.
+#[derive(Debug)]
+pub struct Latencies {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Default for Latencies {
+    fn default() -> Latencies {
+        Latencies {
+            counts: vec![0; 60_001],
+            total: 0,
+        }
+    }
+}
+
+impl Latencies {
+    pub fn add(&mut self, ms: u64) {
+        let at = (ms as usize).min(self.counts.len() - 1);
+        self.counts[at] += 1;
+        self.total += 1;
+    }
+
+    /// The q-quantile (0..=1), nearest rank; `None` with no latency counted.
     pub fn percentile(&self, q: f64) -> Option<u64> {
-        let mut l = self.latencies_ms.clone();
-        l.sort_unstable();
-        let i = ((l.len() as f64 - 1.0) * q).round() as usize;
-        l.get(i).copied()
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((self.total - 1) as f64 * q.clamp(0.0, 1.0)).round() as u64;
+        let mut seen = 0;
+        for (ms, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen > rank {
+                return Some(ms as u64);
+            }
+        }
+        None
     }
 }
 
@@ -102,13 +133,11 @@ pub fn run(
         report.lost += done.lost;
         report.scored += done.written;
         report.dead += done.dead;
+        // When some were taken over, which is not known: the batch's latencies are left out.
         if done.lost == 0 {
-            report.latencies_ms.extend(
-                outputs
-                    .iter()
-                    .filter_map(|o| id_millis(&o.id))
-                    .map(|t| done.at_ms.saturating_sub(t)),
-            );
+            for t in outputs.iter().filter_map(|o| id_millis(&o.id)) {
+                report.latencies.add(done.at_ms.saturating_sub(t));
+            }
         }
         idle_since = Instant::now();
     }
@@ -165,7 +194,7 @@ fn score(
     batch_id: &str,
 ) -> Result<(Vec<Outcome>, Vec<Outcome>), String> {
     let features = version.scorer.features();
-    let mut x = Vec::with_capacity(records.len() * features);
+    let mut x = Vec::new();
     let (mut good, mut dead) = (Vec::new(), Vec::new());
     for r in records {
         let checked = match r.deliveries > opts.max_deliveries {
@@ -182,10 +211,12 @@ fn score(
                 good.push(r);
             }
             Err(reason) => {
-                let original = r.fields.iter().map(|(k, v)| {
+                // A bounded copy of what came: the first 16 fields, 1 KiB of each.
+                let original = r.fields.iter().take(16).map(|(k, v)| {
+                    let cut = &v[..v.len().min(1024)];
                     (
                         format!("field.{k}"),
-                        String::from_utf8_lossy(v).into_owned(),
+                        String::from_utf8_lossy(cut).into_owned(),
                     )
                 });
                 dead.push(Outcome {
@@ -280,12 +311,14 @@ mod tests {
 
     #[test]
     fn percentiles_pick_the_nearest_rank() {
-        let r = Report {
-            latencies_ms: (1..=100).rev().collect(),
-            ..Report::default()
-        };
-        assert_eq!(r.percentile(0.5), Some(51));
-        assert_eq!(r.percentile(0.99), Some(99));
-        assert_eq!(Report::default().percentile(0.5), None);
+        let mut l = Latencies::default();
+        for ms in (1..=100).rev() {
+            l.add(ms);
+        }
+        assert_eq!(l.percentile(0.5), Some(51));
+        assert_eq!(l.percentile(0.99), Some(99));
+        l.add(10_000_000);
+        assert_eq!(l.percentile(1.0), Some(60_000));
+        assert_eq!(Latencies::default().percentile(0.5), None);
     }
 }

@@ -3,7 +3,7 @@
 //! named by its step and the first 12 hex digits of its model file's SHA-256.
 
 use crate::scorer::Scorer;
-use ringlet_ddp::checkpoint::{self, Snapshot};
+use ringlet_ddp::checkpoint::{self, CheckpointError, Snapshot};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,22 +17,68 @@ pub struct Version {
     pub scorer: Scorer,
 }
 
+/// Why a checkpoint was not loaded: `permanent` when it is corrupt or cannot be served (it is
+/// not tried again until its manifest changes), else a failure of the storage, tried again.
+pub struct Refusal {
+    pub why: String,
+    pub permanent: bool,
+}
+
+/// The checkpoint, verified, and its model file's digest, read within `deadline`.
+fn read(path: &Path, deadline: Duration) -> Result<(Snapshot, String), Refusal> {
+    let owned = path.to_path_buf();
+    checkpoint::within(path, deadline, "load checkpoint", move || {
+        let snap = checkpoint::load(&owned)?;
+        let digest = checkpoint::model_digest(&owned)?;
+        Ok((snap, digest))
+    })
+    .map_err(|e| Refusal {
+        permanent: matches!(
+            e,
+            CheckpointError::Corrupt { .. } | CheckpointError::Incomplete { .. }
+        ),
+        why: e.to_string(),
+    })
+}
+
+/// `step-<N>@<first 12 characters of the digest>`.
+pub fn label(step: u64, digest: &str) -> String {
+    format!("step-{step}@{}", digest.get(..12).unwrap_or(digest))
+}
+
 /// Loads and verifies the checkpoint at `path` within `deadline` (storage that hangs is an
 /// error) and rebuilds its model.
-pub fn load(path: &Path, deadline: Duration) -> Result<Version, String> {
-    let snap: Snapshot = checkpoint::load_within(path, deadline).map_err(|e| e.to_string())?;
-    let scorer = Scorer::from_snapshot(&snap).map_err(|e| format!("{}: {e}", path.display()))?;
-    let digest = checkpoint::model_digest(path).map_err(|e| e.to_string())?;
+pub fn load(path: &Path, deadline: Duration) -> Result<Version, Refusal> {
+    let (snap, digest) = read(path, deadline)?;
+    let scorer = Scorer::from_snapshot(&snap).map_err(|e| Refusal {
+        why: format!("{}: {e}", path.display()),
+        permanent: true,
+    })?;
     Ok(Version {
         step: snap.state.step,
         path: path.to_path_buf(),
-        label: format!(
-            "step-{}@{}",
-            snap.state.step,
-            &digest[..12.min(digest.len())]
-        ),
+        label: label(snap.state.step, &digest),
         scorer,
     })
+}
+
+/// The checkpoints of `dir`, newest first, listed within `deadline`.
+fn steps(dir: &Path, deadline: Duration) -> Result<Vec<(u64, PathBuf)>, String> {
+    let owned = dir.to_path_buf();
+    checkpoint::within(dir, deadline, "list checkpoints", move || {
+        checkpoint::steps(&owned)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// What identifies one write of a checkpoint: its path and its manifest's modification time
+/// (a step saved again gets a new manifest, and is looked at again).
+fn identity(path: &Path) -> (PathBuf, Option<std::time::SystemTime>) {
+    let manifest = path.join(checkpoint::MANIFEST_FILE);
+    let modified = std::fs::symlink_metadata(manifest)
+        .and_then(|m| m.modified())
+        .ok();
+    (path.to_path_buf(), modified)
 }
 
 /// Which version to serve: the newest of a directory, or one pinned.
@@ -41,8 +87,10 @@ pub struct Source {
     deadline: Duration,
     every: Duration,
     last_look: Option<Instant>,
-    /// Checkpoints refused once (corrupt, or a model that cannot be served): not retried.
-    refused: HashSet<PathBuf>,
+    /// Checkpoints refused for good (corrupt, or a model that cannot be served), as written.
+    refused: HashSet<(PathBuf, Option<std::time::SystemTime>)>,
+    /// Storage failures already logged (they are tried again at every look).
+    failing: HashSet<PathBuf>,
 }
 
 impl Source {
@@ -54,6 +102,7 @@ impl Source {
             every,
             last_look: None,
             refused: HashSet::new(),
+            failing: HashSet::new(),
         }
     }
 
@@ -62,11 +111,10 @@ impl Source {
     pub fn first(&mut self) -> Result<Version, String> {
         let dir = self.dir.clone().expect("a directory to follow");
         self.last_look = Some(Instant::now());
-        let steps = checkpoint::steps(&dir).map_err(|e| e.to_string())?;
-        for (_, path) in steps {
+        for (_, path) in steps(&dir, self.deadline)? {
             match load(&path, self.deadline) {
                 Ok(v) => return Ok(v),
-                Err(why) => self.refuse(path, &why),
+                Err(r) => self.refuse(&path, r),
             }
         }
         Err(format!(
@@ -77,55 +125,63 @@ impl Source {
 
     /// A committed version newer than `current`, verified and loaded, when the time to look has
     /// come; `None` otherwise. A newer one that fails is refused (logged once) and the current
-    /// one goes on serving.
+    /// one goes on serving; one the storage failed to read is tried again at the next look.
     pub fn newer(&mut self, current: u64) -> Option<Version> {
         let dir = self.dir.clone()?;
         if self.last_look.is_some_and(|t| t.elapsed() < self.every) {
             return None;
         }
         self.last_look = Some(Instant::now());
-        let steps = match checkpoint::steps(&dir) {
+        let listed = match steps(&dir, self.deadline) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("listing versions: {e}; serving step {current} on");
                 return None;
             }
         };
-        for (step, path) in steps {
+        for (step, path) in listed {
             if step <= current {
                 return None;
             }
-            if self.refused.contains(&path) {
+            if self.refused.contains(&identity(&path)) {
                 continue;
             }
             match load(&path, self.deadline) {
                 Ok(v) => return Some(v),
-                Err(why) => self.refuse(path, &why),
+                Err(r) => self.refuse(&path, r),
             }
         }
         None
     }
 
-    fn refuse(&mut self, path: PathBuf, why: &str) {
-        eprintln!("ringlet-serve: refused version {}: {why}", path.display());
-        self.refused.insert(path);
+    fn refuse(&mut self, path: &Path, r: Refusal) {
+        if r.permanent {
+            eprintln!(
+                "ringlet-serve: refused version {}: {}",
+                path.display(),
+                r.why
+            );
+            self.refused.insert(identity(path));
+        } else if self.failing.insert(path.to_path_buf()) {
+            eprintln!(
+                "ringlet-serve: cannot read version {} yet ({}); trying again",
+                path.display(),
+                r.why
+            );
+        }
     }
 }
 
 /// One line per checkpoint of `dir`, newest first: step, epoch, the model, the recorded metrics
 /// and the model file's SHA-256, or why it would be refused.
 pub fn list(dir: &Path, deadline: Duration) -> Result<Vec<String>, String> {
-    let steps = checkpoint::steps(dir).map_err(|e| e.to_string())?;
-    Ok(steps
+    Ok(steps(dir, deadline)?
         .into_iter()
         .map(|(step, path)| {
-            let loaded = checkpoint::load_within(&path, deadline)
-                .map_err(|e| e.to_string())
-                .and_then(|snap| {
-                    let digest = checkpoint::model_digest(&path).map_err(|e| e.to_string())?;
-                    let servable = Scorer::from_snapshot(&snap).err();
-                    Ok((snap, digest, servable))
-                });
+            let loaded = read(&path, deadline).map(|(snap, digest)| {
+                let servable = Scorer::from_snapshot(&snap).err();
+                (snap, digest, servable)
+            });
             match loaded {
                 Ok((snap, digest, servable)) => {
                     let s = &snap.state;
@@ -142,7 +198,7 @@ pub fn list(dir: &Path, deadline: Duration) -> Result<Vec<String>, String> {
                             .unwrap_or_default()
                     )
                 }
-                Err(why) => format!("step {step} refused: {why}"),
+                Err(r) => format!("step {step} refused: {}", r.why),
             }
         })
         .collect())
