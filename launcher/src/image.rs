@@ -132,8 +132,15 @@ impl Baked {
     /// Verifies `dir` as resume does (manifest, sizes, SHA-256 of every file) and names it.
     pub fn verify(dir: &Path) -> Result<Baked, String> {
         use ringlet_ddp::checkpoint;
-        let snap = checkpoint::load(dir).map_err(|e| format!("--model: {e}"))?;
-        let digest = checkpoint::model_digest(dir).map_err(|e| format!("--model: {e}"))?;
+        // Shared storage may hang: the read has a deadline, as a resume's has.
+        let owned = dir.to_path_buf();
+        let (snap, digest) = checkpoint::within(
+            dir,
+            std::time::Duration::from_secs(300),
+            "load checkpoint",
+            move || Ok((checkpoint::load(&owned)?, checkpoint::model_digest(&owned)?)),
+        )
+        .map_err(|e| format!("--model: {e}"))?;
         Ok(Baked {
             dir: dir.to_path_buf(),
             version: format!(

@@ -42,17 +42,29 @@ impl Scorer {
                 .filter(|&v| (1..=1 << 20).contains(&v))
                 .ok_or_else(|| format!("the model config has no valid {key:?}: {config}"))
         };
+        // The config's sizes must account for exactly the checkpoint's parameters before the
+        // model is built: a tampered config must not make it allocate what no file holds.
+        let held: usize = snap.model.iter().map(|t| t.data.len()).sum();
+        let account = |needed: Option<usize>| match needed {
+            Some(n) if n == held => Ok(()),
+            _ => Err(format!(
+                "the model config {config} does not match the checkpoint's {held} parameters"
+            )),
+        };
         match config["model"].as_str() {
             Some("mlp") => {
                 let sizes: Vec<usize> = config["sizes"]
                     .as_array()
                     .map(|a| {
                         a.iter()
-                            .filter_map(|v| v.as_u64())
-                            .map(|v| v as usize)
-                            .collect()
+                            .map(|v| v.as_u64().and_then(|v| usize::try_from(v).ok()))
+                            .collect::<Option<Vec<usize>>>()
+                            .unwrap_or_default()
                     })
                     .unwrap_or_default();
+                account(sizes.windows(2).try_fold(0usize, |sum, w| {
+                    sum.checked_add(w[0].checked_mul(w[1])?.checked_add(w[1])?)
+                }))?;
                 let mlp = Mlp::new(sizes)?;
                 let mut params = Vec::with_capacity(mlp.param_count());
                 for (i, l) in mlp.layers().iter().enumerate() {
@@ -83,10 +95,23 @@ impl Scorer {
             }
             Some("cnn") => {
                 let (side, classes) = (size("side")?, size("classes")?);
-                let (channels, hidden) = (size("channels")?, size("hidden")?);
+                let (c, hidden) = (size("channels")?, size("hidden")?);
                 if !(4..=4096).contains(&side) {
                     return Err(format!("image side {side} is out of range"));
                 }
+                // Two blocks of two 3x3 convolutions (1 -> c -> c, c -> 2c -> 2c) with biases, a
+                // hidden and an output layer.
+                account((|| {
+                    let convs = c
+                        .checked_mul(c)?
+                        .checked_mul(9 + 18 + 36)?
+                        .checked_add(9 * c + 6 * c)?;
+                    let flat = (2 * c).checked_mul((side / 4) * (side / 4))?;
+                    let dense = flat.checked_mul(hidden)?.checked_add(hidden)?;
+                    let out = hidden.checked_mul(classes)?.checked_add(classes)?;
+                    convs.checked_add(dense)?.checked_add(out)
+                })())?;
+                let channels = c;
                 let device = Device::flex();
                 // Built where parameters train (autodiff), as params::list lists only those,
                 // loaded, then taken off autodiff for inference.
@@ -182,4 +207,46 @@ fn softmax_rows(mut logits: Vec<f32>, classes: usize) -> Vec<f32> {
         row.iter_mut().for_each(|v| *v /= sum);
     }
     logits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringlet_ddp::checkpoint::{State, Tensor};
+
+    fn snapshot(model: serde_json::Value) -> Snapshot {
+        let state: State = serde_json::from_value(serde_json::json!({
+            "step": 1, "epoch": 0, "cursor": 0, "seed": 0, "rng": [], "batches": [1],
+            "world_size": 1, "model": model,
+        }))
+        .unwrap();
+        Snapshot {
+            state,
+            model: vec![Tensor {
+                name: "layers.0.weight".into(),
+                shape: vec![2, 3],
+                data: vec![0.0; 6],
+            }],
+            optimizer: Vec::new(),
+        }
+    }
+
+    /// A config that claims more than the file holds is refused before anything is built.
+    #[test]
+    fn a_config_that_does_not_match_the_tensors_is_refused_before_building() {
+        for config in [
+            serde_json::json!({"model": "cnn", "side": 8, "classes": 10, "channels": 1 << 20, "hidden": 1 << 20}),
+            serde_json::json!({"model": "mlp", "sizes": [1usize << 40, 1usize << 40]}),
+            serde_json::json!({"model": "mlp", "sizes": [u64::MAX, 2]}),
+            serde_json::json!({"model": "mlp", "sizes": [3, 2]}),
+        ] {
+            let e = Scorer::from_snapshot(&snapshot(config.clone()))
+                .err()
+                .unwrap();
+            assert!(
+                e.contains("does not match the checkpoint's 6 parameters"),
+                "{config}: {e}"
+            );
+        }
+    }
 }
