@@ -6,7 +6,8 @@
 //! on every path.
 //!
 //! Networking: with one engine, the ranks share a user-defined bridge network made for the job
-//! and find rank 0 by its container name. With several engines, containers use host networking,
+//! and find rank 0 by its container name; `host.docker.internal` names the Docker host there
+//! (Docker's `host-gateway`), for services the ranks use. With several engines, containers use host networking,
 //! so a rank's ring address is its host's: the hosts must reach each other (and rank 0's host must
 //! be reachable at MASTER_ADDR: the first engine's host for `tcp://` endpoints, 127.0.0.1 when
 //! every engine is local, else `--master-addr`).
@@ -345,6 +346,10 @@ impl JobRun {
                         "host".into()
                     }),
                     binds: (!cs.volumes.is_empty()).then(|| cs.volumes.clone()),
+                    // A service on the Docker host (a stream engine for ringlet-serve replicas,
+                    // say) is `host.docker.internal` from the job's network, as on Docker
+                    // Desktop; with host networking it is the host's own addresses.
+                    extra_hosts: single.then(|| vec!["host.docker.internal:host-gateway".into()]),
                     // A 10 ms CFS period (Docker's --cpus uses 100 ms): a throttled rank then
                     // runs at its share within each step rather than in bursts across steps, so
                     // its measured compute time reflects its quota (what batch balancing reads).

@@ -168,8 +168,10 @@ struct Cli {
 
     /// Run each rank as a container of IMAGE through the Docker engine API (DOCKER_HOST
     /// honoured) instead of a local process; PROGRAM is resolved inside the image. Containers
-    /// share a network made for the job; every container and the network are removed at the
-    /// end, whatever happens. `ringrun image build --tag T BINARY...` makes such an image.
+    /// share a network made for the job, where `host.docker.internal` is the Docker host (a
+    /// stream engine for ringlet-serve replicas, say); every container and the network are
+    /// removed at the end, whatever happens. `ringrun image build --tag T BINARY...` makes such
+    /// an image.
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
 

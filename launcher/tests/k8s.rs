@@ -155,10 +155,14 @@ fn pods(list: &Value) -> Vec<Pod> {
                 .unwrap()
                 .iter()
                 .map(|e| {
-                    let value = match e["value"].as_str() {
-                        Some(v) => v.to_string(),
-                        None => {
-                            let r = &e["valueFrom"]["secretKeyRef"];
+                    let from = &e["valueFrom"];
+                    let value = match (e["value"].as_str(), from["fieldRef"]["fieldPath"].as_str())
+                    {
+                        (Some(v), _) => v.to_string(),
+                        // The node the scheduler would have put the pod on: one per pool here.
+                        (None, Some("spec.nodeName")) => format!("{name}-node"),
+                        (None, _) => {
+                            let r = &from["secretKeyRef"];
                             secret(r["name"].as_str().unwrap(), r["key"].as_str().unwrap())
                         }
                     };

@@ -33,6 +33,11 @@ pub trait Samples {
     }
     /// The batch of samples `indices` (in that order), on `device`.
     fn batch(&self, indices: &[usize], device: &Device) -> Self::Batch;
+    /// Up to `n` samples this process holds, to time a batch with (all samples are held unless
+    /// the data is read with locality: see [`TrainOptions::locality`]).
+    fn held(&self, n: usize) -> Vec<usize> {
+        (0..n.min(self.len())).collect()
+    }
 }
 
 /// A model the trainer can train on batches of type `B`.
@@ -71,6 +76,9 @@ pub struct TrainOptions {
     /// to resume.
     pub config: serde_json::Value,
     pub config_keys: Vec<String>,
+    /// Each rank takes its samples from the shards its host holds (see
+    /// [`ringlet_ddp::locality`]); `None`: the exact order.
+    pub locality: Option<ringlet_ddp::locality::ShardLayout>,
 }
 
 impl TrainOptions {
@@ -89,6 +97,7 @@ impl TrainOptions {
             calibration_steps: 3,
             config: serde_json::Value::Null,
             config_keys: Vec::new(),
+            locality: None,
         }
     }
 }
@@ -160,7 +169,7 @@ where
     let survival = Survival::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let global = opts.global_batch;
-    let mut sampler = Sampler::new(opts.seed, data.len(), global)?;
+    let mut sampler = Sampler::with_layout(opts.seed, data.len(), global, opts.locality.clone())?;
     let infos = params::list(&model);
     // A replacement joining the running job takes its state from the members instead.
     let late = comm.is_replacement();
@@ -507,7 +516,7 @@ where
     D: Samples,
     M: Objective<D::Batch>,
 {
-    let idx: Vec<usize> = (0..share.min(data.len())).collect();
+    let idx = data.held(share);
     let batch = data.batch(&idx, device);
     let mut times = Vec::new();
     for _ in 0..5 {

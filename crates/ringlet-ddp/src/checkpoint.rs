@@ -124,6 +124,10 @@ pub struct State {
     /// serve; absent in checkpoints written before it existed.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub metrics: serde_json::Value,
+    /// With data locality: the local batches the epoch's plan was made from, so that a run
+    /// resumed mid-epoch makes the same plan (see `locality`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_batches: Option<Vec<usize>>,
 }
 
 /// A checkpoint in memory.
@@ -885,6 +889,19 @@ fn state_problem(state: &State) -> Option<String> {
     {
         return Some("per-rank batch sizes overflow when summed".into());
     }
+    if let Some(p) = &state.plan_batches {
+        if p.len() != state.world_size
+            || p.iter()
+                .try_fold(0usize, |a, &b| a.checked_add(b))
+                .is_none()
+        {
+            return Some(format!(
+                "records {} plan batch sizes (or a sum that overflows) for a world size of {}",
+                p.len(),
+                state.world_size
+            ));
+        }
+    }
     None
 }
 
@@ -1298,6 +1315,7 @@ mod tests {
                 }),
                 extra: serde_json::json!({"scalars": {"conv.weight.time": {"uint": 7}}}),
                 metrics: serde_json::json!({"train_loss": 0.25}),
+                plan_batches: None,
             },
             // Deliberately not in name order: the order must survive the round trip.
             model: vec![

@@ -5,7 +5,7 @@
 //!
 //! - [`sampler`]: one global sample order per epoch from a seed; each rank's contiguous slice of
 //!   every step by the current local batch sizes; a global cursor that resumes on any world
-//!   size.
+//!   size; [`locality`]: each rank's samples from shards its host holds instead.
 //! - [`grad_sync`]: gradients all-reduced in buckets (reverse parameter order, a small first
 //!   bucket) with `all_reduce_async`, starting while backward goes on; sum-then-divide by the
 //!   global batch makes n ranks with any split compute the update one process would.
@@ -83,6 +83,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod grad_sync;
 pub mod local_world;
+pub mod locality;
 pub mod membership;
 pub mod report;
 pub mod resume;

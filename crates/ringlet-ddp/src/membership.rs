@@ -604,6 +604,7 @@ mod tests {
                 model: serde_json::json!({"model": "mlp"}),
                 extra: serde_json::Value::Null,
                 metrics: serde_json::Value::Null,
+                plan_batches: None,
             },
             model: vec![Tensor {
                 name: "w".into(),

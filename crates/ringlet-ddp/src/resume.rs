@@ -137,6 +137,7 @@ pub fn resume_loop(
     world_size: usize,
 ) -> Result<(u64, Option<Vec<usize>>), Error> {
     sampler.seek(state.epoch, state.cursor)?;
+    sampler.plan_from(state.plan_batches.clone());
     if rank == 0 {
         tracing::info!(
             "resumed from {} (step {}, epoch {}, cursor {}, saved by {} ranks)",
@@ -173,6 +174,7 @@ pub fn loop_state(
         model: config,
         extra: serde_json::Value::Null,
         metrics: serde_json::json!({ "train_loss": loss }),
+        plan_batches: sampler.plan().map(|p| p.batches.clone()),
     }
 }
 
@@ -347,6 +349,7 @@ mod tests {
                 model: serde_json::json!({"sizes": [64, 10], "optimizer": "sgd"}),
                 extra: serde_json::Value::Null,
                 metrics: serde_json::Value::Null,
+                plan_batches: None,
             },
             model: Vec::new(),
             optimizer: Vec::new(),

@@ -138,6 +138,7 @@ impl RunState {
                     model: setup.config.clone(),
                     extra: serde_json::Value::Null,
                     metrics: serde_json::Value::Null,
+                    plan_batches: None,
                 })?),
                 false => None,
             };

@@ -3,8 +3,12 @@
 //! The order depends only on the seed and the epoch, and the position is a *global* cursor (the
 //! samples of the epoch consumed so far), so a run saved by 4 ranks resumes on 3 or 8 at the same
 //! sample, and the samples of every step are the same whatever the world size or split.
+//!
+//! [`Sampler::local`] instead takes each rank's samples from shards its host holds (see
+//! [`locality`](crate::locality)), with the same cursor, epochs and global batch.
 
 use crate::balance::offset;
+use crate::locality::{EpochPlan, ShardLayout};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +32,20 @@ pub struct Sampler {
     global_batch: usize,
     epoch: u64,
     cursor: usize,
+    /// The epoch's order (exact mode; empty with locality).
     order: Vec<usize>,
+    local: Option<Box<Local>>,
+}
+
+/// What a sampler with data locality keeps: the layout, the epoch's plan (made when the epoch's
+/// first step is taken, from the split then), and the rank's samples of the last step.
+#[derive(Clone, Debug)]
+struct Local {
+    layout: ShardLayout,
+    plan: Option<EpochPlan>,
+    /// The split to make the next plan from, when resuming mid-epoch (a checkpoint's).
+    plan_from: Option<Vec<usize>>,
+    mine: Vec<usize>,
 }
 
 impl Sampler {
@@ -46,7 +63,49 @@ impl Sampler {
             epoch: 0,
             cursor: 0,
             order: epoch_order(seed, 0, len),
+            local: None,
         })
+    }
+
+    /// A sampler at the start of epoch 0 that takes each rank's samples from the shards its
+    /// host holds (`layout`), over `layout.len()` samples.
+    pub fn local(seed: u64, layout: ShardLayout, global_batch: usize) -> Result<Sampler, Error> {
+        let mut s = Sampler::new(seed, layout.len(), global_batch)?;
+        s.order = Vec::new();
+        s.local = Some(Box::new(Local {
+            layout,
+            plan: None,
+            plan_from: None,
+            mine: Vec::new(),
+        }));
+        Ok(s)
+    }
+
+    /// [`new`](Self::new), or [`local`](Self::local) given a layout.
+    pub fn with_layout(
+        seed: u64,
+        len: usize,
+        global_batch: usize,
+        layout: Option<ShardLayout>,
+    ) -> Result<Sampler, Error> {
+        match layout {
+            Some(l) => Sampler::local(seed, l, global_batch),
+            None => Sampler::new(seed, len, global_batch),
+        }
+    }
+
+    /// With locality, the split the current epoch's plan is to be made from (a checkpoint's
+    /// record of the one it was made from), instead of the split of its next step. Ignored if
+    /// it does not fit the world.
+    pub fn plan_from(&mut self, batches: Option<Vec<usize>>) {
+        if let Some(local) = &mut self.local {
+            local.plan_from = batches;
+        }
+    }
+
+    /// The current epoch's plan, with locality once a step of it has been taken.
+    pub fn plan(&self) -> Option<&EpochPlan> {
+        self.local.as_ref()?.plan.as_ref()
     }
 
     /// Moves to a saved position (from a checkpoint: checked, as any number from a file is).
@@ -60,8 +119,14 @@ impl Sampler {
                     self.len
                 ))
             })?;
-        if epoch != self.epoch {
+        if self.local.is_none() && epoch != self.epoch {
             self.order = epoch_order(self.seed, epoch, self.len);
+        }
+        if let Some(local) = &mut self.local {
+            // Made again at the next step: from the split the saved plan was made from (see
+            // `plan_from`), else from the split then.
+            local.plan = None;
+            local.plan_from = None;
         }
         (self.epoch, self.cursor) = (epoch, cursor);
         Ok(())
@@ -85,11 +150,42 @@ impl Sampler {
                 Error::Config("the epoch count overflows (a corrupt checkpoint?)".into())
             })?;
             self.cursor = 0;
-            self.order = epoch_order(self.seed, self.epoch, self.len);
+            if self.local.is_none() {
+                self.order = epoch_order(self.seed, self.epoch, self.len);
+            }
         }
-        let from = self.cursor + offset(batches, rank);
+        let start = self.cursor;
         self.cursor += self.global_batch;
-        Ok(&self.order[from..from + batches[rank]])
+        let Some(local) = self.local.as_deref_mut() else {
+            let from = start + offset(batches, rank);
+            return Ok(&self.order[from..from + batches[rank]]);
+        };
+        if local.plan.as_ref().is_none_or(|p| p.epoch != self.epoch) {
+            let global = self.global_batch;
+            let saved = local.plan_from.take().filter(|b| {
+                b.len() == batches.len()
+                    && b.iter().try_fold(0usize, |a, &x| a.checked_add(x)) == Some(global)
+            });
+            if start != 0 && saved.is_none() {
+                tracing::warn!(
+                    "data locality: epoch {} is planned mid-way (at sample {start}) from the current split: if the split, the hosts or the shard map changed since the epoch began, some of its samples may be used twice or not at all",
+                    self.epoch
+                );
+            }
+            let from = saved.as_deref().unwrap_or(batches);
+            let plan = EpochPlan::new(&local.layout, self.seed, self.epoch, global, from)?;
+            local.plan = Some(plan);
+        }
+        let plan = local.plan.as_ref().expect("made above");
+        plan.take(
+            &local.layout,
+            start,
+            self.global_batch,
+            batches,
+            rank,
+            &mut local.mine,
+        );
+        Ok(&local.mine)
     }
 
     /// The epoch of the last step taken (or of the position sought).

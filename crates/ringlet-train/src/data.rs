@@ -63,11 +63,33 @@ pub struct Dataset {
     /// `test_len * features` values.
     pub test_x: Vec<f32>,
     pub test_y: Vec<u32>,
+    /// Which samples of the training set the rows are, when they are only some of them (a rank
+    /// with data locality holds its host's shards); `None`: all, in order.
+    pub held: Option<Held>,
+}
+
+/// Some samples of a training set of `total`: `runs` of `(first sample id, rows, first row)`,
+/// ascending by sample id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub total: usize,
+    pub runs: Vec<(usize, usize, usize)>,
 }
 
 impl Dataset {
+    /// Samples in the training set (all ranks together, with data locality).
     pub fn train_len(&self) -> usize {
-        self.train_y.len()
+        self.held.as_ref().map_or(self.train_y.len(), |h| h.total)
+    }
+
+    /// The row holding training sample `id`, if this process holds it.
+    pub fn row(&self, id: usize) -> Option<usize> {
+        let Some(held) = &self.held else {
+            return (id < self.train_y.len()).then_some(id);
+        };
+        let i = held.runs.partition_point(|&(first, _, _)| first <= id);
+        let &(first, rows, row) = held.runs.get(i.checked_sub(1)?)?;
+        (id - first < rows).then_some(row + id - first)
     }
 
     pub fn test_len(&self) -> usize {
@@ -80,14 +102,28 @@ impl Dataset {
     /// without reallocating.
     ///
     /// # Panics
-    /// If an index is `>= self.train_len()` (a caller bug, not bad input data).
+    /// If a sample is not held here (a caller bug, not bad input data).
     pub fn gather(&self, indices: &[usize], x: &mut Vec<f32>, y: &mut Vec<u32>) {
+        let rows = indices.iter().map(|&i| {
+            self.row(i)
+                .unwrap_or_else(|| panic!("sample {i} is not held by this process"))
+        });
+        self.gather_rows(rows, x, y);
+    }
+
+    /// As [`gather`](Self::gather), by row rather than by sample id.
+    pub fn gather_rows(
+        &self,
+        rows: impl ExactSizeIterator<Item = usize>,
+        x: &mut Vec<f32>,
+        y: &mut Vec<u32>,
+    ) {
         let f = self.features;
         x.clear();
         y.clear();
-        x.reserve(indices.len() * f);
-        y.reserve(indices.len());
-        for &i in indices {
+        x.reserve(rows.len() * f);
+        y.reserve(rows.len());
+        for i in rows {
             x.extend_from_slice(&self.train_x[i * f..(i + 1) * f]);
             y.push(self.train_y[i]);
         }
@@ -562,6 +598,7 @@ fn build(
         train_y,
         test_x,
         test_y,
+        held: None,
     })
 }
 
@@ -604,6 +641,7 @@ fn synthetic(n: usize) -> Result<Dataset, DataError> {
         train_y,
         test_x,
         test_y,
+        held: None,
     })
 }
 
@@ -1055,6 +1093,7 @@ mod tests {
             train_y: vec![0, 1, 2, 0],
             test_x: vec![],
             test_y: vec![],
+            held: None,
         };
         let (mut x, mut y) = (vec![99.0], vec![99]);
         d.gather(&[3, 1, 1], &mut x, &mut y);

@@ -1,6 +1,8 @@
 //! Data-parallel training on Ringlet without Python.
 //!
 //! - [`data`]: datasets — the embedded 8×8 digits, deterministic synthetic data, MNIST-format IDX;
+//! - [`shards`]: sharded datasets (safetensors shards and an index), the converter, the shard
+//!   map saying which hosts hold which shards, and reading a rank's shards;
 //! - [`model`]: the MLP classifier, forward and backward written once over [`tensor::Backend`];
 //! - [`tensor`]: the operations it is written in, on the CPU (GEMM by `matrixmultiply`);
 //! - [`gpu`]: the same on a GPU (through cudarc): [`gpu::blas`], cuBLAS's GEMM for row-major
@@ -20,5 +22,6 @@ pub mod grad_path;
 pub mod model;
 pub mod models;
 pub mod optim;
+pub mod shards;
 pub mod tensor;
 pub mod train;

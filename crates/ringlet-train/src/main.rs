@@ -5,11 +5,12 @@ use ringlet::{Communicator, Error};
 use ringlet_burn::{TrainOptions, TrainSummary};
 use ringlet_ddp::agree::at_start;
 use ringlet_ddp::report::{metrics_path, Metrics, Progress};
-use ringlet_ddp::{Balance, CheckpointOptions, Resume, StepReport};
+use ringlet_ddp::{Balance, CheckpointOptions, Resume, StepReport, Survival};
 use ringlet_train::burn_models::{self, CnnShape, LmShape, OptimizerChoice, Outcome};
 use ringlet_train::models::cnn::Cnn;
 use ringlet_train::models::transformer::{CharText, TEXT};
 use ringlet_train::optim::{AdamW, Sgd};
+use ringlet_train::shards;
 use ringlet_train::train::{self, DeviceChoice, OptimizerKind, Options};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -36,12 +37,27 @@ struct Args {
     #[arg(long, default_value = "mlp", value_parser = ["mlp", "cnn", "transformer"])]
     model: String,
     /// For mlp and cnn: `digits` (embedded), `synthetic:N` (N deterministic samples of 64
-    /// features, any size), or a directory of MNIST-format IDX files (train-images-idx3-ubyte,
-    /// train-labels-idx1-ubyte, and t10k-* for the test set if present). For transformer:
+    /// features, any size), a directory of MNIST-format IDX files (train-images-idx3-ubyte,
+    /// train-labels-idx1-ubyte, and t10k-* for the test set if present), or `shards:DIR`, a
+    /// sharded dataset written by `ringlet-shards convert` (DIR: its shared copy). For transformer:
     /// `genesis` (embedded) or a UTF-8 text file (its last 10% held out). Default: digits, or
     /// genesis for transformer.
     #[arg(long)]
     dataset: Option<String>,
+    /// With --dataset shards:DIR: `on` makes each rank read and train on only the shards its host
+    /// holds (per --shard-map); every sample is still used once per epoch and the global batch
+    /// is unchanged, but each step draws from every host's shards in proportion to what it
+    /// reads, rather than uniformly from the whole set (the exact order, `off`, the default).
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    data_locality: String,
+    /// JSON map of which hosts hold local copies of which shards:
+    /// {"hosts": {"NAME": {"dir": "/local/copy", "shards": "0-7,test"}}}. Shards a host does not
+    /// hold are read from the dataset's shared DIR.
+    #[arg(long, env = "RINGLET_SHARD_MAP")]
+    shard_map: Option<PathBuf>,
+    /// This rank's host as the shard map names it (default: the host name).
+    #[arg(long, env = "RINGLET_DATA_HOST")]
+    data_host: Option<String>,
     /// What computes the model on each rank: `gpu` (GPU <local rank> modulo the GPUs present),
     /// `cpu`, or `auto` (the GPU where one can be used, else the CPU). mlp: cuBLAS for the matrix
     /// products, kernels/ compiled by NVRTC for the rest. cnn, transformer: Burn's CUDA backend,
@@ -180,15 +196,33 @@ enum Data {
     Text(CharText),
 }
 
-fn load(args: &Args) -> Result<Data, String> {
+/// What a rank reads before joining: the data, or where a sharded dataset's shared copy is (read
+/// once the ranks know each other's hosts).
+enum Loaded {
+    Ready(Data),
+    Sharded(PathBuf),
+}
+
+fn load(args: &Args) -> Result<Loaded, String> {
+    let ready = |d| Ok(Loaded::Ready(d));
     match (args.model.as_str(), args.dataset.as_deref()) {
-        ("transformer", None | Some("genesis")) => Ok(Data::Text(CharText::new(TEXT, 0.1))),
+        ("transformer", _) if args.data_locality == "on" || args.shard_map.is_some() => {
+            Err("--data-locality and --shard-map are for mlp and cnn".into())
+        }
+        ("transformer", None | Some("genesis")) => ready(Data::Text(CharText::new(TEXT, 0.1))),
         ("transformer", Some(path)) => {
             let text = read_text(std::path::Path::new(path))?;
-            Ok(Data::Text(CharText::new(&text, 0.1)))
+            ready(Data::Text(CharText::new(&text, 0.1)))
         }
+        (_, Some(spec)) if spec.starts_with("shards:") => {
+            Ok(Loaded::Sharded(PathBuf::from(&spec["shards:".len()..])))
+        }
+        (_, _) if args.data_locality == "on" || args.shard_map.is_some() => Err(
+            "--data-locality and --shard-map need --dataset shards:DIR (see ringlet-shards convert)"
+                .into(),
+        ),
         (_, spec) => ringlet_train::data::load(spec.unwrap_or("digits"))
-            .map(Data::Labelled)
+            .map(|d| Loaded::Ready(Data::Labelled(d)))
             .map_err(|e| e.to_string()),
     }
 }
@@ -231,6 +265,23 @@ fn run(args: &Args) -> Result<(), Error> {
     let (rank, n) = (comm.rank(), comm.world_size());
     // Each rank reads the data itself; one that cannot makes all fail together.
     let data = at_start(&comm, loaded, "loading the dataset")?;
+    let (data, locality, read) = match data {
+        Loaded::Sharded(dir) => {
+            let host = args
+                .data_host
+                .clone()
+                .unwrap_or_else(ringlet::topology::hostname);
+            let on = args.data_locality == "on";
+            if on && Survival::from_env()?.min_ranks().is_some() {
+                return Err(Error::InvalidArgument(
+                    "--data-locality on cannot go on after a lost rank (its host's shards would go unread): drop --min-ranks or turn locality off".into(),
+                ));
+            }
+            let o = shards::open_for_job(&comm, &dir, args.shard_map.as_deref(), &host, on)?;
+            (Data::Labelled(o.data), o.locality, Some(o.all))
+        }
+        Loaded::Ready(d) => (d, None, None),
+    };
     let transformer = args.model == "transformer";
     let train_len = match &data {
         Data::Labelled(d) => d.train_len(),
@@ -331,6 +382,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 checkpoint,
                 rebalance_every: args.rebalance_every,
                 calibration_steps: args.calibration_steps,
+                locality: locality.clone(),
             };
             let s = train::train(&mut comm, d, &opts, report)?;
             Outcome {
@@ -377,6 +429,7 @@ fn run(args: &Args) -> Result<(), Error> {
             opts.staged = !args.no_overlap;
             opts.checkpoint = checkpoint;
             opts.calibration_steps = args.calibration_steps;
+            opts.locality = locality.clone();
             // Every rank learns of one that cannot use its device, instead of waiting for it.
             let burn_device = at_start(
                 &comm,
@@ -462,7 +515,7 @@ fn run(args: &Args) -> Result<(), Error> {
             false => format!("{left} ranks (of {n}: {} lost)", n - left),
         };
         println!(
-            "ringlet-train: {} steps on {ranks} in {elapsed:.1} s{}: {}; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}",
+            "ringlet-train: {} steps on {ranks} in {elapsed:.1} s{}: {}; {:.0} samples/s, step {:.2} ms, comm wait {:.1}%, checkpoint stall {:.2}%, local batches {:?}{}",
             s.steps,
             s.resumed_from
                 .map(|s| format!(" (resumed at step {s})"))
@@ -472,8 +525,23 @@ fn run(args: &Args) -> Result<(), Error> {
             s.mean_step_s * 1e3,
             s.comm_wait_fraction * 100.0,
             s.checkpoint_stall_fraction * 100.0,
-            s.final_batches
+            s.final_batches,
+            match locality.is_some() {
+                // The balancer's split sets each host's share of the shards; a step's local
+                // batches then follow the shards each host reads (see --metrics).
+                true => " (the balancer's split; with data locality each host's share of a step follows its shards)",
+                false => "",
+            }
         );
+        if let Some(r) = &read {
+            println!(
+                "ringlet-train: shards read by all ranks (data locality {}): {} files, {} B from hosts' own copies, {} B from the shared copy",
+                args.data_locality,
+                r.local_files + r.remote_files,
+                r.local_bytes,
+                r.remote_bytes
+            );
+        }
         if let Some(p) = &args.dump_params {
             let bytes: Vec<u8> = outcome
                 .params
@@ -487,6 +555,11 @@ fn run(args: &Args) -> Result<(), Error> {
             let mut json = serde_json::to_value(s).expect("the summary serialises");
             if let (Some(obj), Some(extra)) = (json.as_object_mut(), outcome.metrics.as_object()) {
                 obj.extend(extra.clone());
+                if let Some(r) = &read {
+                    obj.insert("data_local_bytes".into(), r.local_bytes.into());
+                    obj.insert("data_remote_bytes".into(), r.remote_bytes.into());
+                    obj.insert("data_read_s".into(), r.seconds.into());
+                }
             }
             let text = serde_json::to_string_pretty(&json).expect("the summary serialises");
             std::fs::write(p, text)

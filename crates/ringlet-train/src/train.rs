@@ -87,6 +87,9 @@ pub struct Options {
     pub rebalance_every: u64,
     /// Steps after start-up whose timings do not count (warm caches, first connections).
     pub calibration_steps: u64,
+    /// Each rank takes its samples from the shards its host holds (see
+    /// [`ringlet_ddp::locality`]); `None`: the exact order.
+    pub locality: Option<ringlet_ddp::locality::ShardLayout>,
 }
 
 /// The end of a run.
@@ -204,10 +207,14 @@ fn run<B: Backend>(
     let survival = Survival::from_env()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let global = opts.global_batch;
-    let mut sampler = Sampler::new(opts.seed, data.train_len(), global).map_err(|e| match e {
-        Error::InvalidArgument(why) => Error::InvalidArgument(format!("{why} of {}", data.name)),
-        e => e,
-    })?;
+    let layout = opts.locality.clone();
+    let mut sampler =
+        Sampler::with_layout(opts.seed, data.train_len(), global, layout).map_err(|e| match e {
+            Error::InvalidArgument(why) => {
+                Error::InvalidArgument(format!("{why} of {}", data.name))
+            }
+            e => e,
+        })?;
     let mut sizes = vec![data.features];
     sizes.extend(&opts.hidden);
     sizes.push(data.classes);
@@ -550,9 +557,9 @@ fn calibrate<B: Backend>(
     share: usize,
     ws: &mut Workspace<B>,
 ) -> Result<f64, Error> {
-    let idx: Vec<usize> = (0..share.min(data.train_len())).collect();
+    // Rows, not sample ids: with data locality a rank holds only its host's samples.
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    data.gather(&idx, &mut x, &mut y);
+    data.gather_rows(0..share.min(data.train_y.len()), &mut x, &mut y);
     let mut g = be.zeros(mlp.param_count())?;
     let mut last = [0.0f32];
     let mut times = Vec::new();

@@ -34,6 +34,7 @@ fn options(hidden: Vec<usize>, optimizer: OptimizerKind) -> Options {
         checkpoint: None,
         rebalance_every: 0,
         calibration_steps: 0,
+        locality: None,
     }
 }
 

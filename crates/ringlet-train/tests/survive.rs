@@ -482,6 +482,7 @@ fn strangers_at_the_store_do_not_stop_a_membership_change() {
     assert_eq!(refused, 20, "a client with the wrong token was let in");
     assert!(log.contains("the job finished with 3 of 4 ranks"), "{log}");
     let d = max_relative_difference(&whole, &params(&out));
+    println!("with strangers: max relative difference {d:.2e}");
     assert!(
         d < 1e-5,
         "with strangers: max relative difference {d}\n{log}"

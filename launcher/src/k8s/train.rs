@@ -24,7 +24,10 @@ What each pod is given (its container's environment):
   RINGLET_CHECKPOINT_DIR  with --checkpoint-claim: where the claim is mounted
   RINGLET_BALANCE         with pool weights: static:w0,w1,... one weight per rank
   RINGLET_TIMEOUT         with --timeout
-ringlet-train reads the last three as --checkpoint-dir, --balance and its deadline.
+  RINGLET_DATA_HOST       the node's name (downward API spec.nodeName): where a shard
+                          map's host-local copies are found (--data-locality on)
+ringlet-train reads the last four as --checkpoint-dir, --balance, its deadline and
+--data-host.
 
 Pools (--pool, repeatable; in rank order):
   name=NAME,ranks=N[,weight=W][,gpus=G][,node=KEY=VALUE]...
@@ -120,7 +123,7 @@ const MAX_RANKS: u32 = 65536;
 /// Linux refuses to start a program with an environment string over 128 KiB (MAX_ARG_STRLEN).
 const MAX_ENV_VALUE: usize = 128 * 1024 - 64;
 /// What the rendering sets itself (and Kubernetes sets `JOB_COMPLETION_INDEX`): `-e` may not.
-const RENDERED_ENV: [&str; 9] = [
+const RENDERED_ENV: [&str; 10] = [
     "WORLD_SIZE",
     "RINGLET_RANK_OFFSET",
     "MASTER_ADDR",
@@ -129,6 +132,7 @@ const RENDERED_ENV: [&str; 9] = [
     "RINGLET_CHECKPOINT_DIR",
     "RINGLET_BALANCE",
     "RINGLET_TIMEOUT",
+    "RINGLET_DATA_HOST",
     "JOB_COMPLETION_INDEX",
 ];
 
@@ -328,6 +332,9 @@ pub fn render(t: &TrainManifest) -> Result<Value, String> {
             json!({ "name": "MASTER_PORT", "value": t.port.to_string() }),
             json!({ "name": "RINGLET_JOB_TOKEN", "valueFrom": {
                 "secretKeyRef": { "name": token_secret, "key": "token" } } }),
+            // Shard maps name nodes: a pod reads the copies its node holds.
+            json!({ "name": "RINGLET_DATA_HOST", "valueFrom": {
+                "fieldRef": { "fieldPath": "spec.nodeName" } } }),
         ];
         let mut named = |k: &str, v: String| env.push(json!({ "name": k, "value": v }));
         if t.checkpoint_claim.is_some() {

@@ -526,6 +526,7 @@ mod tests {
             checkpoint: None,
             rebalance_every: 0,
             calibration_steps: 0,
+            locality: None,
         };
         let run = |ways: [Choice; 2]| {
             ringlet_ddp::local_world::run(2, |mut comm| {

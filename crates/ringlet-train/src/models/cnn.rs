@@ -119,14 +119,25 @@ impl Images<'_> {
 impl Samples for Images<'_> {
     type Batch = ImageBatch;
     fn len(&self) -> usize {
-        self.xy().1.len()
+        match self.test {
+            true => self.data.test_len(),
+            false => self.data.train_len(),
+        }
     }
     fn batch(&self, indices: &[usize], device: &Device) -> ImageBatch {
         let (xs, ys) = self.xy();
         let f = self.data.features;
         let mut x = Vec::with_capacity(indices.len() * f);
         let mut y = Vec::with_capacity(indices.len());
-        for &i in indices {
+        for &id in indices {
+            // Training sample ids are rows unless the rank holds only some shards.
+            let i = match self.test {
+                true => id,
+                false => self
+                    .data
+                    .row(id)
+                    .expect("the sampler hands out held samples"),
+            };
             x.extend_from_slice(&xs[i * f..(i + 1) * f]);
             y.push(ys[i]);
         }
@@ -134,6 +145,17 @@ impl Samples for Images<'_> {
         ImageBatch {
             images: Tensor::<4>::from_data(TensorData::new(x, shape), device),
             labels: labels(&y, device),
+        }
+    }
+    fn held(&self, n: usize) -> Vec<usize> {
+        match (&self.data.held, self.test) {
+            (Some(h), false) => h
+                .runs
+                .iter()
+                .flat_map(|&(first, rows, _)| first..first + rows)
+                .take(n)
+                .collect(),
+            _ => (0..n.min(self.len())).collect(),
         }
     }
 }
