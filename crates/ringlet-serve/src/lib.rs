@@ -4,7 +4,7 @@
 //!   JetStream or Kafka can follow);
 //! - [`redis_streams`]: that trait on Redis Streams (consumer group, `XAUTOCLAIM`, an atomic
 //!   write-then-acknowledge script);
-//! - [`scorer`]: the model rebuilt from a checkpoint (mlp, cnn), scoring batches;
+//! - [`scorer`]: the model rebuilt from a checkpoint (mlp, cnn, transformer), scoring batches;
 //! - [`versions`]: which checkpoint is served, verified like a resume, swapped when a newer one
 //!   is committed, refused when corrupt; the `versions` listing;
 //! - [`serve`]: the loop: micro-batches, dead letters, commits, latency.

@@ -21,8 +21,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Consume records as one replica of a consumer group, score them in micro-batches and
-    /// write each prediction (record id, class, confidence, model version, batch) to the output
-    /// stream, acknowledging the record in the same atomic step. Malformed records go to the
+    /// write each prediction (record id, class, confidence, model version, batch; a
+    /// transformer's also the next character) to the output stream, acknowledging the record in the same atomic step. Malformed records go to the
     /// dead-letter stream with the reason. Runs until SIGINT/SIGTERM (the batch in hand is
     /// finished) or --exit-when-idle, then prints records/s and latency percentiles.
     Run(Box<RunArgs>),
@@ -68,7 +68,8 @@ struct RunArgs {
     /// build --model` sets RINGLET_SERVE_PIN to the one it holds).
     #[arg(long, env = "RINGLET_SERVE_PIN")]
     pin: Option<PathBuf>,
-    /// The record field with the features: a JSON array of numbers.
+    /// The record field with the features: a JSON array of numbers; for a transformer, UTF-8
+    /// text whose next character is predicted (its last `context` characters are read).
     #[arg(long, default_value = "features")]
     field: String,
     /// Records per micro-batch, at most.

@@ -1,21 +1,29 @@
 //! A model rebuilt from a checkpoint of `ringlet-train`, scoring batches of samples: the MLP on
-//! the CPU (the same forward pass training runs), the CNN on Burn's CPU backend. The checkpoint's
-//! model config says which, and its sizes; every tensor is checked against them.
+//! the CPU (the same forward pass training runs), the CNN and the character transformer on
+//! Burn's CPU backend. The checkpoint's model config says which, and its sizes; every tensor is
+//! checked against them. A transformer's record is text, and its prediction the next character.
 
+use crate::engine::Record;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, Device, Tensor, TensorData};
+use burn::tensor::{activation::softmax, Device, Int, Tensor, TensorData};
 use ringlet_burn::{params, Stages};
 use ringlet_ddp::checkpoint::Snapshot;
 use ringlet_train::model::{Mlp, Workspace};
 use ringlet_train::models::cnn::Cnn;
+use ringlet_train::models::transformer::CharTransformer;
 use ringlet_train::tensor::Host;
 
-/// One prediction: the class and its softmax probability.
+/// One prediction: the class and its softmax probability (for a transformer, the next
+/// character's id, and the character).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Prediction {
     pub class: usize,
     pub confidence: f32,
+    pub next: Option<char>,
 }
+
+/// The longest text a transformer's record may hold (its last `context` characters are read).
+const MAX_TEXT_BYTES: usize = 64 << 10;
 
 pub enum Scorer {
     Mlp {
@@ -27,6 +35,13 @@ pub enum Scorer {
         model: Box<Cnn>,
         side: usize,
         classes: usize,
+        device: Device,
+    },
+    Lm {
+        model: Box<CharTransformer>,
+        /// The characters of the ids, sorted (as training made them).
+        vocab: Vec<char>,
+        context: usize,
         device: Device,
     },
 }
@@ -133,8 +148,57 @@ impl Scorer {
                     device,
                 })
             }
+            Some("transformer") => {
+                let (context, d, heads, layers) = (
+                    size("context")?,
+                    size("d_model")?,
+                    size("heads")?,
+                    size("layers")?,
+                );
+                let v = size("vocab")?;
+                let vocab: Vec<char> = config["vocab_chars"]
+                    .as_str()
+                    .ok_or("the checkpoint records no vocabulary (\"vocab_chars\"): it was written before transformers could be served; train it again")?
+                    .chars()
+                    .collect();
+                if vocab.len() != v || vocab.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(format!(
+                        "the checkpoint's vocabulary is not {v} distinct sorted characters"
+                    ));
+                }
+                if !d.is_multiple_of(heads) || context > 8192 || layers > 256 {
+                    return Err(format!("the model config {config} is out of range"));
+                }
+                // Embeddings, blocks (12 d^2 + 13 d each), the final norm and the head.
+                account((|| {
+                    let block = d.checked_mul(d)?.checked_mul(12)?.checked_add(13 * d)?;
+                    layers
+                        .checked_mul(block)?
+                        .checked_add((2 * v + context + 2).checked_mul(d)?)?
+                        .checked_add(v)
+                })())?;
+                let device = Device::flex();
+                let model =
+                    CharTransformer::new(v, context, d, heads, layers, &device.clone().autodiff());
+                let infos = params::list(&model);
+                if infos.len() != snap.model.len() {
+                    return Err(format!(
+                        "the model has {} parameters, the checkpoint {} tensors",
+                        infos.len(),
+                        snap.model.len()
+                    ));
+                }
+                let model = params::load_named(model, &infos, &snap.model, "the checkpoint")
+                    .map_err(|e| e.to_string())?;
+                Ok(Scorer::Lm {
+                    model: Box::new(model.valid()),
+                    vocab,
+                    context,
+                    device,
+                })
+            }
             Some(other) => Err(format!(
-                "--model {other} checkpoints cannot be served yet (mlp and cnn can)"
+                "--model {other} checkpoints cannot be served (mlp, cnn and transformer can)"
             )),
             None => Err(format!(
                 "the checkpoint's model config names no model: {config}"
@@ -147,7 +211,44 @@ impl Scorer {
         match self {
             Scorer::Mlp { mlp, .. } => mlp.sizes[0],
             Scorer::Cnn { side, .. } => side * side,
+            // The ids, padded, then how many there are.
+            Scorer::Lm { context, .. } => context + 1,
         }
+    }
+
+    /// A record's input, [`Scorer::features`] numbers: the features field's JSON array, or for a
+    /// transformer the field's UTF-8 text (its last `context` characters). `Err`: why the
+    /// record is dead-lettered.
+    pub fn input(&self, r: &Record, field: &str) -> Result<Vec<f32>, String> {
+        let Scorer::Lm { vocab, context, .. } = self else {
+            return crate::serve::parse(r, field, self.features());
+        };
+        let raw = r
+            .field(field)
+            .ok_or_else(|| format!("no field {field:?}"))?;
+        if raw.len() > MAX_TEXT_BYTES {
+            return Err(format!(
+                "field {field:?} is {} bytes, more than {MAX_TEXT_BYTES}",
+                raw.len()
+            ));
+        }
+        let text =
+            std::str::from_utf8(raw).map_err(|e| format!("field {field:?} is not UTF-8: {e}"))?;
+        let chars: Vec<char> = text.chars().collect();
+        let tail = &chars[chars.len().saturating_sub(*context)..];
+        if tail.is_empty() {
+            return Err(format!("field {field:?} holds no text"));
+        }
+        let mut ids = Vec::with_capacity(context + 1);
+        for c in tail {
+            let id = vocab
+                .binary_search(c)
+                .map_err(|_| format!("character {c:?} is not in the model's vocabulary"))?;
+            ids.push(id as f32);
+        }
+        ids.resize(*context, 0.0);
+        ids.push(tail.len() as f32);
+        Ok(ids)
     }
 
     /// Predictions for `x`, whole samples of [`Scorer::features`] each.
@@ -181,6 +282,42 @@ impl Scorer {
                     params::to_host(probs.reshape([n * *classes])).map_err(|e| e.to_string())?;
                 (host, *classes)
             }
+            Scorer::Lm {
+                model,
+                vocab,
+                context,
+                device,
+            } => {
+                // Padded on the right to the longest text of the batch: causal attention keeps
+                // the padding out of the positions read.
+                let rows: Vec<(&[f32], usize)> = x
+                    .chunks(*context + 1)
+                    .map(|r| (&r[..*context], r[*context] as usize))
+                    .collect();
+                let seq = rows.iter().map(|r| r.1).max().unwrap_or(1);
+                let ids: Vec<i64> = rows
+                    .iter()
+                    .flat_map(|(ids, _)| ids[..seq].iter().map(|&v| v as i64))
+                    .collect();
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, seq]), &*device);
+                let logits = model.forward(ids, &mut Stages::whole());
+                let v = vocab.len();
+                let probs = params::to_host(softmax(logits, 1).reshape([n * seq * v]))
+                    .map_err(|e| e.to_string())?;
+                let last = rows
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &(_, len))| {
+                        let at = (i * seq + len - 1) * v;
+                        probs[at..at + v].iter().copied()
+                    })
+                    .collect();
+                (last, v)
+            }
+        };
+        let vocab = match self {
+            Scorer::Lm { vocab, .. } => Some(vocab),
+            _ => None,
         };
         Ok(probs
             .chunks(classes)
@@ -190,7 +327,11 @@ impl Scorer {
                     .enumerate()
                     .max_by(|a, b| a.1.total_cmp(b.1))
                     .expect("at least one class");
-                Prediction { class, confidence }
+                Prediction {
+                    class,
+                    confidence,
+                    next: vocab.as_ref().and_then(|v| v.get(class).copied()),
+                }
             })
             .collect())
     }
@@ -231,6 +372,27 @@ mod tests {
         }
     }
 
+    /// A transformer's vocabulary must be the characters training sorted: a checkpoint from
+    /// before they were recorded, or a tampered list, is refused with the reason.
+    #[test]
+    fn a_transformer_needs_its_vocabulary() {
+        for (config, why) in [
+            (
+                serde_json::json!({"model": "transformer", "context": 4, "d_model": 2, "heads": 1,
+                "layers": 1, "vocab": 3}),
+                "records no vocabulary",
+            ),
+            (
+                serde_json::json!({"model": "transformer", "context": 4, "d_model": 2, "heads": 1,
+                "layers": 1, "vocab": 3, "vocab_chars": "bca"}),
+                "distinct sorted",
+            ),
+        ] {
+            let e = Scorer::from_snapshot(&snapshot(config)).err().unwrap();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
     /// A config that claims more than the file holds is refused before anything is built.
     #[test]
     fn a_config_that_does_not_match_the_tensors_is_refused_before_building() {
@@ -239,6 +401,8 @@ mod tests {
             serde_json::json!({"model": "mlp", "sizes": [1usize << 40, 1usize << 40]}),
             serde_json::json!({"model": "mlp", "sizes": [u64::MAX, 2]}),
             serde_json::json!({"model": "mlp", "sizes": [3, 2]}),
+            serde_json::json!({"model": "transformer", "context": 64, "d_model": 1 << 20,
+                "heads": 1, "layers": 256, "vocab": 3, "vocab_chars": "abc"}),
         ] {
             let e = Scorer::from_snapshot(&snapshot(config.clone()))
                 .err()

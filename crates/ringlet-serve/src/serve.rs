@@ -24,7 +24,8 @@ pub struct Options {
     pub claim_idle: Duration,
     /// Stop after no record came for this long (benchmarks, tests); `None`: until a signal.
     pub exit_when_idle: Option<Duration>,
-    /// The record field holding the features (a JSON array of numbers).
+    /// The record field holding the features (a JSON array of numbers), or a transformer's
+    /// text.
     pub field: String,
     /// This replica's name (the consumer's), written with every result.
     pub replica: String,
@@ -193,7 +194,6 @@ fn score(
     opts: &Options,
     batch_id: &str,
 ) -> Result<(Vec<Outcome>, Vec<Outcome>), String> {
-    let features = version.scorer.features();
     let mut x = Vec::new();
     let (mut good, mut dead) = (Vec::new(), Vec::new());
     for r in records {
@@ -203,7 +203,7 @@ fn score(
                  (--max-deliveries {})",
                 r.deliveries, opts.max_deliveries
             )),
-            false => parse(r, &opts.field, features),
+            false => version.scorer.input(r, &opts.field),
         };
         match checked {
             Ok(v) => {
@@ -243,7 +243,10 @@ fn score(
                 ("confidence".into(), format!("{:.6}", p.confidence)),
                 ("version".into(), version.label.clone()),
                 ("batch".into(), batch_id.to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(p.next.map(|c| ("next".to_string(), c.to_string())))
+            .collect(),
         })
         .collect();
     Ok((outputs, dead))

@@ -479,6 +479,8 @@ fn run(args: &Args) -> Result<(), Error> {
                         "model": model, "context": shape.context, "d_model": shape.d_model,
                         "heads": shape.heads, "layers": shape.layers, "vocab": t.vocab.len(),
                         "optimizer": optim.kind,
+                        // What ringlet-serve needs to turn text into ids and back.
+                        "vocab_chars": t.vocab.iter().collect::<String>(),
                     });
                     opts.config_keys = [
                         "model",
