@@ -61,6 +61,9 @@ pub trait StreamEngine {
     /// Writes `outputs` and `dead` and acknowledges their records, in one atomic step, for the
     /// records still this consumer's only: a result is never written twice.
     fn commit(&mut self, outputs: &[Outcome], dead: &[Outcome]) -> Result<Committed>;
+    /// A second handle on the same streams, group and consumer (its own connection), so that
+    /// one batch can be committed while the next is read and scored.
+    fn another(&self) -> Result<Box<dyn StreamEngine + Send>>;
 }
 
 /// The engine's time of a record id of the form `<milliseconds>-<sequence>` (Redis Streams').

@@ -206,6 +206,11 @@ impl StreamEngine for RedisStreams {
         Ok(records)
     }
 
+    fn another(&self) -> Result<Box<dyn StreamEngine + Send>> {
+        let engine = RedisStreams::connect(&self.url, self.streams.clone(), self.timeout)?;
+        Ok(Box::new(engine))
+    }
+
     fn commit(&mut self, outputs: &[Outcome], dead: &[Outcome]) -> Result<Committed> {
         if outputs.is_empty() && dead.is_empty() {
             return Ok(Committed {

@@ -3,7 +3,7 @@
 //! dead letters with the records' acknowledgement in one step. A newer version is swapped in
 //! between batches only, so a batch is scored by one version.
 
-use crate::engine::{id_millis, Outcome, Record, StreamEngine};
+use crate::engine::{id_millis, Committed, Outcome, Record, StreamEngine};
 use crate::versions::{Source, Version};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -46,6 +46,8 @@ pub struct Report {
     pub latencies: Latencies,
     pub versions: Vec<String>,
     pub busy: Duration,
+    /// When the last counted batch's commit ended.
+    last_end: Option<Instant>,
 }
 
 /// Latencies in whole milliseconds, counted per millisecond up to a minute (longer ones count
@@ -89,18 +91,76 @@ impl Latencies {
     }
 }
 
+/// A scored batch on its way to the commit thread: its results and when its scoring began.
+type Scored = (Vec<Outcome>, Vec<Outcome>, Instant);
+
 /// Serves until `stop` is set (between batches) or, with `exit_when_idle`, the input stays empty.
+///
+/// Batch k is committed on a second connection while batch k+1 is read and scored, one commit
+/// in flight at most: a replica then holds at most two batches uncommitted, and the engine's
+/// work on one overlaps the scoring of the other. A commit still writes only records that are
+/// this consumer's, so a batch taken over meanwhile is written once, by its new holder.
 pub fn run(
+    engine: &mut dyn StreamEngine,
+    source: &mut Source,
+    version: Version,
+    opts: &Options,
+    stop: &AtomicBool,
+) -> Result<Report, String> {
+    let mut committer = engine.another().map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        // A rendezvous: a hand-over waits until the commit before it is done.
+        let (hand, batches) = std::sync::mpsc::sync_channel::<Scored>(0);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ringlet-serve-commit".into())
+            .spawn_scoped(s, move || {
+                for (outputs, dead, t0) in batches {
+                    let r = committer.commit(&outputs, &dead).map_err(|e| e.to_string());
+                    let failed = r.is_err();
+                    let _ = done_tx.send(r.map(|c| (c, outputs, t0, Instant::now())));
+                    if failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("starting the commit thread: {e}"))?;
+        let mut report = Report {
+            versions: vec![version.label.clone()],
+            ..Report::default()
+        };
+        let served = score_and_hand_over(
+            engine,
+            source,
+            version,
+            opts,
+            stop,
+            &hand,
+            &done,
+            &mut report,
+        );
+        drop(hand);
+        let _ = thread.join();
+        // What was still in flight, then what the loop stopped on.
+        for r in done.try_iter() {
+            count(&mut report, r?);
+        }
+        served.map(|()| report)
+    })
+}
+
+/// The reading and scoring side of [`run`].
+#[allow(clippy::too_many_arguments)]
+fn score_and_hand_over(
     engine: &mut dyn StreamEngine,
     source: &mut Source,
     mut version: Version,
     opts: &Options,
     stop: &AtomicBool,
-) -> Result<Report, String> {
-    let mut report = Report {
-        versions: vec![version.label.clone()],
-        ..Report::default()
-    };
+    hand: &std::sync::mpsc::SyncSender<Scored>,
+    done: &std::sync::mpsc::Receiver<Result<Finished, String>>,
+    report: &mut Report,
+) -> Result<(), String> {
     eprintln!("ringlet-serve: {} serving {}", opts.replica, version.label);
     let mut last_claim: Option<Instant> = None;
     let mut idle_since = Instant::now();
@@ -128,21 +188,38 @@ pub fn run(
         seq += 1;
         let batch_id = format!("{}:{seq}", opts.replica);
         let (outputs, dead) = score(&mut version, &records, opts, &batch_id)?;
-        let done = engine.commit(&outputs, &dead).map_err(|e| e.to_string())?;
-        report.busy += t0.elapsed();
-        report.batches += 1;
-        report.lost += done.lost;
-        report.scored += done.written;
-        report.dead += done.dead;
-        // When some were taken over, which is not known: the batch's latencies are left out.
-        if done.lost == 0 {
-            for t in outputs.iter().filter_map(|o| id_millis(&o.id)) {
-                report.latencies.add(done.at_ms.saturating_sub(t));
-            }
+        if hand.send((outputs, dead, t0)).is_err() {
+            // The commit thread stopped on an error, which it sent.
+            break;
+        }
+        for r in done.try_iter() {
+            count(report, r?);
         }
         idle_since = Instant::now();
     }
-    Ok(report)
+    Ok(())
+}
+
+/// A committed batch: what the commit did, the batch's results, when its scoring began and
+/// when its commit ended.
+type Finished = (Committed, Vec<Outcome>, Instant, Instant);
+
+/// A committed batch in the report. Busy time is the union of the batches' spans from scoring
+/// to commit (they overlap by the pipelining).
+fn count(report: &mut Report, (done, outputs, t0, end): Finished) {
+    let from = report.last_end.map_or(t0, |e| e.max(t0));
+    report.busy += end.saturating_duration_since(from);
+    report.last_end = Some(end);
+    report.batches += 1;
+    report.lost += done.lost;
+    report.scored += done.written;
+    report.dead += done.dead;
+    // When some were taken over, which is not known: the batch's latencies are left out.
+    if done.lost == 0 {
+        for t in outputs.iter().filter_map(|o| id_millis(&o.id)) {
+            report.latencies.add(done.at_ms.saturating_sub(t));
+        }
+    }
 }
 
 /// A micro-batch: stale records of a dead replica when it is time to look for them, else new
