@@ -220,7 +220,17 @@ impl Writer {
         let len = HEADER + RING_BYTES;
         let fd = memfd(len).map_err(|e| io("creating a shared-memory ring", e))?;
         let map = Mapping::of(&fd, len).map_err(|e| io("mapping a shared-memory ring", e))?;
-        send_fd(&sock, &fd).map_err(|e| io("handing over a shared-memory ring", e))?;
+        // A peer that closed its end after the handshake (it failed and exited meanwhile) is a
+        // lost peer, as a closed TCP link is: its abort notice may be waiting, and is looked for.
+        send_fd(&sock, &fd).map_err(|e| match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => Error::PeerLost {
+                peer: peer.clone(),
+                detail: format!("it closed its shared-memory socket before taking the ring ({e})"),
+            },
+            _ => io("handing over a shared-memory ring", e),
+        })?;
         sock.set_nonblocking(true)
             .map_err(|e| io("configuring a doorbell", e))?;
         Ok(Writer(Channel {
@@ -496,6 +506,22 @@ mod tests {
         let w = Writer::create(a, PeerId::rank(1, "shm")).unwrap();
         let r = Reader::accept(&b, PeerId::rank(0, "shm")).unwrap();
         (w, r)
+    }
+
+    /// A peer gone between the handshake and the hand-over (it failed and exited) is a lost
+    /// peer, not an I/O error: only then is its abort notice looked for.
+    #[test]
+    fn a_peer_that_closed_before_taking_the_ring_is_lost() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        match Writer::create(a, PeerId::rank(1, "shm")) {
+            Err(Error::PeerLost { peer, detail }) => {
+                assert_eq!(peer.rank, Some(1));
+                assert!(detail.contains("before taking the ring"), "{detail}");
+            }
+            Err(e) => panic!("not PeerLost: {e}"),
+            Ok(_) => panic!("a ring handed to no one"),
+        }
     }
 
     #[test]
