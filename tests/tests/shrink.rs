@@ -27,6 +27,11 @@ fn original(line: &str) -> &str {
 /// the 3 others re-form (same epoch, same members, none of them the victim) and end with every
 /// sum right. Returns the survivors' `after_ms` (failure noticed to new epoch formed).
 fn survive(victim: usize, harm: i32, timeout: &str) -> Vec<u64> {
+    survive_with(victim, harm, timeout, &[])
+}
+
+/// [`survive`] with more environment for the ranks.
+fn survive_with(victim: usize, harm: i32, timeout: &str, env: &[(&str, &str)]) -> Vec<u64> {
     let store = StoreServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         JobToken::new("shrink-test-token"),
@@ -39,16 +44,14 @@ fn survive(victim: usize, harm: i32, timeout: &str) -> Vec<u64> {
     ));
     let _ = std::fs::remove_file(&stop);
     let stop_s = stop.to_string_lossy().into_owned();
-    let mut job = Job::start(
-        4,
-        &["shrink", "300", "1000"],
-        &[
-            ("RINGLET_STORE_ADDR", &addr),
-            ("RINGLET_JOB_TOKEN", "shrink-test-token"),
-            ("RINGLET_TEST_STOP_FILE", &stop_s),
-            ("RINGLET_TIMEOUT", timeout),
-        ],
-    );
+    let mut all_env = vec![
+        ("RINGLET_STORE_ADDR", addr.as_str()),
+        ("RINGLET_JOB_TOKEN", "shrink-test-token"),
+        ("RINGLET_TEST_STOP_FILE", &stop_s),
+        ("RINGLET_TIMEOUT", timeout),
+    ];
+    all_env.extend_from_slice(env);
+    let mut job = Job::start(4, &["shrink", "300", "1000"], &all_env);
     for r in 0..4 {
         assert!(
             job.wait_for(r, "LOOPING", Duration::from_secs(60)),
@@ -112,6 +115,24 @@ fn survivors_of_a_killed_rank_go_on_in_a_new_epoch() {
     for victim in [2, 0] {
         survive(victim, libc::SIGKILL, "60");
     }
+}
+
+/// A survivor that suspects no one (its error named no peer) waits for every rank's word, the
+/// dead one's too; once the others have sealed the new epoch it must read their list and go on,
+/// not wait for the dead rank until its deadline while they wait for it in the new epoch.
+#[test]
+fn a_survivor_that_suspects_no_one_follows_the_others_promptly() {
+    let after = survive_with(
+        2,
+        libc::SIGKILL,
+        "60",
+        &[("RINGLET_TEST_BLAME_NO_ONE", "0")],
+    );
+    // Rank 0 (the one suspecting no one) and the others: far from the 60 s deadline.
+    assert!(
+        after.iter().all(|&ms| ms < 20_000),
+        "re-forming took {after:?} ms: a survivor waited for the dead rank"
+    );
 }
 
 #[test]

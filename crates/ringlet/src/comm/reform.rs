@@ -15,7 +15,7 @@ use crate::config::Config;
 use ringlet_core::{Error, JobToken, Result};
 use ringlet_store::StoreClient;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a communicator joined through the store needs to form the next epoch.
 #[derive(Clone)]
@@ -186,6 +186,10 @@ impl Communicator {
     }
 }
 
+/// How long a survivor waits for the others' `alive` keys before looking whether the epoch was
+/// sealed without it.
+const AGREE_SLICE: Duration = Duration::from_millis(100);
+
 impl Communicator {
     /// One round of agreement on epoch `epoch`'s members (see [`shrink`](Self::shrink)); `None`
     /// when the epoch turns out to be taken by an admission of replacements (its list names a
@@ -208,13 +212,27 @@ impl Communicator {
             .map(|&r| alive(r))
             .collect();
         let keys: Vec<&str> = expected.iter().map(String::as_str).collect();
-        match store.wait(&keys, deadline) {
-            Ok(()) | Err(Error::Deadline { .. }) => {}
-            Err(e) => return Err(e),
+        let seal = rejoin.key(epoch, "seal");
+        // In slices, looking between them whether another survivor has sealed: a rank that
+        // suspected the wrong peer (or none: its error named a survivor, or the dead rank's
+        // abort notice never reached it) would otherwise wait for the dead rank until the
+        // deadline, while the others, already sealed, wait for it in the next epoch's join.
+        loop {
+            let slice = deadline.min(Instant::now() + AGREE_SLICE);
+            match store.wait(&keys, slice) {
+                Ok(()) => break,
+                Err(Error::Deadline { .. }) if Instant::now() >= deadline => break,
+                Err(Error::Deadline { .. }) => {
+                    if store.add(&seal, 0, deadline)? > 0 {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         // The first to seal writes the members as they stand; the others read them.
         let members_key = rejoin.key(epoch, "members");
-        if store.add(&rejoin.key(epoch, "seal"), 1, deadline)? == 1 {
+        if store.add(&seal, 1, deadline)? == 1 {
             let mut members = Vec::new();
             for &r in &rejoin.original {
                 if store.try_get(&alive(r), Instant::now())?.is_some() {
