@@ -28,6 +28,10 @@
 #      - ringlet-train's gpu:: unit tests (forward, gradients, both optimizers vs the CPU model;
 #        optimizer kernels bit for bit; device-to-device copies, the staged and NCCL sums of
 #        device buffers). A test that prints SKIPPED (no GPU, no cuBLAS) fails here.
+#      - ringlet-serve's gpu tests (in the pack as ringlet-serve-tests): the MLP scoring on the
+#        GPU gives the CPU's probabilities within 1e-5 for batches of 1 to 4096, a second version
+#        reuses the GPU; the CNN scores on Burn's CUDA backend in a `cuda` build, else
+#        `--device gpu` refuses it, saying why.
 #      - 100 SGD steps on the embedded digits on the GPU and on the CPU, same seed and sample order,
 #        with --metrics; the per-step losses are compared: max |gpu - cpu| / |cpu| must be at most
 #        GPU_CHECK_LOSS_TOL (default 1e-3). Why 1e-3: one forward agrees within 1e-5 relative and
@@ -103,7 +107,7 @@ elif [ ! -x "$pack/ringrun" ]; then
     echo "gpu-check: no binaries in $pack (make them with scripts/gpu-pack.sh and carry that folder)"
 fi
 # A copy that lost the executable bits on the way (the pack is carried as plain files).
-for f in "$pack"/ringrun "$pack"/ringlet-train "$pack"/ringlet-bench "$pack"/ringlet-gpu-check "$pack"/ringlet-train-tests; do
+for f in "$pack"/ringrun "$pack"/ringlet-train "$pack"/ringlet-bench "$pack"/ringlet-gpu-check "$pack"/ringlet-train-tests "$pack"/ringlet-serve-tests; do
     if [ -f "$f" ] && [ ! -x "$f" ]; then chmod +x "$f" 2>/dev/null || echo "gpu-check: $f is not executable"; fi
 done
 tests_bin=$pack/ringlet-train-tests
@@ -315,6 +319,7 @@ step "kernels vs CPU reference, bandwidth" 120 p_ratio "$bin/ringlet-gpu-check"
 echo
 echo "== 3: the training binary's GPU model"
 step "GPU model vs CPU model (gpu:: unit tests)" 120 p_tests "$tests_bin" gpu:: --nocapture --test-threads=1
+step "serving on the GPU vs the CPU (ringlet-serve gpu tests)" 60 p_tests "$pack/ringlet-serve-tests" gpu --nocapture --test-threads=1
 steps=100
 for device in gpu cpu; do
     rm -f "$work/metrics-$device.jsonl"

@@ -8,7 +8,8 @@
 # PACK_DIR (default target/gpu-pack, below the ignored /target) holds ringrun, ringlet-train,
 # ringlet-bench, ringlet-gpu-check (found by name among the workspace's binaries, whichever crate
 # has them) and ringlet-train-tests (ringlet-train's lib unit tests, whose gpu:: tests compare
-# the GPU model with the CPU one; its path comes from cargo's JSON, not from a guess), plus
+# the GPU model with the CPU one; its path comes from cargo's JSON, not from a guess),
+# ringlet-serve-tests (ringlet-serve's lib unit tests: scoring on the GPU against the CPU), plus
 # MANIFEST (commit, toolchain, sizes). The last line on stdout is PACK_DIR relative to the
 # repository root (the form a `carry` list takes); everything else goes before it or to stderr.
 #
@@ -75,6 +76,7 @@ for b in "${bins[@]}"; do
     add "$(artifact "$b" bin false)" "$b"
 done
 add "$(artifact ringlet_train lib true)" "$tests_name"
+add "$(artifact ringlet_serve lib true)" ringlet-serve-tests
 
 total=$(du -sb "$tmp" | cut -f1)
 limit=$((limit_mib * 1048576))

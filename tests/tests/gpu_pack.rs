@@ -18,12 +18,13 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const BINARIES: [&str; 5] = [
+const BINARIES: [&str; 6] = [
     "ringrun",
     "ringlet-train",
     "ringlet-bench",
     "ringlet-gpu-check",
     "ringlet-train-tests",
+    "ringlet-serve-tests",
 ];
 const LIMIT_BYTES: u64 = 40 << 20;
 /// The check's deadline in these tests (seconds), and what its last steps may add past it
@@ -189,8 +190,7 @@ fn the_pack_holds_stripped_runnable_binaries_within_the_carry_limit() {
         println!("{name}: {} bytes, stripped", meta.len());
     }
 
-    // They run (stripping broke nothing), and the test binary is ringlet-train's, with the
-    // gpu:: tests the check runs.
+    // They run (stripping broke nothing).
     for name in [
         "ringrun",
         "ringlet-train",
@@ -203,19 +203,22 @@ fn the_pack_holds_stripped_runnable_binaries_within_the_carry_limit() {
         );
         assert!(st.is_some_and(|s| s.success()), "{name} --help:\n{out}");
     }
-    let (st, out) = run_bounded(
-        Command::new(p.dir.join("ringlet-train-tests")).args(["gpu::", "--list"]),
-        Duration::from_secs(30),
-    );
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "ringlet-train-tests --list:\n{out}"
-    );
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("gpu::") && l.ends_with(": test")),
-        "no gpu:: test in ringlet-train-tests:\n{out}"
-    );
+    // The test binaries hold the GPU tests the check runs (by the filter it passes them).
+    for (name, filter, prefix) in [
+        ("ringlet-train-tests", "gpu::", "gpu::"),
+        ("ringlet-serve-tests", "gpu", "scorer::tests::gpu_"),
+    ] {
+        let (st, out) = run_bounded(
+            Command::new(p.dir.join(name)).args([filter, "--list"]),
+            Duration::from_secs(30),
+        );
+        assert!(st.is_some_and(|s| s.success()), "{name} --list:\n{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(prefix) && l.ends_with(": test")),
+            "no {prefix} test in {name}:\n{out}"
+        );
+    }
     let manifest = std::fs::read_to_string(p.dir.join("MANIFEST")).expect("the MANIFEST");
     assert!(manifest.contains("total:"), "{manifest}");
     println!("gpu-pack.sh took {:.1} s", p.seconds);
@@ -283,10 +286,11 @@ for s in d["steps"]:
 }
 
 /// Every step of gpu-check.sh, by a part of its name, and whether it needs a GPU.
-const STEPS: [(&str, bool); 26] = [
+const STEPS: [(&str, bool); 27] = [
     ("kernels compile", false),
     ("kernels vs CPU reference", true),
     ("gpu:: unit tests", true),
+    ("ringlet-serve gpu tests", true),
     ("1 rank, --device gpu", true),
     ("1 rank, --device cpu", false),
     ("loss curves GPU vs CPU", true),
@@ -437,11 +441,9 @@ fn the_check_without_a_gpu_fails_fast_within_its_deadline_and_reports_every_step
         .key
         .contains("peak busbw"));
     assert!(by_name("1 rank, --device cpu").key.contains("samples/s"));
-    assert!(
-        by_name("gpu:: unit tests").key.contains("SKIPPED"),
-        "{:?}",
-        by_name("gpu::")
-    );
+    for part in ["gpu:: unit tests", "ringlet-serve gpu tests"] {
+        assert!(by_name(part).key.contains("SKIPPED"), "{:?}", by_name(part));
+    }
 
     // NVRTC and its compile check need no GPU: CI installs pip's NVRTC, so there it must pass.
     let compile = &steps[0];

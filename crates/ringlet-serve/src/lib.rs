@@ -1,5 +1,7 @@
 //! `ringlet-serve`: a model trained by `ringlet-train` scoring a live stream.
 //!
+//! - [`compute`]: what a replica scores on (the CPU, or one GPU: cuBLAS for the MLP, Burn's
+//!   CUDA backend for the others in a `cuda` build);
 //! - [`engine`]: what the service needs from a stream engine (a small trait, so that NATS
 //!   JetStream or Kafka can follow);
 //! - [`redis_streams`]: that trait on Redis Streams (consumer group, `XAUTOCLAIM`, an atomic
@@ -13,6 +15,7 @@
 //! that writes its prediction, and only while it is still this replica's; a replica that dies
 //! leaves its records pending, and after `--claim-idle` another replica takes them over.
 
+pub mod compute;
 pub mod engine;
 pub mod redis_streams;
 pub mod scorer;

@@ -1,9 +1,12 @@
 //! `ringlet-serve run` scores a stream; `ringlet-serve versions DIR` lists model versions.
 
 use clap::{Parser, Subcommand};
+use ringlet_serve::compute::Compute;
 use ringlet_serve::redis_streams::{RedisStreams, Streams};
 use ringlet_serve::serve::{self, Options};
 use ringlet_serve::versions::{self, Source};
+use ringlet_train::train::DeviceChoice;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -72,6 +75,17 @@ struct RunArgs {
     /// text whose next character is predicted (its last `context` characters are read).
     #[arg(long, default_value = "features")]
     field: String,
+    /// What scores: `gpu` (--gpu, else GPU <local rank> modulo the GPUs present; an error where
+    /// none can be used), `cpu`, or `auto` (the GPU where one can be used, else the CPU). mlp:
+    /// cuBLAS and kernels/ compiled by NVRTC, the forward pass GPU training runs. cnn,
+    /// transformer: Burn's CUDA backend in a build with the `cuda` feature (`auto` falls back to
+    /// the CPU without it, `gpu` refuses the version).
+    #[arg(long, env = "RINGLET_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+    device: String,
+    /// The GPU to score on, by CUDA ordinal. Default: the local rank the launcher gives
+    /// (LOCAL_RANK, ...; 0 without one) modulo the GPUs present.
+    #[arg(long)]
+    gpu: Option<usize>,
     /// Records per micro-batch, at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     batch: u32,
@@ -154,18 +168,33 @@ fn run(args: RunArgs) -> Result<(), String> {
             .map_err(|e| format!("installing a signal handler: {e}"))?;
     }
     let consumer = args.consumer.unwrap_or_else(default_consumer);
+    let choice = match args.device.as_str() {
+        "cpu" => DeviceChoice::Cpu,
+        "gpu" => DeviceChoice::Gpu,
+        _ => DeviceChoice::Auto,
+    };
+    // A replica started by a launcher (ringrun, torchrun, mpirun, Slurm, ...) takes the GPU of
+    // its local rank; one started alone, GPU 0.
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let local_rank = ringlet::bootstrap::detect(&env).map_or(0, |p| p.local_rank);
+    let compute = Compute::new(choice, args.gpu, local_rank)?;
     let mut source = Source::new(
         args.checkpoints.clone(),
         Duration::from_millis(args.poll_versions_ms),
         timeout,
+        compute,
     );
     let version = match (&args.pin, &args.checkpoints) {
         // --checkpoints wins: an image's RINGLET_SERVE_PIN then yields to the directory named.
         (_, Some(_)) => source.first()?,
-        (Some(pin), None) => versions::load(pin, timeout)
-            .map_err(|r| format!("the pinned version cannot be served: {}", r.why))?,
+        (Some(pin), None) => source.pinned(pin)?,
         (None, None) => unreachable!("clap requires one of them"),
     };
+    eprintln!(
+        "ringlet-serve: {consumer} serves {} on {}",
+        version.label,
+        version.scorer.runs_on()
+    );
     let streams = Streams {
         input: args.input,
         output: args.output,

@@ -2,6 +2,7 @@
 //! verifies them (manifest, sizes, SHA-256 of every file) before one is served. A version is
 //! named by its step and the first 12 hex digits of its model file's SHA-256.
 
+use crate::compute::Compute;
 use crate::scorer::Scorer;
 use ringlet_ddp::checkpoint::{self, CheckpointError, Snapshot};
 use std::collections::HashSet;
@@ -47,10 +48,10 @@ pub fn label(step: u64, digest: &str) -> String {
 }
 
 /// Loads and verifies the checkpoint at `path` within `deadline` (storage that hangs is an
-/// error) and rebuilds its model.
-pub fn load(path: &Path, deadline: Duration) -> Result<Version, Refusal> {
+/// error) and rebuilds its model on what `compute` gives it.
+pub fn load(path: &Path, deadline: Duration, compute: &mut Compute) -> Result<Version, Refusal> {
     let (snap, digest) = read(path, deadline)?;
-    let scorer = Scorer::from_snapshot(&snap).map_err(|e| Refusal {
+    let scorer = Scorer::from_snapshot(&snap, compute).map_err(|e| Refusal {
         why: format!("{}: {e}", path.display()),
         permanent: true,
     })?;
@@ -84,6 +85,8 @@ fn identity(path: &Path) -> (PathBuf, Option<std::time::SystemTime>) {
 /// Which version to serve: the newest of a directory, or one pinned.
 pub struct Source {
     dir: Option<PathBuf>,
+    /// What versions score on (a GPU, once opened, is kept across versions).
+    compute: Compute,
     deadline: Duration,
     every: Duration,
     last_look: Option<Instant>,
@@ -95,9 +98,16 @@ pub struct Source {
 
 impl Source {
     /// Follows `dir` (a new version is looked for at most every `every`); `None`: pinned.
-    pub fn new(dir: Option<PathBuf>, every: Duration, deadline: Duration) -> Source {
+    /// Versions are built on `compute`.
+    pub fn new(
+        dir: Option<PathBuf>,
+        every: Duration,
+        deadline: Duration,
+        compute: Compute,
+    ) -> Source {
         Source {
             dir,
+            compute,
             deadline,
             every,
             last_look: None,
@@ -111,16 +121,27 @@ impl Source {
     pub fn first(&mut self) -> Result<Version, String> {
         let dir = self.dir.clone().expect("a directory to follow");
         self.last_look = Some(Instant::now());
+        let mut newest = None;
         for (_, path) in steps(&dir, self.deadline)? {
-            match load(&path, self.deadline) {
+            match load(&path, self.deadline, &mut self.compute) {
                 Ok(v) => return Ok(v),
-                Err(r) => self.refuse(&path, r),
+                Err(r) => {
+                    newest.get_or_insert_with(|| r.why.clone());
+                    self.refuse(&path, r)
+                }
             }
         }
         Err(format!(
-            "{} holds no checkpoint that can be served",
-            dir.display()
+            "{} holds no checkpoint that can be served{}",
+            dir.display(),
+            newest.map_or(String::new(), |why| format!(" (the newest: {why})"))
         ))
+    }
+
+    /// The checkpoint at `path` and no other (`--pin`).
+    pub fn pinned(&mut self, path: &Path) -> Result<Version, String> {
+        load(path, self.deadline, &mut self.compute)
+            .map_err(|r| format!("the pinned version cannot be served: {}", r.why))
     }
 
     /// A committed version newer than `current`, verified and loaded, when the time to look has
@@ -146,7 +167,7 @@ impl Source {
             if self.refused.contains(&identity(&path)) {
                 continue;
             }
-            match load(&path, self.deadline) {
+            match load(&path, self.deadline, &mut self.compute) {
                 Ok(v) => return Some(v),
                 Err(r) => self.refuse(&path, r),
             }
@@ -173,13 +194,13 @@ impl Source {
 }
 
 /// One line per checkpoint of `dir`, newest first: step, epoch, the model, the recorded metrics
-/// and the model file's SHA-256, or why it would be refused.
+/// and the model file's SHA-256, or why it would be refused (servable meaning: on the CPU).
 pub fn list(dir: &Path, deadline: Duration) -> Result<Vec<String>, String> {
     Ok(steps(dir, deadline)?
         .into_iter()
         .map(|(step, path)| {
             let loaded = read(&path, deadline).map(|(snap, digest)| {
-                let servable = Scorer::from_snapshot(&snap).err();
+                let servable = Scorer::from_snapshot(&snap, &mut Compute::cpu()).err();
                 (snap, digest, servable)
             });
             match loaded {

@@ -96,17 +96,21 @@ pub fn device(comm: &Communicator, choice: DeviceChoice) -> Result<Device, Error
     }
 }
 
+/// Burn's CUDA device `index` modulo the GPUs found (`Err`: why there is none, or that this
+/// build has no CUDA backend for Burn models).
 #[cfg(feature = "cuda")]
-fn cuda_device(local_rank: usize) -> Result<Device, String> {
+pub fn cuda_device(index: usize) -> Result<Device, String> {
     let count = ringlet_cuda::devices().map_err(|e| e.to_string())?.len();
     if count == 0 {
         return Err("no CUDA device".into());
     }
-    Ok(Device::cuda(local_rank % count))
+    Ok(Device::cuda(index % count))
 }
 
+/// Burn's CUDA device `index` modulo the GPUs found (`Err`: why there is none, or that this
+/// build has no CUDA backend for Burn models).
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(_local_rank: usize) -> Result<Device, String> {
+pub fn cuda_device(_index: usize) -> Result<Device, String> {
     Err("this build has no CUDA backend for Burn models (cargo feature `cuda`)".into())
 }
 
