@@ -11,6 +11,7 @@ use crate::tensor::{Backend, Gemm};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ringlet::Error;
+use ringlet_ddp::checkpoint::Tensor;
 use std::ops::Range;
 
 /// Layer sizes, input first, classes last.
@@ -33,6 +34,30 @@ impl Layer {
     pub fn range(&self) -> Range<usize> {
         self.weight.start..self.bias.end
     }
+}
+
+/// `flat` (laid out as the parameters are) as named tensors, per layer a weight `[out, in]` and a
+/// bias: `{prefix}layers.{i}.weight` and `.bias`, the names checkpoints use (as Python tools
+/// expect them).
+pub fn layer_tensors(layers: &[Layer], prefix: &str, flat: &[f32]) -> Vec<Tensor> {
+    layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| {
+            [
+                Tensor {
+                    name: format!("{prefix}layers.{i}.weight"),
+                    shape: vec![l.outputs, l.inputs],
+                    data: flat[l.weight.clone()].to_vec(),
+                },
+                Tensor {
+                    name: format!("{prefix}layers.{i}.bias"),
+                    shape: vec![l.outputs],
+                    data: flat[l.bias.clone()].to_vec(),
+                },
+            ]
+        })
+        .collect()
 }
 
 /// Activations kept from the forward pass for the backward pass, where the backend keeps them.

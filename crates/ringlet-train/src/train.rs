@@ -585,26 +585,7 @@ fn snapshot<B: Backend>(
     optim: &OptimState<B::Buf>,
     state: State,
 ) -> Result<Snapshot, Error> {
-    let per_layer = |prefix: &str, flat: &[f32]| -> Vec<Tensor> {
-        layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                [
-                    Tensor {
-                        name: format!("{prefix}layers.{i}.weight"),
-                        shape: vec![l.outputs, l.inputs],
-                        data: flat[l.weight.clone()].to_vec(),
-                    },
-                    Tensor {
-                        name: format!("{prefix}layers.{i}.bias"),
-                        shape: vec![l.outputs],
-                        data: flat[l.bias.clone()].to_vec(),
-                    },
-                ]
-            })
-            .collect()
-    };
+    let per_layer = |prefix: &str, flat: &[f32]| crate::model::layer_tensors(layers, prefix, flat);
     let optimizer = match optim {
         OptimState::Sgd { v } => per_layer("momentum.", &be.download(v)?),
         OptimState::AdamW { m, v } => {

@@ -297,25 +297,7 @@ mod tests {
         let mlp = Mlp::new(sizes.to_vec()).unwrap();
         let p = mlp.init(seed);
         let mut snap = snapshot(serde_json::json!({"model": "mlp", "sizes": sizes}));
-        snap.model = mlp
-            .layers()
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                [
-                    Tensor {
-                        name: format!("layers.{i}.weight"),
-                        shape: vec![l.outputs, l.inputs],
-                        data: p[l.weight.clone()].to_vec(),
-                    },
-                    Tensor {
-                        name: format!("layers.{i}.bias"),
-                        shape: vec![l.outputs],
-                        data: p[l.bias.clone()].to_vec(),
-                    },
-                ]
-            })
-            .collect();
+        snap.model = ringlet_train::model::layer_tensors(&mlp.layers(), "", &p);
         snap
     }
 
