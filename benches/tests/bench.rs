@@ -231,7 +231,7 @@ fn the_mpi_backend_without_the_feature_says_how_to_build_it() {
 #[test]
 fn without_cuda_nccl_is_refused_and_auto_picks_tcp() {
     if std::path::Path::new("/dev/nvidiactl").exists() {
-        println!("SKIPPED: this machine has an NVIDIA driver");
+        ringlet_core::skipped!("this machine has an NVIDIA driver");
         return;
     }
     let outs = bench(2, &["-b", "1K", "-e", "1K", "--backend", "nccl"], &[]);

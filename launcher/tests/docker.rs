@@ -515,7 +515,7 @@ fn engines_are_reached_over_mutual_tls_and_plaintext_is_refused() {
             std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
             "CI: stunnel and openssl are needed (.ci/run installs stunnel4 and openssl)"
         );
-        println!("SKIPPED: stunnel or openssl is missing here");
+        ringlet_core::skipped!("stunnel or openssl is missing here");
         return;
     }
     let img = image();

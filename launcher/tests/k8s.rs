@@ -46,7 +46,9 @@ fn kubernetes_client() -> bool {
             std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
             "CI: python3 cannot import kubernetes (.ci/run installs it with pip)"
         );
-        println!("SKIPPED: the kubernetes Python client is not installed (pip install kubernetes)");
+        ringlet_core::skipped!(
+            "the kubernetes Python client is not installed (pip install kubernetes)"
+        );
     }
     ok
 }

@@ -359,7 +359,7 @@ fn the_check_without_a_gpu_fails_fast_within_its_deadline_and_reports_every_step
         .status()
         .is_ok_and(|s| s.success())
     {
-        println!("SKIPPED: this machine has a GPU; run scripts/gpu-check.sh itself here");
+        ringlet_core::skipped!("this machine has a GPU; run scripts/gpu-check.sh itself here");
         return;
     }
     if !have_tool("python3", &["--version"], "apt-get install python3") {
@@ -449,7 +449,7 @@ fn the_check_without_a_gpu_fails_fast_within_its_deadline_and_reports_every_step
     let compile = &steps[0];
     let step_log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap_or_default();
     if std::env::var_os("CI").is_none() && step_log.contains("NVRTC: not found") {
-        println!("SKIPPED: no NVRTC here (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12); the compile step failed: {}", compile.key);
+        ringlet_core::skipped!("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12); the compile step failed: {}", compile.key);
     } else {
         assert_eq!(compile.status, "pass", "{compile:?}\n{step_log}");
         assert!(compile.key.starts_with("NVRTC "), "{compile:?}");

@@ -146,7 +146,7 @@ fn ranks_started_by_mpirun_form_a_ring() {
             std::env::var("CI").is_err(),
             "mpirun is missing in CI: .ci/run installs openmpi-bin"
         );
-        println!("SKIPPED: mpirun not installed (apt-get install openmpi-bin)");
+        ringlet_core::skipped!("mpirun not installed (apt-get install openmpi-bin)");
         return;
     };
     assert!(version.status.success());

@@ -18,6 +18,23 @@ pub use auth::{JobToken, Role};
 pub use dtype::{half_types, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 
+/// For tests that cannot run here: prints `SKIPPED: <why> [<test>]` to stderr itself (libtest
+/// names each test's thread after the test). libtest holds back what `println!` prints in a test
+/// that passes, so a skip said that way never reaches CI's log; a direct write to stderr does.
+#[macro_export]
+macro_rules! skipped {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let thread = std::thread::current();
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED: {} [{}]",
+            format_args!($($arg)*),
+            thread.name().unwrap_or("?")
+        );
+    }};
+}
+
 /// Default deadline for connecting, rendezvous and each collective when neither config nor
 /// `RINGLET_TIMEOUT` sets one.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);

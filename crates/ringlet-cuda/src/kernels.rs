@@ -479,7 +479,9 @@ pub fn nvrtc_or_skip() -> bool {
                 std::env::var_os("CI").is_none(),
                 "NVRTC is missing in CI ({e}): .ci/run installs nvidia-cuda-nvrtc-cu12 and 13"
             );
-            println!("SKIPPED: {e} (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime, or their -cu12 wheels)");
+            ringlet_core::skipped!(
+                "{e} (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime, or their -cu12 wheels)"
+            );
             false
         }
     }

@@ -469,7 +469,7 @@ mod tests {
     #[test]
     fn a_library_nowhere_is_a_typed_error_listing_the_search() {
         if present(CudaLib::Driver) {
-            println!("SKIPPED: this machine has a CUDA driver");
+            ringlet_core::skipped!("this machine has a CUDA driver");
             return;
         }
         let e = load(CudaLib::Driver).unwrap_err().to_string();

@@ -1865,7 +1865,7 @@ mod tests {
                 let err = refused_promptly(&dir);
                 assert_corrupt(&err, &manifest, "bytes of memory");
             }
-            Err(e) => println!("SKIPPED the sparse-file case: {e}"),
+            Err(e) => ringlet_core::skipped!("the sparse-file case: {e}"),
         }
 
         // manifest.json itself has a fixed cap.
@@ -2043,7 +2043,7 @@ mod tests {
                 std::env::var_os("CI").is_none(),
                 "CI must have python3 with safetensors and numpy (.ci/run installs them)"
             );
-            println!("SKIPPED: python3 with safetensors and numpy not available");
+            ringlet_core::skipped!("python3 with safetensors and numpy not available");
             return;
         }
         let tmp = TempDir::new("python");

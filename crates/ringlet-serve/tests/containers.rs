@@ -18,7 +18,7 @@ fn docker_up() -> bool {
             std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
             "CI: no Docker engine answers"
         );
-        println!("SKIPPED: no Docker engine answers here");
+        ringlet_core::skipped!("no Docker engine answers here");
     }
     up
 }

@@ -19,7 +19,7 @@ fn skip_or_fail(why: String) {
         std::env::var_os("CI").is_none(),
         "{why} (.ci/run installs it)"
     );
-    println!("SKIPPED: {why}");
+    ringlet_core::skipped!("{why}");
 }
 
 /// `ringlet-gpu-check --compile-only` in a Python environment at `prefix` and nothing else.

@@ -55,7 +55,7 @@ impl Kernels {
                     std::env::var_os("CI").is_none(),
                     "no C++ compiler in CI ({e}): .ci/run needs g++"
                 );
-                println!("SKIPPED: no C++ compiler (c++: {e})");
+                ringlet_core::skipped!("no C++ compiler (c++: {e})");
                 return None;
             }
         }

@@ -29,7 +29,7 @@ pub fn engine() -> bool {
             std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
             "CI: no Docker engine answers (docker info failed)"
         );
-        println!("SKIPPED: no Docker engine answers here");
+        ringlet_core::skipped!("no Docker engine answers here");
     }
     up
 }

@@ -237,7 +237,7 @@ pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
             std::env::var_os("CI").is_none(),
             "{program} is missing in CI ({install}): .ci/run must install it"
         );
-        println!("SKIPPED: {program} is not available here ({install})");
+        ringlet_core::skipped!("{program} is not available here ({install})");
     }
     ok
 }

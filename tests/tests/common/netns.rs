@@ -30,7 +30,7 @@ pub fn available() -> bool {
         std::env::var_os("CI").is_none(),
         "namespace tests cannot run in CI: {why}"
     );
-    println!("SKIPPED: {why}");
+    ringlet_core::skipped!("{why}");
     false
 }
 

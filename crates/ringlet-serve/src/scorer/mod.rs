@@ -348,7 +348,7 @@ mod tests {
         let mut gpu = match Compute::new(ringlet_train::train::DeviceChoice::Gpu, None, 0) {
             Ok(c) => c,
             Err(e) => {
-                println!("SKIPPED: no GPU to score on ({e})");
+                ringlet_core::skipped!("no GPU to score on ({e})");
                 return;
             }
         };
@@ -406,7 +406,7 @@ mod tests {
         let mut gpu = match Compute::new(ringlet_train::train::DeviceChoice::Gpu, None, 0) {
             Ok(c) => c,
             Err(e) => {
-                println!("SKIPPED: no GPU to score on ({e})");
+                ringlet_core::skipped!("no GPU to score on ({e})");
                 return;
             }
         };

@@ -65,7 +65,7 @@ impl Redis {
                 std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
                 "CI: redis-server is missing (.ci/run installs it)"
             );
-            println!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            ringlet_core::skipped!("redis-server is not installed (apt-get install redis-server)");
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

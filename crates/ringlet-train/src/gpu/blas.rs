@@ -222,7 +222,7 @@ mod tests {
                     std::env::var_os("CI").is_none(),
                     "cuBLAS is missing in CI ({e}): .ci/run installs nvidia-cublas-cu12"
                 );
-                println!("SKIPPED: {e} (pip install nvidia-cublas, or nvidia-cublas-cu12)");
+                ringlet_core::skipped!("{e} (pip install nvidia-cublas, or nvidia-cublas-cu12)");
             }
         }
     }

@@ -252,7 +252,7 @@ mod tests {
         let k = match Kernels::new(0) {
             Ok(k) => k,
             Err(e) => {
-                println!("SKIPPED: no GPU to run the optimizer kernels on ({e})");
+                ringlet_core::skipped!("no GPU to run the optimizer kernels on ({e})");
                 return;
             }
         };

@@ -343,7 +343,7 @@ mod tests {
                 Some(g)
             }
             Err(e) => {
-                println!("SKIPPED: no GPU to run the model on ({e})");
+                ringlet_core::skipped!("no GPU to run the model on ({e})");
                 None
             }
         }
@@ -487,7 +487,7 @@ mod tests {
         ringlet_ddp::local_world::run(1, |comm| {
             let be = GpuBackend::new(0).unwrap();
             if let Err(why) = be.nccl_usable() {
-                println!("SKIPPED: NCCL ({why})");
+                ringlet_core::skipped!("NCCL ({why})");
                 return;
             }
             let nccl = be.nccl(&comm).unwrap();
