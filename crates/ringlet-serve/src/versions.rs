@@ -3,7 +3,7 @@
 //! named by its step and the first 12 hex digits of its model file's SHA-256.
 
 use crate::compute::Compute;
-use crate::scorer::Scorer;
+use crate::scorer::{Scorer, Unservable};
 use ringlet_ddp::checkpoint::{self, CheckpointError, Snapshot};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,10 +19,12 @@ pub struct Version {
 }
 
 /// Why a checkpoint was not loaded: `permanent` when it is corrupt or cannot be served (it is
-/// not tried again until its manifest changes), else a failure of the storage, tried again.
+/// not tried again until its manifest changes), else a failure of the storage or of the device
+/// (`device`: the GPU could not be opened for it, or had no room), tried again.
 pub struct Refusal {
     pub why: String,
     pub permanent: bool,
+    pub device: bool,
 }
 
 /// The checkpoint, verified, and its model file's digest, read within `deadline`.
@@ -39,6 +41,7 @@ fn read(path: &Path, deadline: Duration) -> Result<(Snapshot, String), Refusal> 
             CheckpointError::Corrupt { .. } | CheckpointError::Incomplete { .. }
         ),
         why: e.to_string(),
+        device: false,
     })
 }
 
@@ -53,7 +56,8 @@ pub fn load(path: &Path, deadline: Duration, compute: &mut Compute) -> Result<Ve
     let (snap, digest) = read(path, deadline)?;
     let scorer = Scorer::from_snapshot(&snap, compute).map_err(|e| Refusal {
         why: format!("{}: {e}", path.display()),
-        permanent: true,
+        permanent: matches!(e, Unservable::Model(_)),
+        device: matches!(e, Unservable::Device(_)),
     })?;
     Ok(Version {
         step: snap.state.step,
@@ -125,6 +129,10 @@ impl Source {
         for (_, path) in steps(&dir, self.deadline)? {
             match load(&path, self.deadline, &mut self.compute) {
                 Ok(v) => return Ok(v),
+                // Not the checkpoint's fault: an older one would meet the same device.
+                Err(r) if r.device => {
+                    return Err(format!("cannot score on this replica's device: {}", r.why))
+                }
                 Err(r) => {
                     newest.get_or_insert_with(|| r.why.clone());
                     self.refuse(&path, r)
@@ -185,7 +193,7 @@ impl Source {
             self.refused.insert(identity(path));
         } else if self.failing.insert(path.to_path_buf()) {
             eprintln!(
-                "ringlet-serve: cannot read version {} yet ({}); trying again",
+                "ringlet-serve: cannot load version {} yet ({}); trying again",
                 path.display(),
                 r.why
             );

@@ -2,7 +2,7 @@
 //! checkpoint's parameters before anything is built, so a tampered config cannot make a replica
 //! allocate what no file holds; every tensor is then checked against the model's.
 
-use super::{MlpOn, Scorer};
+use super::{MlpOn, Scorer, Unservable};
 use crate::compute::Compute;
 use burn::module::Module;
 use ringlet_burn::params;
@@ -41,8 +41,9 @@ impl Config<'_> {
 }
 
 impl Scorer {
-    /// The model a checkpoint holds, on what `compute` gives it. `Err`: why it cannot be served.
-    pub fn from_snapshot(snap: &Snapshot, compute: &mut Compute) -> Result<Scorer, String> {
+    /// The model a checkpoint holds, on what `compute` gives it. `Err`: why it cannot be served,
+    /// the checkpoint's fault or the device's.
+    pub fn from_snapshot(snap: &Snapshot, compute: &mut Compute) -> Result<Scorer, Unservable> {
         let config = Config {
             json: &snap.state.model,
             held: snap.model.iter().map(|t| t.data.len()).sum(),
@@ -51,18 +52,18 @@ impl Scorer {
             Some("mlp") => mlp(snap, &config, compute),
             Some("cnn") => cnn(snap, &config, compute),
             Some("transformer") => transformer(snap, &config, compute),
-            Some(other) => Err(format!(
+            Some(other) => Err(Unservable::Model(format!(
                 "--model {other} checkpoints cannot be served (mlp, cnn and transformer can)"
-            )),
-            None => Err(format!(
+            ))),
+            None => Err(Unservable::Model(format!(
                 "the checkpoint's model config names no model: {}",
                 config.json
-            )),
+            ))),
         }
     }
 }
 
-fn mlp(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer, String> {
+fn mlp(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer, Unservable> {
     let sizes: Vec<usize> = config.json["sizes"]
         .as_array()
         .map(|a| {
@@ -89,17 +90,19 @@ fn mlp(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer
                 .find(|t| t.name == name)
                 .ok_or_else(|| format!("the checkpoint has no tensor {name}"))?;
             if t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
-                return Err(format!(
+                return Err(Unservable::Model(format!(
                     "{name} has shape {:?}, the model needs {shape:?}",
                     t.shape
-                ));
+                )));
             }
             params.extend_from_slice(&t.data);
         }
     }
-    let on = match compute.mlp_gpu()? {
+    let on = match compute.mlp_gpu().map_err(Unservable::Device)? {
         Some(be) => MlpOn::Gpu {
-            params: be.upload(&params).map_err(|e| e.to_string())?,
+            params: be
+                .upload(&params)
+                .map_err(|e| Unservable::Device(format!("{}: {e}", be.describe())))?,
             ws: Box::default(),
             be,
         },
@@ -111,11 +114,13 @@ fn mlp(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer
     Ok(Scorer::Mlp { mlp, on })
 }
 
-fn cnn(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer, String> {
+fn cnn(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer, Unservable> {
     let (side, classes) = (config.size("side")?, config.size("classes")?);
     let (c, hidden) = (config.size("channels")?, config.size("hidden")?);
     if !(4..=4096).contains(&side) {
-        return Err(format!("image side {side} is out of range"));
+        return Err(Unservable::Model(format!(
+            "image side {side} is out of range"
+        )));
     }
     // Two blocks of two 3x3 convolutions (1 -> c -> c, c -> 2c -> 2c) with biases, a hidden and
     // an output layer.
@@ -129,7 +134,7 @@ fn cnn(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer
         let out = hidden.checked_mul(classes)?.checked_add(classes)?;
         convs.checked_add(dense)?.checked_add(out)
     })())?;
-    let device = compute.burn_device()?;
+    let device = compute.burn_device().map_err(Unservable::Device)?;
     let model = Cnn::new(side, c, hidden, classes, &device.clone().autodiff());
     Ok(Scorer::Cnn {
         model: Box::new(load_burn(model, snap)?),
@@ -139,7 +144,11 @@ fn cnn(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer
     })
 }
 
-fn transformer(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Result<Scorer, String> {
+fn transformer(
+    snap: &Snapshot,
+    config: &Config,
+    compute: &mut Compute,
+) -> Result<Scorer, Unservable> {
     let (context, d) = (config.size("context")?, config.size("d_model")?);
     let (heads, layers) = (config.size("heads")?, config.size("layers")?);
     let v = config.size("vocab")?;
@@ -149,12 +158,15 @@ fn transformer(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Resul
         .chars()
         .collect();
     if vocab.len() != v || vocab.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(format!(
+        return Err(Unservable::Model(format!(
             "the checkpoint's vocabulary is not {v} distinct sorted characters"
-        ));
+        )));
     }
     if !d.is_multiple_of(heads) || context > 8192 || layers > 256 {
-        return Err(format!("the model config {} is out of range", config.json));
+        return Err(Unservable::Model(format!(
+            "the model config {} is out of range",
+            config.json
+        )));
     }
     // Embeddings, blocks (12 d^2 + 13 d each), the final norm and the head.
     config.account((|| {
@@ -164,7 +176,7 @@ fn transformer(snap: &Snapshot, config: &Config, compute: &mut Compute) -> Resul
             .checked_add((2 * v + context + 2).checked_mul(d)?)?
             .checked_add(v)
     })())?;
-    let device = compute.burn_device()?;
+    let device = compute.burn_device().map_err(Unservable::Device)?;
     let model = CharTransformer::new(v, context, d, heads, layers, &device.clone().autodiff());
     Ok(Scorer::Lm {
         model: Box::new(load_burn(model, snap)?),

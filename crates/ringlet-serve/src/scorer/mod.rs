@@ -48,6 +48,35 @@ pub enum Scorer {
     },
 }
 
+/// Why a checkpoint's model is not served here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unservable {
+    /// The checkpoint: its config or tensors (it stays refused until it is written again).
+    Model(String),
+    /// The device: the GPU could not be opened for it, or has no room (tried again later).
+    Device(String),
+}
+
+impl std::fmt::Display for Unservable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unservable::Model(why) | Unservable::Device(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for Unservable {
+    fn from(why: String) -> Unservable {
+        Unservable::Model(why)
+    }
+}
+
+impl From<&str> for Unservable {
+    fn from(why: &str) -> Unservable {
+        Unservable::Model(why.into())
+    }
+}
+
 /// Where the MLP's parameters and activations live.
 pub enum MlpOn {
     Host {
@@ -265,7 +294,8 @@ mod tests {
         ] {
             let e = Scorer::from_snapshot(&snapshot(config), &mut Compute::cpu())
                 .err()
-                .unwrap();
+                .unwrap()
+                .to_string();
             assert!(e.contains(why), "{e}");
         }
     }
@@ -283,7 +313,8 @@ mod tests {
         ] {
             let e = Scorer::from_snapshot(&snapshot(config.clone()), &mut Compute::cpu())
                 .err()
-                .unwrap();
+                .unwrap()
+                .to_string();
             assert!(
                 e.contains("does not match the checkpoint's 6 parameters"),
                 "{config}: {e}"
@@ -418,7 +449,9 @@ mod tests {
         snap.model = params::named_tensors(&built, &infos).unwrap();
         let result = Scorer::from_snapshot(&snap, &mut gpu);
         if cfg!(not(feature = "cuda")) {
-            let e = result.err().unwrap();
+            let Some(Unservable::Device(e)) = result.err() else {
+                panic!("a CNN on --device gpu without the cuda feature must be a device refusal");
+            };
             println!("refused as expected: {e}");
             assert!(e.contains("--device gpu") && e.contains("cuda"), "{e}");
             return;
