@@ -92,7 +92,7 @@ impl Compute {
             return Ok(Some(Rc::clone(g)));
         }
         if let Some(why) = self.failed_for("mlp") {
-            return self.fall_back("mlp", why);
+            return self.fall_back("mlp", why).map(|()| None);
         }
         match GpuBackend::new(ordinal) {
             Ok(g) => {
@@ -101,7 +101,9 @@ impl Compute {
                 self.mlp_gpu = Some(Rc::clone(&g));
                 Ok(Some(g))
             }
-            Err(e) => self.fall_back("mlp", format!("opening GPU {ordinal}: {e}")),
+            Err(e) => self
+                .fall_back("mlp", format!("opening GPU {ordinal}: {e}"))
+                .map(|()| None),
         }
     }
 
@@ -126,9 +128,7 @@ impl Compute {
                 self.burn_gpu = Some(d.clone());
                 Ok(d)
             }
-            Err(why) => self
-                .fall_back(KIND, why)
-                .map(|_: Option<()>| Device::flex()),
+            Err(why) => self.fall_back(KIND, why).map(|()| Device::flex()),
         }
     }
 
@@ -139,9 +139,9 @@ impl Compute {
             .map(|(_, why)| why.clone())
     }
 
-    /// Remembers that `kind` cannot have the GPU; under `auto` that kind scores on the CPU (said
-    /// once), under `gpu` it is refused.
-    fn fall_back<T>(&mut self, kind: &'static str, why: String) -> Result<Option<T>, String> {
+    /// Remembers that `kind` cannot have the GPU; under `auto` (`Ok`) that kind scores on the
+    /// CPU (said once), under `gpu` it is refused.
+    fn fall_back(&mut self, kind: &'static str, why: String) -> Result<(), String> {
         if self.failed_for(kind).is_none() {
             if self.choice != DeviceChoice::Gpu {
                 tracing::warn!("{kind} models score on the CPU: {why}");
@@ -151,7 +151,7 @@ impl Compute {
         if self.choice == DeviceChoice::Gpu {
             return Err(format!("--device gpu: {why}"));
         }
-        Ok(None)
+        Ok(())
     }
 }
 
@@ -220,7 +220,7 @@ mod tests {
                 ordinal: Some(0),
                 ..Compute::cpu()
             };
-            let first = c.fall_back::<()>("mlp", "no room".into());
+            let first = c.fall_back("mlp", "no room".into());
             assert_eq!(c.failed_for("mlp").as_deref(), Some("no room"));
             let again = c.mlp_gpu();
             match choice {
@@ -229,7 +229,7 @@ mod tests {
                     assert_eq!(again.err().unwrap(), "--device gpu: no room");
                 }
                 _ => {
-                    assert_eq!(first.unwrap(), None);
+                    first.unwrap();
                     assert!(again.unwrap().is_none());
                 }
             }

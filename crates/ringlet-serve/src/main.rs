@@ -168,11 +168,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             .map_err(|e| format!("installing a signal handler: {e}"))?;
     }
     let consumer = args.consumer.unwrap_or_else(default_consumer);
-    let choice = match args.device.as_str() {
-        "cpu" => DeviceChoice::Cpu,
-        "gpu" => DeviceChoice::Gpu,
-        _ => DeviceChoice::Auto,
-    };
+    let choice: DeviceChoice = args.device.parse()?;
     // A replica started by a launcher (ringrun, torchrun, mpirun, Slurm, ...) takes the GPU of
     // its local rank; one started alone, GPU 0.
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -190,11 +186,6 @@ fn run(args: RunArgs) -> Result<(), String> {
         (Some(pin), None) => source.pinned(pin)?,
         (None, None) => unreachable!("clap requires one of them"),
     };
-    eprintln!(
-        "ringlet-serve: {consumer} serves {} on {}",
-        version.label,
-        version.scorer.runs_on()
-    );
     let streams = Streams {
         input: args.input,
         output: args.output,

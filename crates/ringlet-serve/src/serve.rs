@@ -161,7 +161,12 @@ fn score_and_hand_over(
     done: &std::sync::mpsc::Receiver<Result<Finished, String>>,
     report: &mut Report,
 ) -> Result<(), String> {
-    eprintln!("ringlet-serve: {} serving {}", opts.replica, version.label);
+    eprintln!(
+        "ringlet-serve: {} serving {} on {}",
+        opts.replica,
+        version.label,
+        version.scorer.runs_on()
+    );
     let mut last_claim: Option<Instant> = None;
     let mut idle_since = Instant::now();
     let mut seq = 0u64;

@@ -18,13 +18,22 @@ pub struct Version {
     pub scorer: Scorer,
 }
 
-/// Why a checkpoint was not loaded: `permanent` when it is corrupt or cannot be served (it is
-/// not tried again until its manifest changes), else a failure of the storage or of the device
-/// (`device`: the GPU could not be opened for it, or had no room), tried again.
+/// Why a checkpoint was not loaded, and whose fault that is.
 pub struct Refusal {
     pub why: String,
-    pub permanent: bool,
-    pub device: bool,
+    pub fault: Fault,
+}
+
+/// Whose fault a refusal is, which says what becomes of the checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Corrupt, or a model that cannot be served: not tried again until its manifest changes.
+    Checkpoint,
+    /// The storage failed to answer: tried again at the next look.
+    Storage,
+    /// The GPU could not be opened for it, or had no room: tried again at the next look; at
+    /// start an older checkpoint would meet the same device, so the replica stops.
+    Device,
 }
 
 /// The checkpoint, verified, and its model file's digest, read within `deadline`.
@@ -36,12 +45,13 @@ fn read(path: &Path, deadline: Duration) -> Result<(Snapshot, String), Refusal> 
         Ok((snap, digest))
     })
     .map_err(|e| Refusal {
-        permanent: matches!(
-            e,
-            CheckpointError::Corrupt { .. } | CheckpointError::Incomplete { .. }
-        ),
+        fault: match e {
+            CheckpointError::Corrupt { .. } | CheckpointError::Incomplete { .. } => {
+                Fault::Checkpoint
+            }
+            _ => Fault::Storage,
+        },
         why: e.to_string(),
-        device: false,
     })
 }
 
@@ -56,8 +66,10 @@ pub fn load(path: &Path, deadline: Duration, compute: &mut Compute) -> Result<Ve
     let (snap, digest) = read(path, deadline)?;
     let scorer = Scorer::from_snapshot(&snap, compute).map_err(|e| Refusal {
         why: format!("{}: {e}", path.display()),
-        permanent: matches!(e, Unservable::Model(_)),
-        device: matches!(e, Unservable::Device(_)),
+        fault: match e {
+            Unservable::Model(_) => Fault::Checkpoint,
+            Unservable::Device(_) => Fault::Device,
+        },
     })?;
     Ok(Version {
         step: snap.state.step,
@@ -130,7 +142,7 @@ impl Source {
             match load(&path, self.deadline, &mut self.compute) {
                 Ok(v) => return Ok(v),
                 // Not the checkpoint's fault: an older one would meet the same device.
-                Err(r) if r.device => {
+                Err(r) if r.fault == Fault::Device => {
                     return Err(format!("cannot score on this replica's device: {}", r.why))
                 }
                 Err(r) => {
@@ -184,7 +196,7 @@ impl Source {
     }
 
     fn refuse(&mut self, path: &Path, r: Refusal) {
-        if r.permanent {
+        if r.fault == Fault::Checkpoint {
             eprintln!(
                 "ringlet-serve: refused version {}: {}",
                 path.display(),

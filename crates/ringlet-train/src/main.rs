@@ -305,11 +305,7 @@ fn run(args: &Args) -> Result<(), Error> {
         keep: args.keep,
         resume,
     });
-    let device = match args.device.as_str() {
-        "cpu" => DeviceChoice::Cpu,
-        "gpu" => DeviceChoice::Gpu,
-        _ => DeviceChoice::Auto,
-    };
+    let device: DeviceChoice = args.device.parse().map_err(Error::InvalidArgument)?;
     let optimizer = args
         .optimizer
         .clone()

@@ -66,6 +66,19 @@ pub enum DeviceChoice {
     Auto,
 }
 
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    /// `cpu`, `gpu` or `auto`, as `--device` takes them.
+    fn from_str(name: &str) -> Result<DeviceChoice, String> {
+        match name {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "gpu" => Ok(DeviceChoice::Gpu),
+            "auto" => Ok(DeviceChoice::Auto),
+            other => Err(format!("--device {other}: auto, cpu or gpu")),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub device: DeviceChoice,
